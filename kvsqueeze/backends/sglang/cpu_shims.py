@@ -1,0 +1,88 @@
+"""Shims that let stock SGLang 0.5.23 run on a CPU-only x86-64 machine.
+
+Each shim is idempotent and touches only the running process: nothing in site-packages is edited.
+They are applied by :func:`kvsqueeze.backends.sglang.plugin.load` (SGLang's ``sglang.srt.plugins``
+entry point, run in the launcher, scheduler and detokenizer processes) and, because the torchvision
+shim must precede the first ``import transformers``, also at the top of kvsqueeze's own launcher.
+
+Why each one exists (see ../shared/SGLANG-ON-CPU.md in the project notes):
+
+* ``torchvision_ops``: the registry's torchvision wheel that ``timm`` pulls in is built against a CUDA
+  torch; on the CPU torch its import fails with ``operator torchvision::nms does not exist`` because
+  its fake-tensor registrations refer to ops its C++ library never registered here. SGLang and
+  transformers import torchvision for vision models we never load; declaring the two op schemas makes
+  the import succeed. The ops are declared, never implemented: calling them raises.
+* ``native_rope``: SGLang's rotary embedding imports ``vllm._custom_ops`` on any non-CUDA device unless
+  its module-level ``_is_cpu`` is true, and the official CPU switch (``SGLANG_USE_CPU_ENGINE=1``) demands
+  the Intel-AMX ``sgl_kernel`` build, which has no wheel. Setting that module flag keeps the native
+  PyTorch rope path, which is what runs anyway.
+"""
+
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger(__name__)
+
+_TORCHVISION_LIB = None  # keeps the torch.library.Library alive for the life of the process
+_applied: set[str] = set()
+
+
+def _torchvision_needs_shim() -> bool:
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is None:
+        return False
+    import torch
+
+    try:
+        return not torch._C._dispatch_has_kernel_for_dispatch_key("torchvision::nms", "CPU")
+    except RuntimeError:  # op unknown to the dispatcher: the C++ part never loaded
+        return True
+
+
+def torchvision_ops() -> None:
+    """Declare ``torchvision::nms`` / ``torchvision::qnms`` so ``import torchvision`` succeeds."""
+    global _TORCHVISION_LIB
+    if "torchvision_ops" in _applied:
+        return
+    _applied.add("torchvision_ops")
+    import sys
+
+    if "torchvision" in sys.modules or not _torchvision_needs_shim():
+        return
+    import torch
+
+    lib = torch.library.Library("torchvision", "FRAGMENT")
+    for name in ("nms", "qnms"):
+        try:
+            lib.define(f"{name}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        except RuntimeError:  # already defined (a CPU torchvision that works)
+            pass
+    _TORCHVISION_LIB = lib
+    logger.debug("kvsqueeze: declared torchvision::nms/qnms schemas for the CPU torch")
+
+
+def native_rope() -> None:
+    """Make SGLang's rotary embedding take its native PyTorch path on CPU."""
+    if "native_rope" in _applied:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        _applied.add("native_rope")
+        return
+    from sglang.srt.layers.rotary_embedding import base
+
+    base._is_cpu = True
+    _applied.add("native_rope")
+
+
+def apply_pre_import() -> None:
+    """Shims that must run before sglang or transformers are imported."""
+    torchvision_ops()
+
+
+def apply_all() -> None:
+    apply_pre_import()
+    native_rope()

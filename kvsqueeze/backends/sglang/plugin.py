@@ -1,0 +1,14 @@
+"""SGLang general plugin (entry point group ``sglang.srt.plugins``, name ``kvsqueeze``).
+
+SGLang calls :func:`load` early in the launcher, scheduler and detokenizer processes, so everything
+kvsqueeze needs inside SGLang is installed from here, in every process, without editing SGLang.
+Restrict SGLang to this plugin with ``SGLANG_PLUGINS=kvsqueeze``.
+"""
+
+from __future__ import annotations
+
+
+def load() -> None:
+    from kvsqueeze.backends.sglang import cpu_shims
+
+    cpu_shims.apply_all()

@@ -1,0 +1,147 @@
+"""Start, wait for and stop a real SGLang server process with CPU-sane defaults."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvsqueeze.errors import KvsqueezeError
+
+# float32: --dtype auto picks float16, the slowest dtype on this CPU. A bounded pool: without
+# --max-total-tokens SGLang takes ~70% of RAM and needs ~70 s to start.
+CPU_DEFAULTS = {
+    "--device": "cpu",
+    "--attention-backend": "torch_native",
+    "--dtype": "float32",
+    "--max-total-tokens": "32768",
+}
+
+
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _has_flag(args: list[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in args)
+
+
+@dataclass
+class SGLangServer:
+    """A SGLang server subprocess in its own process group (so that stopping it stops its children)."""
+
+    model: Path
+    host: str = "127.0.0.1"
+    port: int = 30000
+    extra_args: list[str] = field(default_factory=list)
+    log_path: Path | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "kvsqueeze.backends.sglang.launch",
+               "--model-path", str(self.model), "--host", self.host, "--port", str(self.port)]
+        for flag, value in CPU_DEFAULTS.items():
+            if not _has_flag(self.extra_args, flag):
+                cmd += [flag, value]
+        return cmd + list(self.extra_args)
+
+    def start(self) -> None:
+        if not port_is_free(self.host, self.port):
+            raise KvsqueezeError(
+                f"--port={self.port}: already in use on {self.host}; expected a free port "
+                "(pick another with --port, or --port 0 for any free one)"
+            )
+        env = dict(os.environ)
+        env.setdefault("SGLANG_PLUGINS", "kvsqueeze")
+        env.update(self.env)
+        out = open(self.log_path, "ab") if self.log_path else None
+        self.proc = subprocess.Popen(
+            self.command(), env=env, stdout=out or None, stderr=subprocess.STDOUT if out else None,
+            start_new_session=True,
+        )
+
+    def wait_ready(self, timeout: float = 300.0, progress=None) -> None:
+        """Poll ``/health_generate``-free ``/health`` until the server answers or dies."""
+        import urllib.error
+        import urllib.request
+
+        assert self.proc is not None
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if self.proc.poll() is not None:
+                where = f"; its log is {self.log_path}" if self.log_path else ""
+                raise KvsqueezeError(f"the SGLang server exited with code {self.proc.returncode} "
+                                     f"while starting{where}")
+            try:
+                with urllib.request.urlopen(self.url + "/model_info", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            if progress:
+                progress(time.monotonic() - t0)
+            time.sleep(1.0)
+        self.stop()
+        raise KvsqueezeError(f"the SGLang server did not answer at {self.url} within {timeout:.0f} s")
+
+    def stop(self, grace: float = 15.0) -> None:
+        """SIGINT to the whole process group, then SIGKILL to whatever is left after ``grace``."""
+        if self.proc is None:
+            return
+        pgid = self.proc.pid
+        for sig, wait in ((signal.SIGINT, grace), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                break
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < wait:
+                if self.proc.poll() is not None and not _group_alive(pgid):
+                    self.proc = None
+                    return
+                time.sleep(0.2)
+        self.proc = None
+
+    def __enter__(self) -> "SGLangServer":
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,221 @@
+"""The ``kvsqueeze`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from kvsqueeze.errors import KvsqueezeError, bad_value
+
+ENGINES = ("sglang",)
+
+
+def _progress(label: str):
+    t0 = time.monotonic()
+
+    def show(i: int, n: int) -> None:
+        el = time.monotonic() - t0
+        eta = el / i * (n - i) if i else 0.0
+        end = "\n" if i == n else ""
+        print(f"\r{label}: {i}/{n}  {el:5.0f}s elapsed, ~{eta:4.0f}s left", end=end,
+              file=sys.stderr, flush=True)
+
+    return show
+
+
+def _split(values: list[str]) -> list[str]:
+    return [v.strip() for item in values for v in item.split(",") if v.strip()]
+
+
+def cmd_methods(args) -> int:
+    from kvsqueeze.methods import available
+
+    for name, cls in available().items():
+        fixed = f" (fixed {cls.fixed_ratio:g}x)" if cls.fixed_ratio is not None else ""
+        print(f"{name:10s} {cls.summary}{fixed}")
+    return 0
+
+
+def cmd_model(args) -> int:
+    from kvsqueeze.model import resolve_model
+
+    print(resolve_model(args.model))
+    return 0
+
+
+def _format_kl_table(records) -> str:
+    head = (f"{'method':10s} {'target':>6s} {'achieved':>8s} {'KL mean':>9s} {'± SE':>8s} "
+            f"{'top-1':>6s} {'PPL Δ%':>7s} {'held':>6s}")
+    rows = [head, "-" * len(head)]
+    for r in records:
+        rows.append(f"{r.method:10s} {r.ratio_target:6.2f} {r.ratio_achieved:8.2f} {r.kl_mean:9.4f} "
+                    f"{r.kl_se:8.4f} {r.top1:6.3f} {r.ppl_delta_pct:7.2f} "
+                    f"{r.tokens_held_fraction:6.3f}")
+    return "\n".join(rows)
+
+
+def _format_passkey_table(records) -> str:
+    head = f"{'method':10s} {'target':>6s} {'achieved':>8s} {'accuracy':>8s} {'trials':>6s}"
+    rows = [head, "-" * len(head)]
+    for r in records:
+        rows.append(f"{r.method:10s} {r.ratio_target:6.2f} {r.ratio_achieved:8.2f} "
+                    f"{r.accuracy:8.3f} {r.trials:6d}")
+    return "\n".join(rows)
+
+
+def cmd_eval(args) -> int:
+    from kvsqueeze import corpus, evaluate
+    from kvsqueeze.model import load_hf, resolve_model
+
+    names = _split(args.method)
+    ratios = evaluate.parse_ratios(args.ratio)
+    options = {"sinks": args.sinks, "recent": args.recent}
+    methods = evaluate.build_methods(names, ratios, **options)
+    if args.json:  # fail before the long run, not after it
+        out = Path(args.json)
+        if out.parent and not out.parent.exists():
+            out.parent.mkdir(parents=True, exist_ok=True)
+    docs = corpus.read_text_files(args.text) if args.text else corpus.heldout_documents()
+    model_path = resolve_model(args.model)
+    tok, model = load_hf(model_path)
+    model_name = model_path.name
+    print(f"model {model_path}  methods {', '.join(m.describe() for m in methods)}", file=sys.stderr)
+    if args.task == "passkey":
+        records = evaluate.evaluate_passkey(model, tok, methods, args.trials, args.context_tokens,
+                                            model_name, progress=_progress("passkey trials"))
+        print(_format_passkey_table(records))
+    else:
+        evaluate.check_lengths(model, args.prefix_tokens, args.scored_tokens)
+        for m in methods:
+            m.exempt_slices(args.prefix_tokens)
+            if hasattr(m, "budget"):
+                m.budget(args.prefix_tokens)
+        segs = corpus.token_segments(docs, tok, args.prefix_tokens + args.scored_tokens + 1,
+                                     args.segments, what="--text file" if args.text else "held-out text")
+        print(f"{len(segs)} segments of {args.prefix_tokens}+{args.scored_tokens} tokens from "
+              f"{len({s for s, _ in segs})} source(s)", file=sys.stderr)
+        records = evaluate.evaluate_kl(model, [s for _, s in segs], methods, args.prefix_tokens,
+                                       args.scored_tokens, model_name,
+                                       progress=_progress("segments"))
+        print(_format_kl_table(records))
+        print(f"ratio: {methods[0].ratio_unit if len({m.ratio_unit for m in methods}) == 1 else 'per method, see JSON'}; "
+              "KL = mean KL(dense || method) of next-token distributions, ± SE over segments")
+    if args.json:
+        Path(args.json).write_text(json.dumps([r.to_dict() for r in records], indent=1) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def cmd_serve(args, extra: list[str]) -> int:
+    from kvsqueeze.model import resolve_model
+
+    if args.engine not in ENGINES:
+        raise bad_value("engine", args.engine, f"one of {', '.join(ENGINES)} (TensorRT-LLM: see docs)")
+    if args.method not in (None, "dense", "none"):
+        from kvsqueeze.methods import get
+
+        get(args.method)  # unknown names fail here with the list of known ones
+        raise KvsqueezeError(
+            f"--method={args.method!r}: this method has no SGLang integration yet; expected "
+            "'dense' (the methods that plug into SGLang are listed in docs/architecture.md)")
+    if not (0 <= args.port <= 65535):
+        raise bad_value("port", args.port, "a TCP port between 0 and 65535")
+    from kvsqueeze.backends.sglang.server import SGLangServer, free_port
+
+    port = args.port or free_port(args.host)
+    server = SGLangServer(model=resolve_model(args.model), host=args.host, port=port,
+                          extra_args=extra)
+    print(f"starting SGLang: {' '.join(server.command())}", file=sys.stderr, flush=True)
+    server.start()
+
+    def _stop(signum, frame):
+        raise KeyboardInterrupt
+
+    # Explicit handlers: a process started in the background by a shell inherits SIGINT ignored.
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        server.wait_ready(timeout=args.start_timeout)
+        print(f"SGLang server ready at {server.url}  (Ctrl-C stops it)", flush=True)
+        while server.proc is not None and server.proc.poll() is None:
+            time.sleep(0.5)
+        code = server.proc.returncode if server.proc is not None else 0
+        print(f"SGLang server exited with code {code}", file=sys.stderr)
+        return code or 1
+    except KeyboardInterrupt:
+        print("\nstopping SGLang server ...", file=sys.stderr, flush=True)
+        return 0
+    finally:
+        server.stop()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kvsqueeze", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("methods", help="list the registered compression methods")
+
+    m = sub.add_parser("model", help="materialise the embedded model (or check --model) and print its path")
+    m.add_argument("--model", default=None, help="a local Hugging Face checkpoint (default: embedded)")
+
+    e = sub.add_parser("eval", help="quality of a compressed KV cache against the dense cache")
+    e.add_argument("--method", action="append", required=True,
+                   help="method name(s), comma-separated or repeated (see `kvsqueeze methods`)")
+    e.add_argument("--ratio", default=None, help="target ratio(s), e.g. 4 or 2,4,8")
+    e.add_argument("--model", default=None, help="a local Hugging Face checkpoint (default: embedded)")
+    e.add_argument("--text", nargs="+", default=None, help="held-out text file(s) (default: corpus on disk)")
+    e.add_argument("--task", choices=("kl", "passkey"), default="kl")
+    e.add_argument("--prefix-tokens", type=int, default=1024)
+    e.add_argument("--scored-tokens", type=int, default=256)
+    e.add_argument("--segments", type=int, default=12)
+    e.add_argument("--sinks", type=int, default=4)
+    e.add_argument("--recent", type=int, default=64)
+    e.add_argument("--trials", type=int, default=20, help="passkey trials")
+    e.add_argument("--context-tokens", type=int, default=1024, help="passkey prompt length")
+    e.add_argument("--json", default=None, help="write the records as a JSON list to this file")
+
+    s = sub.add_parser("serve", help="start a serving engine with kvsqueeze loaded "
+                                     "(arguments after -- go to the engine)")
+    s.add_argument("--engine", default="sglang")
+    s.add_argument("--method", default=None, help="compression method (default: dense)")
+    s.add_argument("--model", default=None, help="a local Hugging Face checkpoint (default: embedded)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=30000, help="0 picks a free port")
+    s.add_argument("--start-timeout", type=float, default=300.0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1:]
+    args, unknown = build_parser().parse_known_args(argv)
+    if args.command == "serve":
+        extra = unknown + extra  # unknown flags pass through to the engine
+    elif unknown:
+        build_parser().error(f"unrecognized arguments: {' '.join(unknown)}")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        if args.command == "methods":
+            return cmd_methods(args)
+        if args.command == "model":
+            return cmd_model(args)
+        if args.command == "eval":
+            return cmd_eval(args)
+        if args.command == "serve":
+            return cmd_serve(args, extra)
+    except KvsqueezeError as exc:
+        print(f"kvsqueeze: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Text for calibration and evaluation, taken from what is on disk (nothing is downloaded).
+
+Default split, by source file (the two parts never share one):
+
+* held-out: the Python documentation topics that ship with every CPython
+  (``pydoc_data/topics.py``: English prose with code examples, ~750 kB);
+* calibration: the docstrings of the standard library's modules (every ``*.py`` of the stdlib except
+  ``pydoc_data``), plus the licence texts under ``/usr/share/common-licenses`` where they exist.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvsqueeze.errors import KvsqueezeError
+
+
+@dataclass(frozen=True)
+class Document:
+    source: str
+    text: str
+
+
+def heldout_documents() -> list[Document]:
+    from pydoc_data import topics  # stdlib
+
+    src = str(Path(topics.__file__).resolve())
+    return [Document(src, "\n\n".join(body for _, body in sorted(topics.topics.items())))]
+
+
+def calibration_documents(max_chars: int = 2_000_000) -> list[Document]:
+    docs: list[Document] = []
+    lic = Path("/usr/share/common-licenses")
+    if lic.is_dir():
+        for p in sorted(lic.iterdir()):
+            if p.is_file() and not p.is_symlink():
+                docs.append(Document(str(p), p.read_text(errors="replace")))
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    total = sum(len(d.text) for d in docs)
+    for p in sorted(stdlib.rglob("*.py")):
+        rel = p.relative_to(stdlib).parts
+        if rel[0] in ("pydoc_data", "site-packages", "test", "idlelib", "lib2to3") or total > max_chars:
+            continue
+        try:
+            tree = ast.parse(p.read_text(errors="replace"))
+        except (SyntaxError, ValueError):
+            continue
+        parts = [ast.get_docstring(n) for n in ast.walk(tree)
+                 if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef))]
+        text = "\n\n".join(t for t in parts if t and len(t) > 200)
+        if text:
+            docs.append(Document(str(p), text))
+            total += len(text)
+    return docs
+
+
+def read_text_files(paths: list[str]) -> list[Document]:
+    docs = []
+    for p in paths:
+        path = Path(p)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise KvsqueezeError(f"--text={p!r}: no such file; expected a readable UTF-8 text file")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise KvsqueezeError(f"--text={p!r}: cannot be read ({exc}); expected a readable "
+                                 "UTF-8 text file") from exc
+        docs.append(Document(str(path), text))
+    return docs
+
+
+def token_segments(docs: list[Document], tokenizer, length: int, n_segments: int,
+                   what: str = "text") -> list[tuple[str, list[int]]]:
+    """Up to ``n_segments`` non-overlapping windows of ``length`` tokens, spread over the documents.
+
+    Windows never span two documents; documents are tokenized separately and windows are taken
+    evenly across all the places where one fits, so the choice is deterministic.
+    """
+    slots: list[tuple[str, list[int], int]] = []
+    longest = 0
+    for doc in docs:
+        ids = tokenizer(doc.text, add_special_tokens=False)["input_ids"]
+        longest = max(longest, len(ids))
+        for start in range(0, len(ids) - length + 1, length):
+            slots.append((doc.source, ids, start))
+    if not slots:
+        raise KvsqueezeError(
+            f"prefix_tokens + scored_tokens + 1 = {length} tokens are needed per segment, but the "
+            f"longest {what} has {longest} tokens; expected a shorter --prefix-tokens/--scored-tokens "
+            "or a longer text"
+        )
+    n = min(n_segments, len(slots))
+    picks = [slots[(i * len(slots)) // n] for i in range(n)]
+    return [(src, ids[s:s + length]) for src, ids, s in picks]
+
+
+def python_version_tag() -> str:
+    return f"{sys.implementation.name}{sys.version_info.major}.{sys.version_info.minor}"

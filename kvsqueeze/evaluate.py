@@ -1,0 +1,284 @@
+"""Quality of a compressed KV cache against the dense cache of the same model.
+
+For each held-out segment of ``P + C + 1`` tokens: a dense prefill of the first ``P`` tokens gives the
+prefix cache; each method compresses it; the next ``C`` tokens are then run teacher-forced on top of
+the (compressed or dense) prefix cache, and their next-token distributions are compared with the
+dense ones. Both sides take the same code path, so ``dense`` scores KL exactly 0.
+
+Reported per method and ratio: mean KL(dense || compressed) over scored positions, averaged over
+segments, with its standard error over segments (per-segment values are kept so that two methods
+can be compared paired, segment by segment); top-1 agreement; perplexity change on the true next
+tokens; achieved compression ratio.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from kvsqueeze.attention import AttentionState, attention_state
+from kvsqueeze.errors import KvsqueezeError, bad_value
+from kvsqueeze.methods.base import CompressedPrefix, CompressionMethod, PrefixCache
+
+
+@dataclass
+class EvalRecord:
+    method: str
+    ratio_target: float
+    ratio_achieved: float
+    ratio_unit: str
+    kl_mean: float
+    kl_se: float
+    top1: float
+    ppl_dense: float
+    ppl: float
+    ppl_delta_pct: float
+    segments: int
+    prefix_tokens: int
+    scored_tokens: int
+    model: str
+    task: str = "kl"
+    kl_per_segment: list[float] = field(default_factory=list)
+    tokens_held_fraction: float = 1.0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _new_cache(model, keys, values):
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    for layer, (k, v) in enumerate(zip(keys, values)):
+        cache.update(k[None], v[None], layer)
+    return cache
+
+
+@torch.inference_mode()
+def dense_prefill(model, prefix_ids: torch.Tensor, observe: int = 0):
+    """Run the prefix densely; return the per-layer cache and the last prefix logits."""
+    state = AttentionState(capture_last=observe)
+    with attention_state(state):
+        out = model(prefix_ids[None], use_cache=True)
+    pkv = out.past_key_values
+    keys = [pkv.layers[i].keys[0] for i in range(len(pkv.layers))]
+    values = [pkv.layers[i].values[0] for i in range(len(pkv.layers))]
+    observed = [state.captured[i] for i in range(len(keys))] if observe else None
+    return PrefixCache(keys=keys, values=values, observed=observed), out.logits[0, -1]
+
+
+@torch.inference_mode()
+def continue_with(model, prefix: CompressedPrefix, ids: torch.Tensor) -> torch.Tensor:
+    """Teacher-forced logits of ``ids`` on top of a (compressed) prefix cache: ``[len(ids), vocab]``."""
+    cache = _new_cache(model, prefix.keys, prefix.values)
+    evicted = {} if prefix.evicted is None else dict(enumerate(prefix.evicted))
+    with attention_state(AttentionState(evicted=evicted)):
+        out = model(ids[None], past_key_values=cache, use_cache=True)
+    return out.logits[0]
+
+
+@torch.inference_mode()
+def greedy_with(model, prefix: CompressedPrefix, last_logits: torch.Tensor, max_new: int,
+                eos: int | None = None) -> list[int]:
+    """Greedy decoding on top of a (compressed) prefix cache, one token at a time."""
+    cache = _new_cache(model, prefix.keys, prefix.values)
+    evicted = {} if prefix.evicted is None else dict(enumerate(prefix.evicted))
+    tok = int(last_logits.argmax())
+    out = [tok]
+    with attention_state(AttentionState(evicted=evicted)):
+        for _ in range(max_new - 1):
+            if eos is not None and tok == eos:
+                break
+            logits = model(torch.tensor([[tok]]), past_key_values=cache, use_cache=True).logits
+            tok = int(logits[0, -1].argmax())
+            out.append(tok)
+    return out
+
+
+def distribution_metrics(ref_logits: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor):
+    """Per-position KL(ref || other), top-1 agreement, and NLL of the targets under both."""
+    ref_lp = torch.log_softmax(ref_logits.double(), -1)
+    lp = torch.log_softmax(logits.double(), -1)
+    kl = (ref_lp.exp() * (ref_lp - lp)).sum(-1).clamp_min(0.0)
+    top1 = (ref_logits.argmax(-1) == logits.argmax(-1)).double()
+    nll_ref = -ref_lp.gather(-1, targets[:, None])[:, 0]
+    nll = -lp.gather(-1, targets[:, None])[:, 0]
+    return kl, top1, nll_ref, nll
+
+
+def _se(xs: list[float]) -> float:
+    if len(xs) < 2:
+        return float("nan")
+    m = sum(xs) / len(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
+
+
+def check_lengths(model, prefix_tokens: int, scored_tokens: int) -> None:
+    if prefix_tokens < 1:
+        raise bad_value("prefix_tokens", prefix_tokens, "a number of tokens >= 1")
+    if scored_tokens < 1:
+        raise bad_value("scored_tokens", scored_tokens, "a number of tokens >= 1")
+    ctx = getattr(model.config, "max_position_embeddings", None)
+    if ctx is not None and prefix_tokens + scored_tokens > ctx:
+        raise bad_value("prefix_tokens + scored_tokens", prefix_tokens + scored_tokens,
+                        f"at most the model's context of {ctx} tokens")
+
+
+def evaluate_kl(model, segments: list[list[int]], methods: list[CompressionMethod],
+                prefix_tokens: int, scored_tokens: int, model_name: str,
+                progress=None) -> list[EvalRecord]:
+    """Score every method on the same segments; the dense prefill is shared by all of them."""
+    check_lengths(model, prefix_tokens, scored_tokens)
+    observe = max((m.observation_window for m in methods), default=0)
+    acc = {id(m): {"kl": [], "top1": [], "nll_ref": [], "nll": [], "ratio": [], "held": [],
+                   "sec": 0.0} for m in methods}
+    for i, seg in enumerate(segments):
+        ids = torch.tensor(seg)
+        prefix, cont, targets = ids[:prefix_tokens], ids[prefix_tokens:-1], ids[prefix_tokens + 1:]
+        cache, _ = dense_prefill(model, prefix, observe=observe)
+        dense = CompressedPrefix(cache.keys, cache.values, None, cache.dense_bytes(), cache.dense_bytes())
+        ref_logits = continue_with(model, dense, cont)
+        for m in methods:
+            t0 = time.perf_counter()
+            comp = m.compress(cache)
+            logits = continue_with(model, comp, cont)
+            kl, top1, nll_ref, nll = distribution_metrics(ref_logits, logits, targets)
+            a = acc[id(m)]
+            a["sec"] += time.perf_counter() - t0
+            a["kl"].append(kl.mean().item())
+            a["top1"].append(top1.mean().item())
+            a["nll_ref"].append(nll_ref.sum().item())
+            a["nll"].append(nll.sum().item())
+            a["ratio"].append(comp.ratio)
+            total = cache.n_layers * cache.kv_heads * cache.n_tokens
+            a["held"].append(comp.tokens_held() / total)
+        if progress:
+            progress(i + 1, len(segments))
+    records = []
+    n_scored = scored_tokens * len(segments)
+    for m in methods:
+        a = acc[id(m)]
+        ppl_ref = math.exp(sum(a["nll_ref"]) / n_scored)
+        ppl = math.exp(sum(a["nll"]) / n_scored)
+        records.append(EvalRecord(
+            method=m.name, ratio_target=m.ratio,
+            ratio_achieved=sum(a["ratio"]) / len(a["ratio"]), ratio_unit=m.ratio_unit,
+            kl_mean=sum(a["kl"]) / len(a["kl"]), kl_se=_se(a["kl"]),
+            top1=sum(a["top1"]) / len(a["top1"]),
+            ppl_dense=ppl_ref, ppl=ppl, ppl_delta_pct=100.0 * (ppl / ppl_ref - 1.0),
+            segments=len(segments), prefix_tokens=prefix_tokens, scored_tokens=scored_tokens,
+            model=model_name, kl_per_segment=a["kl"],
+            tokens_held_fraction=sum(a["held"]) / len(a["held"]), seconds=a["sec"],
+        ))
+    return records
+
+
+# ---------------------------------------------------------------------------------------------
+# Passkey retrieval
+
+_FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
+           "There and back again. ")
+
+
+@dataclass
+class PasskeyRecord:
+    method: str
+    ratio_target: float
+    ratio_achieved: float
+    accuracy: float
+    trials: int
+    correct: int
+    context_tokens: int
+    model: str
+    task: str = "passkey"
+    depths: list[float] = field(default_factory=list)
+    hits: list[bool] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def passkey_prompt(tokenizer, key: int, depth: float, context_tokens: int) -> list[int]:
+    """A ~``context_tokens`` prompt hiding ``key`` at relative ``depth`` in repeated filler.
+
+    The question sits at the end, inside the recent window that every method keeps exact, so what
+    is measured is whether the needle survived compression of the middle of the prompt.
+    """
+    intro = ("There is an important pass key hidden inside a lot of irrelevant text. Find it and "
+             "memorize it. I will quiz you about the pass key.\n")
+    needle = f" The pass key is {key}. Remember it. {key} is the pass key. "
+    question = "\nWhat is the pass key? The pass key is"
+    fixed = len(tokenizer(intro + needle + question, add_special_tokens=False)["input_ids"])
+    per = len(tokenizer(_FILLER, add_special_tokens=False)["input_ids"])
+    reps = max(1, (context_tokens - fixed) // per)
+    before = int(round(reps * depth))
+    text = intro + _FILLER * before + needle + _FILLER * (reps - before) + question
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def evaluate_passkey(model, tokenizer, methods: list[CompressionMethod], trials: int,
+                     context_tokens: int, model_name: str, seed: int = 0,
+                     progress=None) -> list[PasskeyRecord]:
+    if trials < 1:
+        raise bad_value("trials", trials, "a number of trials >= 1")
+    rng = random.Random(seed)
+    cases = [(rng.randint(10000, 99999), (i + 0.5) / trials) for i in range(trials)]
+    observe = max((m.observation_window for m in methods), default=0)
+    hits = {id(m): [] for m in methods}
+    ratios = {id(m): [] for m in methods}
+    n_ctx = 0
+    for i, (key, depth) in enumerate(cases):
+        ids = torch.tensor(passkey_prompt(tokenizer, key, depth, context_tokens))
+        n_ctx = len(ids)
+        check_lengths(model, len(ids), 8)
+        cache, last = dense_prefill(model, ids, observe=observe)
+        for m in methods:
+            comp = m.compress(cache)
+            out = greedy_with(model, comp, last, max_new=8, eos=tokenizer.eos_token_id)
+            hits[id(m)].append(str(key) in tokenizer.decode(out))
+            ratios[id(m)].append(comp.ratio)
+        if progress:
+            progress(i + 1, trials)
+    return [PasskeyRecord(method=m.name, ratio_target=m.ratio,
+                          ratio_achieved=sum(ratios[id(m)]) / trials,
+                          accuracy=sum(hits[id(m)]) / trials, trials=trials,
+                          correct=sum(hits[id(m)]), context_tokens=n_ctx, model=model_name,
+                          depths=[d for _, d in cases], hits=hits[id(m)]) for m in methods]
+
+
+def parse_ratios(text: str | None) -> list[float | None]:
+    if text is None:
+        return [None]
+    out = []
+    for part in str(text).split(","):
+        part = part.strip().lower().rstrip("x")
+        try:
+            r = float(part)
+        except ValueError:
+            raise bad_value("ratio", part, "a number >= 1, or a comma-separated list such as 2,4,8")
+        if not r >= 1:
+            raise bad_value("ratio", r, "a number >= 1 (the target compression ratio)")
+        out.append(r)
+    return out
+
+
+def build_methods(names: list[str], ratios: list[float | None], **options) -> list[CompressionMethod]:
+    """One instance per (method, ratio); a fixed-ratio method is built once, at its own ratio."""
+    from kvsqueeze.methods import get
+
+    built: list[CompressionMethod] = []
+    for name in names:
+        cls = get(name)
+        if cls.fixed_ratio is not None:
+            built.append(cls(ratio=cls.fixed_ratio, **options))
+            continue
+        for r in ratios:
+            if r is None:
+                raise KvsqueezeError(f"method {name!r} needs --ratio (e.g. --ratio 4 or 2,4,8)")
+            built.append(cls(ratio=r, **options))
+    return built
