@@ -23,6 +23,13 @@ CPU_DEFAULTS = {
 }
 
 
+def cpu_defaults() -> dict[str, str]:
+    """The CPU defaults where no CUDA device is present; none on a GPU machine (SGLang's own apply)."""
+    import torch
+
+    return {} if torch.cuda.is_available() else dict(CPU_DEFAULTS)
+
+
 def port_is_free(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -62,7 +69,7 @@ class SGLangServer:
     def command(self) -> list[str]:
         cmd = [sys.executable, "-m", "kvsqueeze.backends.sglang.launch",
                "--model-path", str(self.model), "--host", self.host, "--port", str(self.port)]
-        for flag, value in CPU_DEFAULTS.items():
+        for flag, value in cpu_defaults().items():
             if not _has_flag(self.extra_args, flag):
                 cmd += [flag, value]
         return cmd + list(self.extra_args)

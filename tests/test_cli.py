@@ -1,0 +1,79 @@
+"""Bad input: one clear message naming the value and what was expected, and a non-zero exit."""
+
+import socket
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "kvsqueeze.cli", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["eval", "--method", "nope", "--ratio", "4"], "method='nope': expected one of"),
+    (["eval", "--method", "window", "--ratio", "0.5"], "ratio=0.5: expected a number >= 1"),
+    (["eval", "--method", "window", "--ratio", "4", "--text", "/no/such/file.txt"],
+     "--text='/no/such/file.txt': no such file"),
+    (["eval", "--method", "window", "--ratio", "4", "--prefix-tokens", "9000"],
+     "expected at most the model's context of 8192 tokens"),
+    (["eval", "--method", "window", "--ratio", "40"], "ratio=40.0: expected at most"),
+    (["serve", "--engine", "vllm"], "engine='vllm': expected one of sglang"),
+    (["serve", "--method", "nope"], "method='nope': expected one of"),
+    (["eval", "--method", "window"], "needs --ratio"),
+])
+def test_bad_input(args, message):
+    r = run(*args)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_prefix_longer_than_text(tmp_path):
+    f = tmp_path / "short.txt"
+    f.write_text("Only a few words here.")
+    r = run("eval", "--method", "window", "--ratio", "4", "--text", str(f))
+    assert r.returncode == 2
+    assert "1281 tokens are needed per segment, but the longest --text file has" in r.stderr
+
+
+def test_unreadable_text_file(tmp_path):
+    f = tmp_path / "binary.txt"
+    f.write_bytes(b"\xff\xfe\x00\x81" * 10)
+    r = run("eval", "--method", "window", "--ratio", "4", "--text", str(f))
+    assert r.returncode == 2 and "cannot be read" in r.stderr
+
+
+def test_port_in_use():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = run("serve", "--port", str(port))
+    assert r.returncode == 2
+    assert f"--port={port}: already in use" in r.stderr
+
+
+def test_methods_lists_registry():
+    r = run("methods")
+    assert r.returncode == 0
+    for name in ("dense", "window", "snapkv", "int8", "int4", "int2"):
+        assert name in r.stdout
+
+
+def test_eval_writes_json_records(tmp_path):
+    out = tmp_path / "r" / "eval.json"
+    r = run("eval", "--method", "dense,window", "--ratio", "4", "--prefix-tokens", "128",
+            "--scored-tokens", "16", "--segments", "2", "--recent", "16", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    import json
+
+    recs = json.loads(out.read_text())
+    assert [x["method"] for x in recs] == ["dense", "window"]
+    need = {"method", "ratio_target", "ratio_achieved", "kl_mean", "kl_se", "top1", "ppl_delta_pct",
+            "segments", "prefix_tokens", "scored_tokens", "model"}
+    assert need <= set(recs[0])
+    assert recs[0]["kl_mean"] == 0.0 and recs[1]["kl_mean"] > 0.0
+    assert "KL mean" in r.stdout
