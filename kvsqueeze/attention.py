@@ -8,6 +8,7 @@ eager attention (GQA, additive causal mask). Inside :func:`attention_state` it c
   attention over a per-head variable-length cache holding only the kept tokens (tested against a
   gather of the kept tokens in tests/test_attention.py), so quality is measured with the real
   eviction pattern while the bookkeeping of what is held lives in the method;
+* apply DMS's learned, delayed eviction (``state.dms``, see :mod:`kvsqueeze.methods.dms`);
 * record the attention probabilities of the last ``state.capture_last`` queries of a pass (SnapKV's
   observation window), per layer, as ``[heads, n_obs, kv_len]``.
 """
@@ -28,9 +29,14 @@ class AttentionState:
     evicted: dict[int, torch.Tensor] = field(default_factory=dict)
     capture_last: int = 0
     captured: dict[int, torch.Tensor] = field(default_factory=dict)
+    dms: object | None = None  # a kvsqueeze.methods.dms.DMSRun: learned, delayed eviction
 
 
 _STATE: contextvars.ContextVar[AttentionState | None] = contextvars.ContextVar("kvsqueeze_attn", default=None)
+
+
+def current_state() -> AttentionState | None:
+    return _STATE.get()
 
 
 @contextlib.contextmanager
@@ -66,6 +72,8 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
         hide = torch.zeros(hkv, k_len, dtype=torch.bool, device=scores.device)
         hide[:, :n] = ev.to(scores.device)
         scores = scores.masked_fill(hide[None, :, None, None, :], float("-inf"))
+    if state is not None and state.dms is not None and layer is not None:
+        scores = scores + state.dms.additive_mask(layer, q, k_len, hkv)[:, :, None].to(scores.dtype)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     if state is not None and state.capture_last and layer is not None:
         n_obs = min(state.capture_last, q)

@@ -59,6 +59,24 @@ def _format_kl_table(records) -> str:
     return "\n".join(rows)
 
 
+def _format_paired(records, baseline: str) -> str:
+    """KL of each method minus the baseline's at the same target ratio, paired over segments."""
+    from kvsqueeze.evaluate import paired_difference
+
+    base = {r.ratio_target: r for r in records if r.method == baseline}
+    rows = [f"paired against {baseline} (same segments): ΔKL = KL(method) - KL({baseline})"]
+    for r in records:
+        b = base.get(r.ratio_target)
+        if r.method == baseline or b is None:
+            continue
+        diff, se = paired_difference(r, b)
+        rows.append(f"  {r.method:10s} {r.ratio_target:5.2f}x  ΔKL {diff:+.4f} ± {se:.4f}"
+                    f"  ({abs(diff) / se if se > 0 else float('inf'):.1f} SE)")
+    if len(rows) == 1:
+        rows.append(f"  no other method shares a target ratio with {baseline}")
+    return "\n".join(rows)
+
+
 def _format_passkey_table(records) -> str:
     head = f"{'method':10s} {'target':>6s} {'achieved':>8s} {'accuracy':>8s} {'trials':>6s}"
     rows = [head, "-" * len(head)]
@@ -75,7 +93,10 @@ def cmd_eval(args) -> int:
     names = _split(args.method)
     ratios = evaluate.parse_ratios(args.ratio)
     options = {"sinks": args.sinks, "recent": args.recent}
-    methods = evaluate.build_methods(names, ratios, **options)
+    per_method = {"dms": {"checkpoint": args.checkpoint}} if args.checkpoint else {}
+    if args.checkpoint and "dms" not in names:
+        raise bad_value("checkpoint", args.checkpoint, "to be used with --method dms")
+    methods = evaluate.build_methods(names, ratios, per_method, **options)
     if args.json:  # fail before the long run, not after it
         out = Path(args.json)
         if out.parent and not out.parent.exists():
@@ -103,6 +124,8 @@ def cmd_eval(args) -> int:
                                        args.scored_tokens, model_name,
                                        progress=_progress("segments"))
         print(_format_kl_table(records))
+        if args.paired_against:
+            print(_format_paired(records, args.paired_against))
         print(f"ratio: {methods[0].ratio_unit if len({m.ratio_unit for m in methods}) == 1 else 'per method, see JSON'}; "
               "KL = mean KL(dense || method) of next-token distributions, ± SE over segments")
     if args.json:
@@ -154,6 +177,19 @@ def cmd_serve(args, extra: list[str]) -> int:
         server.stop()
 
 
+def cmd_dms_train(args) -> int:
+    from kvsqueeze.methods.dms_train import TrainConfig, train
+    from kvsqueeze.model import resolve_model
+
+    cfg = TrainConfig(target_ratio=args.target_ratio, steps=args.steps, ramp_steps=args.ramp_steps,
+                      seq_len=args.seq_len, batch=args.batch, lr=args.lr, mode=args.mode,
+                      window=args.window, gate=args.gate, granularity=args.granularity,
+                      seed=args.seed, save_every=args.save_every, threads=args.threads)
+    summary = train(resolve_model(args.model), Path(args.out), cfg)
+    print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvsqueeze", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -168,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="method name(s), comma-separated or repeated (see `kvsqueeze methods`)")
     e.add_argument("--ratio", default=None, help="target ratio(s), e.g. 4 or 2,4,8")
     e.add_argument("--model", default=None, help="a local Hugging Face checkpoint (default: embedded)")
+    e.add_argument("--checkpoint", default=None, help="DMS checkpoint directory (for --method dms)")
     e.add_argument("--text", nargs="+", default=None, help="held-out text file(s) (default: corpus on disk)")
     e.add_argument("--task", choices=("kl", "passkey"), default="kl")
     e.add_argument("--prefix-tokens", type=int, default=1024)
@@ -177,7 +214,28 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--recent", type=int, default=64)
     e.add_argument("--trials", type=int, default=20, help="passkey trials")
     e.add_argument("--context-tokens", type=int, default=1024, help="passkey prompt length")
+    e.add_argument("--paired-against", default=None, metavar="METHOD",
+                   help="also print each method's KL minus METHOD's at the same ratio, paired")
     e.add_argument("--json", default=None, help="write the records as a JSON list to this file")
+
+    d = sub.add_parser("dms", help="DMS: retrofit training of eviction gates")
+    dsub = d.add_subparsers(dest="dms_command", required=True)
+    t = dsub.add_parser("train", help="distil DMS gates into a model (resumable)")
+    t.add_argument("--model", default=None, help="a local Hugging Face checkpoint (default: embedded)")
+    t.add_argument("--target-ratio", type=float, required=True)
+    t.add_argument("--out", required=True, help="output directory (re-run to resume)")
+    t.add_argument("--steps", type=int, default=400)
+    t.add_argument("--ramp-steps", type=int, default=300, help="steps over which the target rises to CR")
+    t.add_argument("--seq-len", type=int, default=256)
+    t.add_argument("--batch", type=int, default=1)
+    t.add_argument("--lr", type=float, default=3e-5)
+    t.add_argument("--mode", choices=("adapter", "full"), default="adapter")
+    t.add_argument("--window", type=int, default=64)
+    t.add_argument("--gate", choices=("projection", "query_neuron"), default="projection")
+    t.add_argument("--granularity", choices=("head", "layer"), default="head")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--save-every", type=int, default=50)
+    t.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
 
     s = sub.add_parser("serve", help="start a serving engine with kvsqueeze loaded "
                                      "(arguments after -- go to the engine)")
@@ -211,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_eval(args)
         if args.command == "serve":
             return cmd_serve(args, extra)
+        if args.command == "dms":
+            return cmd_dms_train(args)
     except KvsqueezeError as exc:
         print(f"kvsqueeze: error: {exc}", file=sys.stderr)
         return 2

@@ -145,18 +145,23 @@ def evaluate_kl(model, segments: list[list[int]], methods: list[CompressionMetho
         ref_logits = continue_with(model, dense, cont)
         for m in methods:
             t0 = time.perf_counter()
-            comp = m.compress(cache)
-            logits = continue_with(model, comp, cont)
-            kl, top1, nll_ref, nll = distribution_metrics(ref_logits, logits, targets)
             a = acc[id(m)]
+            if hasattr(m, "run_segment"):  # methods that decide inside the forward pass (DMS)
+                logits, held, ratio = m.run_segment(model, prefix, cont)
+                a["ratio"].append(ratio)
+                a["held"].append(held)
+            else:
+                comp = m.compress(cache)
+                logits = continue_with(model, comp, cont)
+                a["ratio"].append(comp.ratio)
+                total = cache.n_layers * cache.kv_heads * cache.n_tokens
+                a["held"].append(comp.tokens_held() / total)
+            kl, top1, nll_ref, nll = distribution_metrics(ref_logits, logits, targets)
             a["sec"] += time.perf_counter() - t0
             a["kl"].append(kl.mean().item())
             a["top1"].append(top1.mean().item())
             a["nll_ref"].append(nll_ref.sum().item())
             a["nll"].append(nll.sum().item())
-            a["ratio"].append(comp.ratio)
-            total = cache.n_layers * cache.kv_heads * cache.n_tokens
-            a["held"].append(comp.tokens_held() / total)
         if progress:
             progress(i + 1, len(segments))
     records = []
@@ -176,6 +181,14 @@ def evaluate_kl(model, segments: list[list[int]], methods: list[CompressionMetho
             tokens_held_fraction=sum(a["held"]) / len(a["held"]), seconds=a["sec"],
         ))
     return records
+
+
+def paired_difference(a: EvalRecord, b: EvalRecord) -> tuple[float, float]:
+    """Mean over segments of KL(a) - KL(b), and its paired standard error (same segments)."""
+    if len(a.kl_per_segment) != len(b.kl_per_segment) or a.segments != b.segments:
+        raise ValueError("paired comparison needs records scored on the same segments")
+    d = [x - y for x, y in zip(a.kl_per_segment, b.kl_per_segment)]
+    return sum(d) / len(d), _se(d)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,10 +251,14 @@ def evaluate_passkey(model, tokenizer, methods: list[CompressionMethod], trials:
         check_lengths(model, len(ids), 8)
         cache, last = dense_prefill(model, ids, observe=observe)
         for m in methods:
-            comp = m.compress(cache)
-            out = greedy_with(model, comp, last, max_new=8, eos=tokenizer.eos_token_id)
+            if hasattr(m, "greedy"):  # methods that decide inside the forward pass (DMS)
+                out, ratio = m.greedy(model, ids, max_new=8, eos=tokenizer.eos_token_id)
+            else:
+                comp = m.compress(cache)
+                out = greedy_with(model, comp, last, max_new=8, eos=tokenizer.eos_token_id)
+                ratio = comp.ratio
             hits[id(m)].append(str(key) in tokenizer.decode(out))
-            ratios[id(m)].append(comp.ratio)
+            ratios[id(m)].append(ratio)
         if progress:
             progress(i + 1, trials)
     return [PasskeyRecord(method=m.name, ratio_target=m.ratio,
@@ -267,18 +284,25 @@ def parse_ratios(text: str | None) -> list[float | None]:
     return out
 
 
-def build_methods(names: list[str], ratios: list[float | None], **options) -> list[CompressionMethod]:
-    """One instance per (method, ratio); a fixed-ratio method is built once, at its own ratio."""
+def build_methods(names: list[str], ratios: list[float | None],
+                  per_method: dict[str, dict] | None = None, **options) -> list[CompressionMethod]:
+    """One instance per (method, ratio); a fixed-ratio method is built once, at its own ratio.
+
+    ``per_method`` adds options for one method only (e.g. ``{"dms": {"checkpoint": DIR}}``); a
+    method given a checkpoint takes its ratio from it when no ratio is given.
+    """
     from kvsqueeze.methods import get
 
+    per_method = per_method or {}
     built: list[CompressionMethod] = []
     for name in names:
         cls = get(name)
+        opts = {**options, **per_method.get(name, {})}
         if cls.fixed_ratio is not None:
-            built.append(cls(ratio=cls.fixed_ratio, **options))
+            built.append(cls(ratio=cls.fixed_ratio, **opts))
             continue
         for r in ratios:
-            if r is None:
+            if r is None and "checkpoint" not in opts:
                 raise KvsqueezeError(f"method {name!r} needs --ratio (e.g. --ratio 4 or 2,4,8)")
-            built.append(cls(ratio=r, **options))
+            built.append(cls(ratio=r, **opts))
     return built

@@ -47,3 +47,18 @@ def test_parse_ratios():
         parse_ratios("0.5")
     with pytest.raises(KvsqueezeError, match="ratio='abc'"):
         parse_ratios("abc")
+
+
+def test_paired_difference_uses_segment_pairs():
+    from kvsqueeze.evaluate import EvalRecord, paired_difference
+
+    def rec(kls):
+        return EvalRecord("m", 4, 4, "", sum(kls) / len(kls), 0, 1, 1, 1, 0, len(kls), 8, 8, "x",
+                          kl_per_segment=kls)
+
+    a, b = rec([0.10, 0.30, 0.50]), rec([0.08, 0.27, 0.49])
+    diff, se = paired_difference(a, b)
+    assert diff == pytest.approx(0.02)
+    d = [0.02, 0.03, 0.01]
+    assert se == pytest.approx(_se(d))  # paired SE is far below the unpaired spread of either method
+    assert se < _se(a.kl_per_segment) / 10

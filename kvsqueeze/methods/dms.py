@@ -1,0 +1,338 @@
+"""DMS: Dynamic Memory Sparsification (arXiv 2506.05345), the engine-agnostic part.
+
+A learned binary decision per token and KV head (or per layer): evict or keep. The logit produced
+at token ``t`` decides the fate of token ``t - 1`` (shift by one). Eviction is delayed: a token
+marked for eviction stays attendable until it leaves the window of the ``w`` most recent tokens.
+
+Two gate kinds predict the logit:
+
+* ``projection``: a new zero-initialised ``Linear(hidden, n_kv_heads)`` on the RMS-normed layer
+  input; ``logit = out * 100 - 5`` (starts at "keep");
+* ``query_neuron``: no new parameters; the last neuron of the first query head of each GQA group
+  (before RoPE), which is then zeroed so that it no longer contributes to ``q . k``.
+
+Training relaxes the decision to ``alpha = sigmoid((logit + g1 - g2) / tau)`` with Gumbel noise and
+uses a straight-through estimator: the forward pass applies the hard decision ``alpha > 0.5``
+exactly as inference does, the backward pass the gradient of the soft mask ``log(1 - alpha)``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kvsqueeze.errors import KvsqueezeError, bad_value
+
+GATE_KINDS = ("projection", "query_neuron")
+GRANULARITIES = ("head", "layer")
+HARD_MASK = -1e4  # finite: a fully masked row can never produce NaN
+CONFIG_FILE = "dms_config.json"
+GATES_FILE = "dms_gates.safetensors"
+
+
+@dataclass(frozen=True)
+class DMSConfig:
+    window: int = 64
+    gate: str = "projection"
+    granularity: str = "head"
+    target_ratio: float = 4.0
+    tau: float = 0.1
+    logit_scale: float = 100.0
+    logit_bias: float = -5.0
+
+    def __post_init__(self):
+        if not isinstance(self.window, int) or self.window < 1:
+            raise bad_value("window", self.window, "an integer number of tokens >= 1")
+        if self.gate not in GATE_KINDS:
+            raise bad_value("gate", self.gate, f"one of {', '.join(GATE_KINDS)}")
+        if self.granularity not in GRANULARITIES:
+            raise bad_value("granularity", self.granularity, f"one of {', '.join(GRANULARITIES)}")
+        if not self.target_ratio >= 1:
+            raise bad_value("target_ratio", self.target_ratio, "a compression ratio >= 1")
+        if not self.tau > 0:
+            raise bad_value("tau", self.tau, "a temperature > 0")
+
+    def save(self, directory: Path) -> None:
+        (Path(directory) / CONFIG_FILE).write_text(json.dumps(asdict(self), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, directory: Path) -> "DMSConfig":
+        path = Path(directory) / CONFIG_FILE
+        if not path.is_file():
+            raise KvsqueezeError(f"checkpoint={str(directory)!r}: {CONFIG_FILE} is missing; expected a "
+                                 "DMS checkpoint written by `kvsqueeze dms train`")
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (TypeError, ValueError) as exc:
+            raise KvsqueezeError(f"{path}: not a valid DMS config ({exc})") from exc
+
+
+def supported(model) -> None:
+    arch = getattr(model.config, "model_type", None)
+    if arch not in ("llama", "qwen2", "qwen3", "mistral"):
+        raise bad_value("model_type", arch, "a Llama/Qwen/Mistral-family decoder (supported by DMS)")
+
+
+class DMSGates(nn.Module):
+    """The DMS parameters of a model: one projection per layer (none for ``query_neuron``)."""
+
+    def __init__(self, config: DMSConfig, hidden: int, n_layers: int, n_kv: int):
+        super().__init__()
+        self.config = config
+        out = n_kv if config.granularity == "head" else 1
+        if config.gate == "projection":
+            self.proj = nn.ModuleList(nn.Linear(hidden, out, bias=False) for _ in range(n_layers))
+            for p in self.proj:
+                nn.init.zeros_(p.weight)
+        else:
+            self.proj = None
+
+    @classmethod
+    def for_model(cls, model, config: DMSConfig) -> "DMSGates":
+        supported(model)
+        c = model.config
+        gates = cls(config, c.hidden_size, c.num_hidden_layers, c.num_key_value_heads)
+        return gates.to(next(model.parameters()).dtype)
+
+
+def query_neuron_index(model) -> torch.Tensor:
+    """Output rows of ``q_proj`` repurposed as gates: last neuron of each group's first query head."""
+    c = model.config
+    d = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    group = c.num_attention_heads // c.num_key_value_heads
+    return torch.tensor([(g * group) * d + d - 1 for g in range(c.num_key_value_heads)])
+
+
+class DMSRun:
+    """Per-forward state of DMS: gate logits of every token seen so far, per layer.
+
+    ``mode``: ``"hard"`` (inference: evict when logit > 0) or ``"train"`` (Gumbel-sigmoid,
+    straight-through). Logits accumulate across calls, so prefill followed by decode steps on the
+    same run sees the whole history.
+    """
+
+    def __init__(self, config: DMSConfig, mode: str = "hard", generator: torch.Generator | None = None,
+                 noise: bool = True):
+        if mode not in ("hard", "train"):
+            raise bad_value("mode", mode, "'hard' or 'train'")
+        self.config = config
+        self.mode = mode
+        self.generator = generator
+        self.noise = noise  # Gumbel noise in training (off only to compare with hard decisions)
+        self.logits: dict[int, torch.Tensor] = {}  # layer -> [b, heads_or_1, T]
+        self.alphas: dict[int, torch.Tensor] = {}  # layer -> straight-through alpha [b, h, T-1]
+
+    def add_logits(self, layer: int, logits: torch.Tensor) -> None:
+        """``logits``: ``[b, T_new, heads_or_1]`` for the tokens of this call."""
+        lg = logits.transpose(1, 2)
+        prev = self.logits.get(layer)
+        self.logits[layer] = lg if prev is None else torch.cat([prev, lg], dim=-1)
+
+    def eviction(self, layer: int, n_keys: int, n_kv: int):
+        """Per-key eviction of keys ``0..n_keys-1``: (hard bool ``[b,h,n]``, ST alpha or None).
+
+        Key ``j`` is decided by the logit of token ``j + 1``; the newest key has no decision yet.
+        """
+        lg = self.logits[layer][..., 1:n_keys]  # decides keys 0..n_keys-2
+        if self.mode == "train":
+            u1 = torch.rand(lg.shape, generator=self.generator).clamp(1e-9, 1 - 1e-9)
+            u2 = torch.rand(lg.shape, generator=self.generator).clamp(1e-9, 1 - 1e-9)
+            gumbel = -torch.log(-torch.log(u1)) + torch.log(-torch.log(u2))
+            if not self.noise:
+                gumbel = torch.zeros_like(gumbel)
+            soft = torch.sigmoid((lg + gumbel.to(lg.dtype)) / self.config.tau)
+            hard = soft > 0.5
+            alpha = hard.to(soft.dtype) + soft - soft.detach()
+            self.alphas[layer] = alpha
+        else:
+            hard = lg > 0
+            alpha = None
+        pad = torch.zeros(*hard.shape[:-1], 1, dtype=hard.dtype, device=hard.device)
+        hard = torch.cat([hard, pad], -1)
+        if hard.shape[1] == 1:
+            hard = hard.expand(-1, n_kv, -1)
+        if alpha is not None:
+            alpha = torch.cat([alpha, torch.zeros_like(alpha[..., :1])], -1)
+            if alpha.shape[1] == 1:
+                alpha = alpha.expand(-1, n_kv, -1)
+        return hard, alpha
+
+    def additive_mask(self, layer: int, q_len: int, k_len: int, n_kv: int) -> torch.Tensor:
+        """``[b, n_kv, q_len, k_len]`` additive mask for the queries of this call."""
+        hard, alpha = self.eviction(layer, k_len, n_kv)
+        q_pos = torch.arange(k_len - q_len, k_len)[:, None]
+        k_pos = torch.arange(k_len)[None, :]
+        outside = (q_pos - k_pos) > self.config.window  # [q, k]
+        if alpha is None:
+            m = torch.where(hard[:, :, None, :] & outside, HARD_MASK, 0.0)
+            return m
+        soft = torch.log((1 - alpha).clamp_min(1e-6))  # ST: forward log(eps) where evicted
+        hard_val = torch.where(alpha.detach() > 0.5, HARD_MASK, 0.0)
+        val = hard_val + soft - soft.detach()
+        return torch.where(outside, val[:, :, None, :], torch.zeros((), dtype=val.dtype))
+
+    def evicted_fraction(self) -> torch.Tensor:
+        """Mean straight-through alpha over layers, heads and decided tokens (training)."""
+        return torch.stack([a[..., :-1].mean() for a in self.alphas.values()]).mean()
+
+
+def install(model, gates: DMSGates) -> list:
+    """Register the hooks that compute gate logits into the active :class:`DMSRun`.
+
+    Returns the hook handles. Outside a DMS run the hooks do nothing, so the same model object
+    serves as the teacher (original model, repurposed neurons intact) and as the student.
+    """
+    from kvsqueeze.attention import current_state
+
+    cfg = gates.config
+    handles = []
+    layers = model.model.layers
+    if cfg.gate == "projection":
+        for i, layer in enumerate(layers):
+            def pre_hook(module, args, kwargs, i=i):
+                st = current_state()
+                if st is not None and st.dms is not None:
+                    hs = kwargs.get("hidden_states", args[0] if args else None)
+                    out = gates.proj[i](hs)
+                    st.dms.add_logits(i, out * cfg.logit_scale + cfg.logit_bias)
+            handles.append(layer.self_attn.register_forward_pre_hook(pre_hook, with_kwargs=True))
+    else:
+        idx = query_neuron_index(model)
+        for i, layer in enumerate(layers):
+            def q_hook(module, args, out, i=i):
+                st = current_state()
+                if st is None or st.dms is None:
+                    return None  # no DMS run: the original model (the teacher)
+                lg = out[..., idx]
+                if cfg.granularity == "layer":
+                    lg = lg.mean(-1, keepdim=True)
+                st.dms.add_logits(i, lg + cfg.logit_bias)
+                out = out.clone()
+                out[..., idx] = 0.0
+                return out
+            handles.append(layer.self_attn.q_proj.register_forward_hook(q_hook))
+    return handles
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: the `dms` method for `kvsqueeze eval`
+
+
+def load_gates(directory: Path, model) -> DMSGates:
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    cfg = DMSConfig.load(directory)
+    gates = DMSGates.for_model(model, cfg)
+    path = directory / GATES_FILE
+    if not path.is_file():
+        raise KvsqueezeError(f"checkpoint={str(directory)!r}: {GATES_FILE} is missing; expected the DMS "
+                             "gate parameters written by `kvsqueeze dms train`")
+    state = {k: v for k, v in load_file(str(path)).items() if k != "_empty"}
+    try:
+        gates.load_state_dict(state)
+    except RuntimeError as exc:
+        raise KvsqueezeError(f"{path}: gate parameters do not fit this model ({exc})") from exc
+    return gates
+
+
+def shipped_gates_dir(ratio: float) -> Path:
+    return Path(__file__).resolve().parent.parent / "data" / "dms" / f"smollm2-135m-{ratio:g}x"
+
+
+def held_after(run: DMSRun, n_tokens: int, n_kv: int) -> list[torch.Tensor]:
+    """Per layer ``[n_kv]`` tokens held once ``n_tokens`` tokens were processed (batch row 0)."""
+    held = []
+    w = run.config.window
+    pos = torch.arange(n_tokens)
+    for layer in sorted(run.logits):
+        hard, _ = run.eviction(layer, n_tokens, n_kv)
+        gone = hard[0] & ((n_tokens - 1 - pos) > w)[None, :]
+        held.append((~gone).sum(-1))
+    return held
+
+
+from kvsqueeze.methods.base import CompressionMethod, register  # noqa: E402
+
+
+@register
+class DMSMethod(CompressionMethod):
+    """Learned per-head eviction with a delayed window (needs trained gates).
+
+    ``checkpoint``: a directory from ``kvsqueeze dms train``; without it, the gates shipped for the
+    embedded model at ``ratio`` are used. DMS keeps no attention sinks: what it holds is the window
+    of the ``window`` most recent tokens plus the tokens its gates keep. The achieved ratio is the
+    prefix tokens over the tokens actually held after prefill, summed over layers and KV heads.
+    """
+
+    name = "dms"
+    summary = "Dynamic Memory Sparsification: learned per-head eviction, delayed by a window"
+    ratio_unit = "prefix tokens / tokens held after prefill (layers x KV heads)"
+
+    def __init__(self, ratio=None, sinks=4, recent=64, checkpoint: str | None = None, **options):
+        if checkpoint is None:
+            if ratio is None:
+                raise KvsqueezeError("method 'dms' needs --ratio (shipped gates) or --checkpoint DIR")
+            d = shipped_gates_dir(float(ratio))
+            if not d.is_dir():
+                raise KvsqueezeError(
+                    f"ratio={float(ratio):g}: no DMS gates are shipped for this ratio; expected "
+                    "--checkpoint DIR from `kvsqueeze dms train`")
+            checkpoint = str(d)
+        self.checkpoint = Path(checkpoint)
+        if not self.checkpoint.is_dir():
+            raise bad_value("checkpoint", str(checkpoint), "a DMS checkpoint directory")
+        self.config = DMSConfig.load(self.checkpoint)
+        super().__init__(self.config.target_ratio if ratio is None else ratio, sinks, recent, **options)
+        self._bound: dict[int, DMSGates] = {}
+
+    def bind(self, model) -> None:
+        if id(model) not in self._bound:
+            gates = load_gates(self.checkpoint, model)
+            install(model, gates)
+            self._bound[id(model)] = gates
+
+    def compress(self, cache):
+        raise KvsqueezeError("dms decides eviction inside the model's forward pass; "
+                             "it is evaluated through run_segment, not on a finished cache")
+
+    @torch.inference_mode()
+    def run_segment(self, model, prefix: torch.Tensor, cont: torch.Tensor):
+        """Prefill ``prefix`` and score ``cont`` teacher-forced under hard DMS decisions."""
+        from kvsqueeze.attention import AttentionState, attention_state
+
+        self.bind(model)
+        n_kv = model.config.num_key_value_heads
+        run = DMSRun(self.config, mode="hard")
+        with attention_state(AttentionState(dms=run)):
+            out = model(prefix[None], use_cache=True)
+            held = held_after(run, len(prefix), n_kv)
+            logits = model(cont[None], past_key_values=out.past_key_values, use_cache=True).logits[0]
+        total = len(prefix) * n_kv * len(held)
+        kept = int(sum(h.sum().item() for h in held))
+        return logits, kept / total, total / max(kept, 1)
+
+    @torch.inference_mode()
+    def greedy(self, model, ids: torch.Tensor, max_new: int, eos: int | None = None):
+        from kvsqueeze.attention import AttentionState, attention_state
+
+        self.bind(model)
+        n_kv = model.config.num_key_value_heads
+        run = DMSRun(self.config, mode="hard")
+        with attention_state(AttentionState(dms=run)):
+            out = model(ids[None], use_cache=True)
+            held = held_after(run, len(ids), n_kv)
+            cache, tok = out.past_key_values, int(out.logits[0, -1].argmax())
+            toks = [tok]
+            for _ in range(max_new - 1):
+                if eos is not None and tok == eos:
+                    break
+                out = model(torch.tensor([[tok]]), past_key_values=cache, use_cache=True)
+                tok = int(out.logits[0, -1].argmax())
+                toks.append(tok)
+        total = len(ids) * n_kv * len(held)
+        return toks, total / max(int(sum(h.sum().item() for h in held)), 1)

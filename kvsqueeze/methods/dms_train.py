@@ -1,0 +1,214 @@
+"""Retrofit training of DMS gates by self-distillation (``kvsqueeze dms train``).
+
+Teacher: the same model with eviction disabled. Student: the model with DMS gates, Gumbel-sigmoid
+decisions and straight-through estimation. Loss = KL(student || teacher) on next-token
+distributions + ``max(0, a* - mean alpha)`` with ``a* = 1 - 1 / CR(step)``, the target ratio rising
+linearly from 1 to CR over ``ramp_steps`` and held there after. Adapter mode freezes the base model
+and trains the gates (for ``query_neuron`` gates: the repurposed rows of ``q_proj`` only); full mode
+trains every weight. Checkpoints are written every ``save_every`` steps and resumed automatically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from kvsqueeze.attention import AttentionState, attention_state
+from kvsqueeze.errors import KvsqueezeError, bad_value
+from kvsqueeze.methods.dms import GATES_FILE, DMSConfig, DMSGates, DMSRun, install, query_neuron_index
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    target_ratio: float = 4.0
+    steps: int = 400
+    ramp_steps: int = 300
+    seq_len: int = 256
+    batch: int = 1
+    lr: float = 3e-5
+    mode: str = "adapter"
+    window: int = 64
+    gate: str = "projection"
+    granularity: str = "head"
+    seed: int = 0
+    save_every: int = 50
+    threads: int = 0
+
+    def __post_init__(self):
+        if not self.target_ratio >= 1:
+            raise bad_value("target_ratio", self.target_ratio, "a compression ratio >= 1")
+        if self.steps < 1:
+            raise bad_value("steps", self.steps, "a number of steps >= 1")
+        if not 0 <= self.ramp_steps <= self.steps:
+            raise bad_value("ramp_steps", self.ramp_steps, f"between 0 and steps={self.steps}")
+        if self.mode not in ("adapter", "full"):
+            raise bad_value("mode", self.mode, "'adapter' (base frozen) or 'full'")
+        if self.window >= self.seq_len:
+            raise bad_value("window", self.window, f"fewer tokens than seq_len={self.seq_len}")
+        if self.seq_len < 2 or self.batch < 1:
+            raise bad_value("seq_len/batch", (self.seq_len, self.batch), "seq_len >= 2, batch >= 1")
+        if not self.lr > 0:
+            raise bad_value("lr", self.lr, "a learning rate > 0")
+
+    def dms(self) -> DMSConfig:
+        return DMSConfig(window=self.window, gate=self.gate, granularity=self.granularity,
+                         target_ratio=self.target_ratio)
+
+    def target_at(self, step: int) -> float:
+        if self.ramp_steps == 0:
+            return self.target_ratio
+        return 1.0 + (self.target_ratio - 1.0) * min(1.0, step / self.ramp_steps)
+
+
+def kl_student_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(student || teacher)."""
+    ls = torch.log_softmax(student_logits.float(), -1)
+    lt = torch.log_softmax(teacher_logits.float(), -1)
+    return (ls.exp() * (ls - lt)).sum(-1).mean()
+
+
+def compression_loss(evicted_fraction: torch.Tensor, target_ratio: float) -> torch.Tensor:
+    a_star = 1.0 - 1.0 / target_ratio
+    return torch.clamp(a_star - evicted_fraction, min=0.0)
+
+
+def _batches(tokenizer, seq_len: int, batch: int, seed: int):
+    from kvsqueeze.corpus import calibration_documents
+
+    ids: list[int] = []
+    for doc in calibration_documents():
+        ids += tokenizer(doc.text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    if len(ids) < seq_len * 4:
+        raise KvsqueezeError(f"only {len(ids)} calibration tokens found; expected at least {seq_len * 4}")
+    rng = random.Random(seed)
+    while True:
+        starts = [rng.randrange(0, len(ids) - seq_len) for _ in range(batch)]
+        yield torch.tensor([ids[s:s + seq_len] for s in starts])
+
+
+def _trainable(model, gates: DMSGates, cfg: TrainConfig) -> list[torch.nn.Parameter]:
+    for p in model.parameters():
+        p.requires_grad_(cfg.mode == "full")
+    params = list(gates.parameters())
+    if cfg.gate == "query_neuron" and cfg.mode == "adapter":
+        idx = query_neuron_index(model)
+        for layer in model.model.layers:
+            w = layer.self_attn.q_proj.weight
+            w.requires_grad_(True)
+            mask = torch.zeros(w.shape[0], 1, dtype=w.dtype)
+            mask[idx] = 1.0
+            w.register_hook(lambda g, mask=mask: g * mask)  # only the repurposed rows learn
+            params.append(w)
+    elif cfg.mode == "full":
+        params += [p for p in model.parameters()]
+    return params
+
+
+def train(model_path: Path, out_dir: Path, cfg: TrainConfig, progress: bool = True) -> dict:
+    from safetensors.torch import save_file
+
+    from kvsqueeze.model import load_hf
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok, model = load_hf(model_path)
+    dms_cfg = cfg.dms()
+    gates = DMSGates.for_model(model, dms_cfg)
+    install(model, gates)
+    params = _trainable(model, gates, cfg)
+    # weight_decay 0: rows masked to zero gradient must stay exactly as they were
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    step, history = 0, []
+    ckpt = out_dir / "train_state.pt"
+    if ckpt.is_file():
+        state = torch.load(ckpt, weights_only=False)
+        if state["config"] != asdict(cfg):
+            raise KvsqueezeError(f"{ckpt} was written with another configuration; expected the same "
+                                 f"flags to resume, or a new --out directory ({state['config']})")
+        gates.load_state_dict(state["gates"])
+        if cfg.mode == "full" or cfg.gate == "query_neuron":
+            model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        gen.set_state(state["gen"])
+        step, history = state["step"], state["history"]
+        print(f"resuming from step {step} ({ckpt})")
+    data = _batches(tok, cfg.seq_len, cfg.batch, cfg.seed)
+    for _ in range(step):  # the same data order as an uninterrupted run
+        next(data)
+
+    def save_state():
+        state = {"config": asdict(cfg), "gates": gates.state_dict(), "opt": opt.state_dict(),
+                 "gen": gen.get_state(), "step": step, "history": history}
+        if cfg.mode == "full" or cfg.gate == "query_neuron":
+            state["model"] = model.state_dict()
+        torch.save(state, ckpt.with_suffix(".tmp"))
+        ckpt.with_suffix(".tmp").replace(ckpt)
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=step, desc=f"DMS {cfg.target_ratio:g}x", dynamic_ncols=True)
+    t0 = time.monotonic()
+    model.train()
+    while step < cfg.steps:
+        ids = next(data)
+        with torch.no_grad(), attention_state(AttentionState()):
+            teacher = model(ids).logits
+        run = DMSRun(dms_cfg, mode="train", generator=gen)
+        with attention_state(AttentionState(dms=run)):
+            student = model(ids).logits
+        target = cfg.target_at(step + 1)
+        kl = kl_student_teacher(student, teacher)
+        frac = run.evicted_fraction()
+        comp = compression_loss(frac, target)
+        loss = kl + comp
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        rec = {"step": step, "loss": loss.item(), "kl": kl.item(), "evicted": frac.item(),
+               "target_ratio": target, "target_evicted": 1 - 1 / target}
+        history.append(rec)
+        if bar is not None:
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", kl=f"{rec['kl']:.4f}",
+                            evicted=f"{rec['evicted']:.3f}", target=f"{rec['target_evicted']:.3f}")
+            bar.update(1)
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            save_state()
+    if bar is not None:
+        bar.close()
+    model.eval()
+    seconds = time.monotonic() - t0
+    save_file({k: v.contiguous() for k, v in gates.state_dict().items()} or
+              {"_empty": torch.zeros(0)}, str(out_dir / GATES_FILE))
+    dms_cfg.save(out_dir)
+    if cfg.mode == "full" or cfg.gate == "query_neuron":
+        model.save_pretrained(out_dir)
+        tok.save_pretrained(out_dir)
+    else:  # adapter mode: gates only; the base model is recorded by path
+        (out_dir / "base_model.txt").write_text(str(model_path) + "\n")
+    last = history[-min(20, len(history)):]
+    summary = {
+        "config": asdict(cfg), "steps": step, "seconds_this_run": seconds,
+        "final_loss": sum(h["loss"] for h in last) / len(last),
+        "final_kl": sum(h["kl"] for h in last) / len(last),
+        "final_evicted_fraction": sum(h["evicted"] for h in last) / len(last),
+        "target_evicted_fraction": 1 - 1 / cfg.target_ratio,
+        "torch_threads": torch.get_num_threads(),
+    }
+    (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (out_dir / "train_history.json").write_text(json.dumps(history) + "\n")
+    if not math.isfinite(summary["final_loss"]):
+        raise KvsqueezeError("training diverged (non-finite loss); try a lower --lr")
+    return summary

@@ -1,0 +1,192 @@
+"""DMS gates, delayed eviction and training, against closed forms and independent references."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from kvsqueeze.attention import AttentionState, attention_state
+from kvsqueeze.errors import KvsqueezeError
+from kvsqueeze.methods.dms import (
+    HARD_MASK,
+    DMSConfig,
+    DMSGates,
+    DMSRun,
+    install,
+    query_neuron_index,
+)
+from kvsqueeze.methods.dms_train import TrainConfig, compression_loss, kl_student_teacher
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A small random Llama with kvsqueeze's attention (independent of the embedded weights)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kvsqueeze.attention import ATTN_IMPL, register
+
+    register()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    cfg._attn_implementation = ATTN_IMPL
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_window_semantics_and_shift_by_one():
+    """Token j is flagged by the logit of token j+1; it stays visible while i - j <= w, then never."""
+    w, n = 3, 10
+    run = DMSRun(DMSConfig(window=w), mode="hard")
+    logits = torch.full((1, n, 1), -1.0)
+    logits[0, 5, 0] = 2.0  # token 5's logit flags token 4
+    run.add_logits(0, logits)
+    m = run.additive_mask(0, q_len=n, k_len=n, n_kv=2)  # [1, 2, q, k]
+    for i in range(n):
+        for j in range(n):
+            hidden = (j == 4) and (i - j > w)
+            assert (m[0, 1, i, j] == HARD_MASK) == hidden, (i, j)
+
+
+def test_per_head_decisions_differ():
+    run = DMSRun(DMSConfig(window=1), mode="hard")
+    lg = torch.full((1, 4, 2), -1.0)
+    lg[0, 2, 1] = 1.0  # head 1 flags token 1
+    run.add_logits(0, lg)
+    m = run.additive_mask(0, 4, 4, 2)
+    assert m[0, 1, 3, 1] == HARD_MASK and m[0, 0, 3, 1] == 0
+
+
+def test_compression_loss_zero_once_target_met():
+    assert compression_loss(torch.tensor(0.80), 4.0).item() == 0.0
+    assert compression_loss(torch.tensor(0.75), 4.0).item() == 0.0
+    assert compression_loss(torch.tensor(0.50), 4.0).item() == pytest.approx(0.25)
+
+
+def test_kl_student_teacher_zero_for_equal_and_positive_otherwise():
+    a = torch.randn(5, 11)
+    assert kl_student_teacher(a, a).item() == pytest.approx(0.0, abs=1e-7)
+    assert kl_student_teacher(a, a.flip(-1)).item() > 0
+
+
+def test_training_forward_with_hard_decisions_equals_inference(tiny):
+    """The straight-through forward pass applies exactly the inference (hard) eviction."""
+    cfg = DMSConfig(window=4)
+    gates = DMSGates.for_model(tiny, cfg)
+    torch.manual_seed(1)
+    for p in gates.proj:
+        p.weight.data.normal_(0, 0.02)  # some tokens evicted, some kept
+    handles = install(tiny, gates)
+    ids = torch.randint(0, 97, (1, 40))
+    try:
+        train_run = DMSRun(cfg, mode="train", noise=False)
+        with attention_state(AttentionState(dms=train_run)):
+            train_logits = tiny(ids).logits
+        hard_run = DMSRun(cfg, mode="hard")
+        with torch.no_grad(), attention_state(AttentionState(dms=hard_run)):
+            hard_logits = tiny(ids).logits
+        frac = train_run.evicted_fraction().item()
+        assert 0.05 < frac < 0.95  # the test really exercises eviction
+        torch.testing.assert_close(train_logits, hard_logits, rtol=1e-5, atol=1e-5)
+        with torch.no_grad():
+            dense = tiny(ids).logits
+        assert not torch.allclose(dense, hard_logits, atol=1e-3)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def test_decode_after_prefill_equals_single_pass(tiny):
+    cfg = DMSConfig(window=4)
+    gates = DMSGates.for_model(tiny, cfg)
+    torch.manual_seed(2)
+    for p in gates.proj:
+        p.weight.data.normal_(0, 0.02)
+    handles = install(tiny, gates)
+    ids = torch.randint(0, 97, (1, 30))
+    try:
+        with torch.no_grad():
+            run = DMSRun(cfg)
+            with attention_state(AttentionState(dms=run)):
+                full = tiny(ids).logits[0]
+            run = DMSRun(cfg)
+            steps = []
+            with attention_state(AttentionState(dms=run)):
+                out = tiny(ids[:, :20], use_cache=True)
+                steps.append(out.logits[0])
+                cache = out.past_key_values
+                for t in range(20, 30):
+                    out = tiny(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+                    steps.append(out.logits[0])
+        torch.testing.assert_close(torch.cat(steps), full, rtol=1e-4, atol=1e-5)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def test_repurposed_query_neuron_no_longer_changes_attention(tiny):
+    """With query_neuron gates and no eviction reachable, the model equals one whose neuron is zeroed."""
+    cfg = DMSConfig(window=1000, gate="query_neuron")
+    gates = DMSGates.for_model(tiny, cfg)
+    handles = install(tiny, gates)
+    ids = torch.randint(0, 97, (1, 25))
+    idx = query_neuron_index(tiny)
+    assert idx.tolist() == [15, 47]  # head_dim 16, 2 query heads per group: heads 0 and 2
+    ref = copy.deepcopy(tiny)
+    for h in handles:
+        h.remove()
+    with torch.no_grad():
+        for layer in ref.model.layers:
+            layer.self_attn.q_proj.weight[idx] = 0.0
+        expected = ref(ids).logits
+        original = tiny(ids).logits
+    handles = install(tiny, gates)
+    try:
+        with torch.no_grad(), attention_state(AttentionState(dms=DMSRun(cfg))):
+            got = tiny(ids).logits
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(got, original, atol=1e-4)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def test_bad_config_values():
+    with pytest.raises(KvsqueezeError, match="target_ratio=0.5"):
+        DMSConfig(target_ratio=0.5)
+    with pytest.raises(KvsqueezeError, match="gate='mlp'"):
+        DMSConfig(gate="mlp")
+    with pytest.raises(KvsqueezeError, match="window=512: expected fewer tokens than seq_len=256"):
+        TrainConfig(window=512, seq_len=256)
+    with pytest.raises(KvsqueezeError, match="target_ratio=0.9"):
+        TrainConfig(target_ratio=0.9)
+
+
+def test_unsupported_architecture():
+    class Fake:
+        class config:
+            model_type = "gpt2"
+    with pytest.raises(KvsqueezeError, match="model_type='gpt2'"):
+        DMSGates.for_model(Fake(), DMSConfig())
+
+
+def test_checkpoint_missing_dms_parameters(tmp_path):
+    from kvsqueeze.methods import create
+
+    with pytest.raises(KvsqueezeError, match="dms_config.json is missing"):
+        create("dms", 4, checkpoint=str(tmp_path))
+    (tmp_path / "dms_config.json").write_text(json.dumps({"window": 16}))
+    m = create("dms", None, checkpoint=str(tmp_path))
+    assert m.ratio == 4.0
+    with pytest.raises(KvsqueezeError, match="dms_gates.safetensors is missing"):
+        m.bind(type("M", (), {"config": type("C", (), {"model_type": "llama", "hidden_size": 8,
+                                                         "num_hidden_layers": 1,
+                                                         "num_key_value_heads": 1})(),
+                              "parameters": lambda self: iter([torch.zeros(1)])})())
+
+
+def test_target_ratio_schedule_rises_linearly():
+    cfg = TrainConfig(target_ratio=8, steps=100, ramp_steps=70)
+    assert cfg.target_at(0) == 1.0
+    assert cfg.target_at(35) == pytest.approx(4.5)
+    assert cfg.target_at(70) == 8.0 and cfg.target_at(100) == 8.0
