@@ -30,6 +30,9 @@ class AttentionState:
     capture_last: int = 0
     captured: dict[int, torch.Tensor] = field(default_factory=dict)
     dms: object | None = None  # a kvsqueeze.methods.dms.DMSRun: learned, delayed eviction
+    # per layer, bool [kv_heads, n_slots]: a physically compacted per-head cache (DMSCache) says
+    # which slots hold a token; slots are not positions, so no causal or DMS mask applies then.
+    valid: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 _STATE: contextvars.ContextVar[AttentionState | None] = contextvars.ContextVar("kvsqueeze_attn", default=None)
@@ -62,10 +65,15 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     if scaling is None:
         scaling = d ** -0.5
     scores = grouped_scores(query, key, scaling)  # [b, hkv, g, q, k]
-    if attention_mask is not None:
-        scores = scores + attention_mask[:, :, None, :, -k_len:].to(scores.dtype)
     state = _STATE.get()
     layer = getattr(module, "layer_idx", None)
+    if state is not None and layer in state.valid:  # decode over a compacted per-head cache
+        scores = scores.masked_fill(~state.valid[layer][None, :, None, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        out = torch.matmul(probs, value.unsqueeze(2))
+        return out.reshape(b, h, q, value.shape[-1]).transpose(1, 2).contiguous(), None
+    if attention_mask is not None:
+        scores = scores + attention_mask[:, :, None, :, -k_len:].to(scores.dtype)
     if state is not None and layer in state.evicted:
         ev = state.evicted[layer]  # [hkv, n]
         n = ev.shape[-1]

@@ -74,8 +74,8 @@ def test_training_forward_with_hard_decisions_equals_inference(tiny):
     cfg = DMSConfig(window=4)
     gates = DMSGates.for_model(tiny, cfg)
     torch.manual_seed(1)
-    for p in gates.proj:
-        p.weight.data.normal_(0, 0.02)  # some tokens evicted, some kept
+    for g in gates.layers:
+        g.dms_proj_alpha.weight.data.normal_(0, 0.02)  # some tokens evicted, some kept
     handles = install(tiny, gates)
     ids = torch.randint(0, 97, (1, 40))
     try:
@@ -100,8 +100,8 @@ def test_decode_after_prefill_equals_single_pass(tiny):
     cfg = DMSConfig(window=4)
     gates = DMSGates.for_model(tiny, cfg)
     torch.manual_seed(2)
-    for p in gates.proj:
-        p.weight.data.normal_(0, 0.02)
+    for g in gates.layers:
+        g.dms_proj_alpha.weight.data.normal_(0, 0.02)
     handles = install(tiny, gates)
     ids = torch.randint(0, 97, (1, 30))
     try:
@@ -190,3 +190,105 @@ def test_target_ratio_schedule_rises_linearly():
     assert cfg.target_at(0) == 1.0
     assert cfg.target_at(35) == pytest.approx(4.5)
     assert cfg.target_at(70) == 8.0 and cfg.target_at(100) == 8.0
+
+
+def _random_gates(model, cfg, seed, std=0.02):
+    gates = DMSGates.for_model(model, cfg)
+    torch.manual_seed(seed)
+    for g in gates.layers:
+        g.dms_proj_alpha.weight.data.normal_(0, std)
+    return gates
+
+
+@pytest.mark.parametrize("window", [1, 3, 8])
+def test_reference_cache_equals_masked_teacher_forcing(tiny, window):
+    """Physically dropping tokens per head (ring buffer, in-place reuse) == the eviction mask."""
+    from kvsqueeze.methods.dms_cache import DMSCache
+
+    cfg = DMSConfig(window=window)
+    handles = install(tiny, _random_gates(tiny, cfg, seed=3))
+    ids = torch.randint(0, 97, (1, 48))
+    n_prefill = 20
+    try:
+        with torch.no_grad():
+            run = DMSRun(cfg)
+            with attention_state(AttentionState(dms=run)):
+                full = tiny(ids).logits[0]
+            run = DMSRun(cfg)
+            cache = DMSCache(run, n_layers=2, n_kv=2)
+            steps = []
+            with attention_state(AttentionState(dms=run)):
+                steps.append(tiny(ids[:, :n_prefill], past_key_values=cache, use_cache=True).logits[0])
+                for t in range(n_prefill, ids.shape[1]):
+                    out = tiny(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+                    steps.append(out.logits[0])
+        torch.testing.assert_close(torch.cat(steps), full, rtol=1e-4, atol=1e-5)
+        # What the cache holds is exactly the visible set: unflagged tokens + the last w + 1.
+        n = ids.shape[1]
+        for layer in range(2):
+            flags = cache.layers[layer].flags(n)
+            for head in range(2):
+                held = sorted(p for p in cache.layers[layer].pos[head].tolist() if p >= 0)
+                expected = [j for j in range(n) if not (flags[head, j] and n - 1 - j > window)]
+                assert held == expected
+        assert torch.equal(cache.slots(), cache.held())  # flagged slots were reused, never leaked
+        evicted = n * 4 - int(cache.held().sum())
+        assert evicted > 0  # eviction really happened
+        assert len(cache.reads) == n - n_prefill
+        assert cache.peak_total >= int(cache.held().sum())
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def test_released_qwen3_dms_checkpoint_loads(tmp_path):
+    """A tiny random Qwen3 written in the released Model-Optimizer DMS layout loads as kvsqueeze gates."""
+    from safetensors.torch import load_file, save_file
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from kvsqueeze.methods import create
+    from kvsqueeze.methods.dms import is_released_checkpoint, load_gates
+
+    torch.manual_seed(4)
+    cfg = Qwen3Config(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                      max_position_embeddings=128)
+    Qwen3ForCausalLM(cfg).save_pretrained(tmp_path)
+    conf = json.loads((tmp_path / "config.json").read_text())
+    conf.update(dms_alpha_scale=100.0, dms_initial_alpha_offset=5.0, dms_window_size=16,
+                dms_paged_attention_block_size=8, dms_cr=8, dms_separate_alpha=True,
+                dms_alpha_per="head", dms_tau=0.1)
+    (tmp_path / "config.json").write_text(json.dumps(conf))
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    written = {}
+    for i in range(2):
+        written[i] = (torch.randn(2, 64), torch.rand(64) + 0.5)
+        weights[f"model.layers.{i}.self_attn.dms_proj_alpha.weight"] = written[i][0]
+        weights[f"model.layers.{i}.self_attn.dms_proj_alpha_norm.weight"] = written[i][1]
+    save_file(weights, str(tmp_path / "model.safetensors"))
+
+    assert is_released_checkpoint(tmp_path)
+    method = create("dms", None, checkpoint=str(tmp_path))
+    assert (method.ratio, method.config.window, method.config.gate) == (8.0, 16, "projection")
+    assert method.config.logit_bias == -5.0
+    from kvsqueeze.attention import ATTN_IMPL, register
+
+    register()
+    model = Qwen3ForCausalLM.from_pretrained(tmp_path, attn_implementation=ATTN_IMPL).eval()
+    gates = load_gates(tmp_path, model)
+    for i in range(2):
+        assert torch.equal(gates.layers[i].dms_proj_alpha.weight, written[i][0])
+        assert torch.equal(gates.layers[i].dms_proj_alpha_norm.weight, written[i][1])
+    ids = torch.randint(0, 97, (40,))
+    logits, held, ratio = method.run_segment(model, ids[:30], ids[30:])
+    assert logits.shape == (10, 97) and 0 < held <= 1 and ratio >= 1
+
+
+def test_released_query_neuron_config_maps(tmp_path):
+    from kvsqueeze.methods.dms import released_config
+
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"model_type": "qwen3", "dms_window_size": 512, "dms_separate_alpha": False,
+         "dms_alpha_per": "layer", "dms_cr": 4}))
+    cfg = released_config(tmp_path)
+    assert (cfg.gate, cfg.granularity, cfg.window, cfg.target_ratio) == ("query_neuron", "layer", 512, 4.0)

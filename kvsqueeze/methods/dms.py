@@ -6,10 +6,13 @@ marked for eviction stays attendable until it leaves the window of the ``w`` mos
 
 Two gate kinds predict the logit:
 
-* ``projection``: a new zero-initialised ``Linear(hidden, n_kv_heads)`` on the RMS-normed layer
+* ``projection``: a new zero-initialised ``Linear(hidden, n_kv_heads)`` on an RMS norm of the layer
   input; ``logit = out * 100 - 5`` (starts at "keep");
-* ``query_neuron``: no new parameters; the last neuron of the first query head of each GQA group
-  (before RoPE), which is then zeroed so that it no longer contributes to ``q . k``.
+* ``query_neuron``: no new parameters; ``logit = q * 100 - 5`` from the last neuron of the first query
+  head of each GQA group (after q-norm, before RoPE), which is then zeroed so that it no longer
+  contributes to ``q . k``.
+
+Parameter names and config keys follow the released checkpoints (docs/dms.md).
 
 Training relaxes the decision to ``alpha = sigmoid((logit + g1 - g2) / tau)`` with Gumbel noise and
 uses a straight-through estimator: the forward pass applies the hard decision ``alpha > 0.5``
@@ -19,6 +22,7 @@ exactly as inference does, the backward pass the gradient of the soft mask ``log
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -77,25 +81,39 @@ def supported(model) -> None:
         raise bad_value("model_type", arch, "a Llama/Qwen/Mistral-family decoder (supported by DMS)")
 
 
-class DMSGates(nn.Module):
-    """The DMS parameters of a model: one projection per layer (none for ``query_neuron``)."""
+class GateLayer(nn.Module):
+    """One layer's DMS parameters, named as in the released Qwen3-DMS checkpoints."""
 
-    def __init__(self, config: DMSConfig, hidden: int, n_layers: int, n_kv: int):
+    def __init__(self, hidden: int, n_kv: int, eps: float):
+        super().__init__()
+        self.dms_proj_alpha_norm = nn.RMSNorm(hidden, eps=eps)
+        self.dms_proj_alpha = nn.Linear(hidden, n_kv, bias=False)
+        nn.init.zeros_(self.dms_proj_alpha.weight)
+
+    def forward(self, residual: torch.Tensor) -> torch.Tensor:
+        return self.dms_proj_alpha(self.dms_proj_alpha_norm(residual))
+
+
+class DMSGates(nn.Module):
+    """The DMS parameters of a model: for ``projection`` gates, per layer an RMSNorm of the layer's
+    input (the residual stream before the attention norm) and a zero-initialised
+    ``Linear(hidden, n_kv_heads)``; none for ``query_neuron`` gates. Per-layer granularity uses the
+    first KV head's logit for every head, as the released code does."""
+
+    def __init__(self, config: DMSConfig, hidden: int, n_layers: int, n_kv: int, eps: float = 1e-6):
         super().__init__()
         self.config = config
-        out = n_kv if config.granularity == "head" else 1
         if config.gate == "projection":
-            self.proj = nn.ModuleList(nn.Linear(hidden, out, bias=False) for _ in range(n_layers))
-            for p in self.proj:
-                nn.init.zeros_(p.weight)
+            self.layers = nn.ModuleList(GateLayer(hidden, n_kv, eps) for _ in range(n_layers))
         else:
-            self.proj = None
+            self.layers = nn.ModuleList()
 
     @classmethod
     def for_model(cls, model, config: DMSConfig) -> "DMSGates":
         supported(model)
         c = model.config
-        gates = cls(config, c.hidden_size, c.num_hidden_layers, c.num_key_value_heads)
+        gates = cls(config, c.hidden_size, c.num_hidden_layers, c.num_key_value_heads,
+                    getattr(c, "rms_norm_eps", 1e-6))
         return gates.to(next(model.parameters()).dtype)
 
 
@@ -191,30 +209,37 @@ def install(model, gates: DMSGates) -> list:
     cfg = gates.config
     handles = []
     layers = model.model.layers
+    per_layer = cfg.granularity == "layer"
     if cfg.gate == "projection":
         for i, layer in enumerate(layers):
             def pre_hook(module, args, kwargs, i=i):
                 st = current_state()
                 if st is not None and st.dms is not None:
-                    hs = kwargs.get("hidden_states", args[0] if args else None)
-                    out = gates.proj[i](hs)
-                    st.dms.add_logits(i, out * cfg.logit_scale + cfg.logit_bias)
-            handles.append(layer.self_attn.register_forward_pre_hook(pre_hook, with_kwargs=True))
+                    residual = kwargs.get("hidden_states", args[0] if args else None)
+                    lg = gates.layers[i](residual) * cfg.logit_scale + cfg.logit_bias
+                    st.dms.add_logits(i, lg[..., :1] if per_layer else lg)
+            handles.append(layer.register_forward_pre_hook(pre_hook, with_kwargs=True))
     else:
         idx = query_neuron_index(model)
         for i, layer in enumerate(layers):
-            def q_hook(module, args, out, i=i):
+            attn = layer.self_attn
+            # after q_norm where the model has one (Qwen3), before RoPE either way
+            target = getattr(attn, "q_norm", None) or attn.q_proj
+
+            def q_hook(module, args, out, i=i, has_norm=target is not attn.q_proj):
                 st = current_state()
                 if st is None or st.dms is None:
                     return None  # no DMS run: the original model (the teacher)
-                lg = out[..., idx]
-                if cfg.granularity == "layer":
-                    lg = lg.mean(-1, keepdim=True)
-                st.dms.add_logits(i, lg + cfg.logit_bias)
-                out = out.clone()
-                out[..., idx] = 0.0
-                return out
-            handles.append(layer.self_attn.q_proj.register_forward_hook(q_hook))
+                if has_norm:  # [b, T, heads, d] after q_norm
+                    flat = out.reshape(*out.shape[:-2], -1)
+                else:
+                    flat = out
+                lg = flat[..., idx] * cfg.logit_scale + cfg.logit_bias
+                st.dms.add_logits(i, lg[..., :1] if per_layer else lg)
+                flat = flat.clone()
+                flat[..., idx] = 0.0
+                return flat.reshape(out.shape)
+            handles.append(target.register_forward_hook(q_hook))
     return handles
 
 
@@ -222,10 +247,67 @@ def install(model, gates: DMSGates) -> list:
 # Evaluation: the `dms` method for `kvsqueeze eval`
 
 
+_RELEASED_KEY = re.compile(r"model\.layers\.(\d+)\.self_attn\.(dms_proj_alpha(?:_norm)?)\.(weight|bias)$")
+
+
+def is_released_checkpoint(directory: Path) -> bool:
+    """A checkpoint in the released Model-Optimizer format (``dms_*`` keys in config.json)."""
+    cfg = Path(directory) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        return "dms_window_size" in json.loads(cfg.read_text())
+    except ValueError:
+        return False
+
+
+def released_config(directory: Path) -> DMSConfig:
+    """Map the released config keys onto :class:`DMSConfig` (see docs/dms.md)."""
+    c = json.loads((Path(directory) / "config.json").read_text())
+    return DMSConfig(
+        window=int(c["dms_window_size"]),
+        gate="projection" if c.get("dms_separate_alpha", False) else "query_neuron",
+        granularity=c.get("dms_alpha_per", "head"),
+        target_ratio=float(c.get("dms_cr", 8)),
+        tau=float(c.get("dms_tau", 0.1)),
+        logit_scale=float(c.get("dms_alpha_scale", 100.0)),
+        logit_bias=-float(c.get("dms_initial_alpha_offset", 5.0)),
+    )
+
+
+def _released_gate_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as fh:
+            for key in fh.keys():
+                m = _RELEASED_KEY.match(key)
+                if m:
+                    if m.group(3) == "bias":
+                        raise KvsqueezeError(f"{f}: {key}: gate projections with a bias are not "
+                                             "supported; expected bias-free dms_proj_alpha")
+                    out[f"layers.{m.group(1)}.{m.group(2)}.weight"] = fh.get_tensor(key)
+    return out
+
+
 def load_gates(directory: Path, model) -> DMSGates:
+    """Gates from a kvsqueeze checkpoint or from a released Model-Optimizer DMS checkpoint."""
     from safetensors.torch import load_file
 
     directory = Path(directory)
+    if not (directory / CONFIG_FILE).is_file() and is_released_checkpoint(directory):
+        cfg = released_config(directory)
+        gates = DMSGates.for_model(model, cfg)
+        state = _released_gate_tensors(directory)
+        if cfg.gate == "projection" and not state:
+            raise KvsqueezeError(f"checkpoint={str(directory)!r}: config says dms_separate_alpha but no "
+                                 "model.layers.*.self_attn.dms_proj_alpha tensors were found")
+        try:
+            gates.load_state_dict(state)
+        except RuntimeError as exc:
+            raise KvsqueezeError(f"{directory}: DMS gate parameters do not fit this model ({exc})") from exc
+        return gates.to(next(model.parameters()).dtype)
     cfg = DMSConfig.load(directory)
     gates = DMSGates.for_model(model, cfg)
     path = directory / GATES_FILE
@@ -286,7 +368,10 @@ class DMSMethod(CompressionMethod):
         self.checkpoint = Path(checkpoint)
         if not self.checkpoint.is_dir():
             raise bad_value("checkpoint", str(checkpoint), "a DMS checkpoint directory")
-        self.config = DMSConfig.load(self.checkpoint)
+        if not (self.checkpoint / CONFIG_FILE).is_file() and is_released_checkpoint(self.checkpoint):
+            self.config = released_config(self.checkpoint)
+        else:
+            self.config = DMSConfig.load(self.checkpoint)
         super().__init__(self.config.target_ratio if ratio is None else ratio, sinks, recent, **options)
         self._bound: dict[int, DMSGates] = {}
 
@@ -318,15 +403,18 @@ class DMSMethod(CompressionMethod):
 
     @torch.inference_mode()
     def greedy(self, model, ids: torch.Tensor, max_new: int, eos: int | None = None):
+        """Greedy decoding on the reference DMS cache (tokens really dropped per head)."""
         from kvsqueeze.attention import AttentionState, attention_state
+        from kvsqueeze.methods.dms_cache import DMSCache
 
         self.bind(model)
-        n_kv = model.config.num_key_value_heads
+        c = model.config
         run = DMSRun(self.config, mode="hard")
+        cache = DMSCache(run, c.num_hidden_layers, c.num_key_value_heads)
         with attention_state(AttentionState(dms=run)):
-            out = model(ids[None], use_cache=True)
-            held = held_after(run, len(ids), n_kv)
-            cache, tok = out.past_key_values, int(out.logits[0, -1].argmax())
+            out = model(ids[None], past_key_values=cache, use_cache=True)
+            held = int(cache.held().sum())
+            tok = int(out.logits[0, -1].argmax())
             toks = [tok]
             for _ in range(max_new - 1):
                 if eos is not None and tok == eos:
@@ -334,5 +422,5 @@ class DMSMethod(CompressionMethod):
                 out = model(torch.tensor([[tok]]), past_key_values=cache, use_cache=True)
                 tok = int(out.logits[0, -1].argmax())
                 toks.append(tok)
-        total = len(ids) * n_kv * len(held)
-        return toks, total / max(int(sum(h.sum().item() for h in held)), 1)
+        total = len(ids) * c.num_key_value_heads * c.num_hidden_layers
+        return toks, total / max(held, 1)

@@ -193,11 +193,11 @@ def train(model_path: Path, out_dir: Path, cfg: TrainConfig, progress: bool = Tr
     save_file({k: v.contiguous() for k, v in gates.state_dict().items()} or
               {"_empty": torch.zeros(0)}, str(out_dir / GATES_FILE))
     dms_cfg.save(out_dir)
-    if cfg.mode == "full" or cfg.gate == "query_neuron":
-        model.save_pretrained(out_dir)
-        tok.save_pretrained(out_dir)
-    else:  # adapter mode: gates only; the base model is recorded by path
-        (out_dir / "base_model.txt").write_text(str(model_path) + "\n")
+    # The directory loads as a normal Hugging Face model (the trained weights in full mode, the
+    # unchanged base in adapter mode) plus dms_config.json and dms_gates.safetensors.
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    (out_dir / "base_model.txt").write_text(str(model_path) + "\n")
     last = history[-min(20, len(history)):]
     summary = {
         "config": asdict(cfg), "steps": step, "seconds_this_run": seconds,
