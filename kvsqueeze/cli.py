@@ -102,7 +102,10 @@ def cmd_eval(args) -> int:
         if out.parent and not out.parent.exists():
             out.parent.mkdir(parents=True, exist_ok=True)
     docs = corpus.read_text_files(args.text) if args.text else corpus.heldout_documents()
-    model_path = resolve_model(args.model)
+    model_arg = args.model
+    if model_arg is None and args.checkpoint and (Path(args.checkpoint) / "config.json").is_file():
+        model_arg = args.checkpoint  # a DMS checkpoint is a Hugging Face model directory too
+    model_path = resolve_model(model_arg)
     tok, model = load_hf(model_path)
     model_name = model_path.name
     print(f"model {model_path}  methods {', '.join(m.describe() for m in methods)}", file=sys.stderr)
@@ -113,9 +116,7 @@ def cmd_eval(args) -> int:
     else:
         evaluate.check_lengths(model, args.prefix_tokens, args.scored_tokens)
         for m in methods:
-            m.exempt_slices(args.prefix_tokens)
-            if hasattr(m, "budget"):
-                m.budget(args.prefix_tokens)
+            m.validate_prefix(args.prefix_tokens)
         segs = corpus.token_segments(docs, tok, args.prefix_tokens + args.scored_tokens + 1,
                                      args.segments, what="--text file" if args.text else "held-out text")
         print(f"{len(segs)} segments of {args.prefix_tokens}+{args.scored_tokens} tokens from "
@@ -183,7 +184,7 @@ def cmd_dms_train(args) -> int:
 
     cfg = TrainConfig(target_ratio=args.target_ratio, steps=args.steps, ramp_steps=args.ramp_steps,
                       seq_len=args.seq_len, batch=args.batch, lr=args.lr, mode=args.mode,
-                      window=args.window, gate=args.gate, granularity=args.granularity,
+                      window=args.window, sinks=args.sinks, gate=args.gate, granularity=args.granularity,
                       seed=args.seed, save_every=args.save_every, threads=args.threads)
     summary = train(resolve_model(args.model), Path(args.out), cfg)
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1))
@@ -231,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=3e-5)
     t.add_argument("--mode", choices=("adapter", "full"), default="adapter")
     t.add_argument("--window", type=int, default=64)
+    t.add_argument("--sinks", type=int, default=4, help="first tokens never evicted (0: as the paper)")
     t.add_argument("--gate", choices=("projection", "query_neuron"), default="projection")
     t.add_argument("--granularity", choices=("head", "layer"), default="head")
     t.add_argument("--seed", type=int, default=0)

@@ -1,5 +1,6 @@
 """Bad input: one clear message naming the value and what was expected, and a non-zero exit."""
 
+import json
 import socket
 import subprocess
 import sys
@@ -23,6 +24,9 @@ def run(*args, timeout=300):
     (["serve", "--engine", "vllm"], "engine='vllm': expected one of sglang"),
     (["serve", "--method", "nope"], "method='nope': expected one of"),
     (["eval", "--method", "window"], "needs --ratio"),
+    (["eval", "--method", "dms", "--ratio", "3"], "ratio=3: no DMS gates are shipped for this ratio"),
+    (["eval", "--method", "window", "--ratio", "4", "--checkpoint", "/tmp"],
+     "checkpoint='/tmp': expected to be used with --method dms"),
 ])
 def test_bad_input(args, message):
     r = run(*args)
@@ -77,3 +81,16 @@ def test_eval_writes_json_records(tmp_path):
     assert need <= set(recs[0])
     assert recs[0]["kl_mean"] == 0.0 and recs[1]["kl_mean"] > 0.0
     assert "KL mean" in r.stdout
+
+
+def test_dms_window_larger_than_prefix(tmp_path):
+    (tmp_path / "dms_config.json").write_text(json.dumps({"window": 64, "target_ratio": 4}))
+    r = run("eval", "--method", "dms", "--checkpoint", str(tmp_path), "--prefix-tokens", "32",
+            "--scored-tokens", "8")
+    assert r.returncode == 2
+    assert "prefix_tokens=32: expected more tokens than the DMS window of 64" in r.stderr
+
+
+def test_dms_checkpoint_missing_parameters(tmp_path):
+    r = run("eval", "--method", "dms", "--checkpoint", str(tmp_path))
+    assert r.returncode == 2 and "dms_config.json is missing" in r.stderr

@@ -49,12 +49,24 @@ def test_window_semantics_and_shift_by_one():
 
 
 def test_per_head_decisions_differ():
-    run = DMSRun(DMSConfig(window=1), mode="hard")
+    run = DMSRun(DMSConfig(window=1, sinks=0), mode="hard")
     lg = torch.full((1, 4, 2), -1.0)
     lg[0, 2, 1] = 1.0  # head 1 flags token 1
     run.add_logits(0, lg)
     m = run.additive_mask(0, 4, 4, 2)
     assert m[0, 1, 3, 1] == HARD_MASK and m[0, 0, 3, 1] == 0
+
+
+def test_sink_tokens_are_never_evicted():
+    run = DMSRun(DMSConfig(window=1, sinks=2), mode="hard")
+    run.add_logits(0, torch.full((1, 10, 1), 3.0))  # every token flagged
+    m = run.additive_mask(0, 10, 10, 1)[0, 0]
+    assert torch.all(m[:, :2] == 0)  # sinks stay
+    assert m[9, 2] == HARD_MASK and m[9, 7] == HARD_MASK and m[9, 8] == 0  # the rest leave the window
+    train = DMSRun(DMSConfig(window=1, sinks=2), mode="train", noise=False)
+    train.add_logits(0, torch.full((1, 10, 1), 3.0))
+    _, alpha = train.eviction(0, 10, 1)
+    assert torch.all(alpha[..., :2] == 0) and torch.all(alpha[..., 2:9] == 1)
 
 
 def test_compression_loss_zero_once_target_met():

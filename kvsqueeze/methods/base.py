@@ -120,6 +120,10 @@ class CompressionMethod(abc.ABC):
                             f"more than sinks + recent = {self.sinks + self.recent} tokens")
         return self.sinks, n - self.recent
 
+    def validate_prefix(self, n: int) -> None:
+        """Raise a clear error if this method cannot compress an ``n``-token prefix."""
+        self.exempt_slices(n)
+
     @abc.abstractmethod
     def compress(self, cache: PrefixCache) -> CompressedPrefix:
         """Compress one sequence's prefix cache."""

@@ -41,6 +41,7 @@ GATES_FILE = "dms_gates.safetensors"
 @dataclass(frozen=True)
 class DMSConfig:
     window: int = 64
+    sinks: int = 4  # the first tokens are never evicted (attention sinks); 0 = the paper exactly
     gate: str = "projection"
     granularity: str = "head"
     target_ratio: float = 4.0
@@ -51,6 +52,8 @@ class DMSConfig:
     def __post_init__(self):
         if not isinstance(self.window, int) or self.window < 1:
             raise bad_value("window", self.window, "an integer number of tokens >= 1")
+        if not isinstance(self.sinks, int) or self.sinks < 0:
+            raise bad_value("sinks", self.sinks, "a number of tokens >= 0")
         if self.gate not in GATE_KINDS:
             raise bad_value("gate", self.gate, f"one of {', '.join(GATE_KINDS)}")
         if self.granularity not in GRANULARITIES:
@@ -171,10 +174,15 @@ class DMSRun:
             alpha = None
         pad = torch.zeros(*hard.shape[:-1], 1, dtype=hard.dtype, device=hard.device)
         hard = torch.cat([hard, pad], -1)
+        sinks = min(self.config.sinks, n_keys)
+        if sinks:
+            hard[..., :sinks] = False
         if hard.shape[1] == 1:
             hard = hard.expand(-1, n_kv, -1)
         if alpha is not None:
             alpha = torch.cat([alpha, torch.zeros_like(alpha[..., :1])], -1)
+            if sinks:
+                alpha = torch.cat([torch.zeros_like(alpha[..., :sinks]), alpha[..., sinks:]], -1)
             if alpha.shape[1] == 1:
                 alpha = alpha.expand(-1, n_kv, -1)
         return hard, alpha
@@ -266,6 +274,7 @@ def released_config(directory: Path) -> DMSConfig:
     c = json.loads((Path(directory) / "config.json").read_text())
     return DMSConfig(
         window=int(c["dms_window_size"]),
+        sinks=0,  # the released code keeps no attention sinks
         gate="projection" if c.get("dms_separate_alpha", False) else "query_neuron",
         granularity=c.get("dms_alpha_per", "head"),
         target_ratio=float(c.get("dms_cr", 8)),
@@ -346,8 +355,9 @@ class DMSMethod(CompressionMethod):
     """Learned per-head eviction with a delayed window (needs trained gates).
 
     ``checkpoint``: a directory from ``kvsqueeze dms train``; without it, the gates shipped for the
-    embedded model at ``ratio`` are used. DMS keeps no attention sinks: what it holds is the window
-    of the ``window`` most recent tokens plus the tokens its gates keep. The achieved ratio is the
+    embedded model at ``ratio`` are used. What DMS holds is the ``sinks`` first tokens (4 by default;
+    0 in the released checkpoints), the window of the ``window`` most recent tokens, and the tokens
+    its gates keep. The achieved ratio is the
     prefix tokens over the tokens actually held after prefill, summed over layers and KV heads.
     """
 
@@ -380,6 +390,11 @@ class DMSMethod(CompressionMethod):
             gates = load_gates(self.checkpoint, model)
             install(model, gates)
             self._bound[id(model)] = gates
+
+    def validate_prefix(self, n: int) -> None:
+        if self.config.window >= n:
+            raise bad_value("prefix_tokens", n, f"more tokens than the DMS window of "
+                            f"{self.config.window} (nothing could be evicted)")
 
     def compress(self, cache):
         raise KvsqueezeError("dms decides eviction inside the model's forward pass; "

@@ -34,6 +34,7 @@ class TrainConfig:
     lr: float = 3e-5
     mode: str = "adapter"
     window: int = 64
+    sinks: int = 4
     gate: str = "projection"
     granularity: str = "head"
     seed: int = 0
@@ -57,7 +58,7 @@ class TrainConfig:
             raise bad_value("lr", self.lr, "a learning rate > 0")
 
     def dms(self) -> DMSConfig:
-        return DMSConfig(window=self.window, gate=self.gate, granularity=self.granularity,
+        return DMSConfig(window=self.window, sinks=self.sinks, gate=self.gate, granularity=self.granularity,
                          target_ratio=self.target_ratio)
 
     def target_at(self, step: int) -> float:

@@ -32,6 +32,10 @@ class _EvictionMethod(CompressionMethod):
             )
         return keep
 
+    def validate_prefix(self, n: int) -> None:
+        self.exempt_slices(n)
+        self.budget(n)
+
     def middle_scores(self, cache: PrefixCache, layer: int, start: int, end: int) -> torch.Tensor:
         """``[kv_heads, end - start]`` importance of each middle token; higher is kept."""
         raise NotImplementedError
