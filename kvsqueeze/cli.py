@@ -184,7 +184,7 @@ def cmd_dms_train(args) -> int:
 
     cfg = TrainConfig(target_ratio=args.target_ratio, steps=args.steps, ramp_steps=args.ramp_steps,
                       seq_len=args.seq_len, batch=args.batch, lr=args.lr, mode=args.mode,
-                      window=args.window, sinks=args.sinks, gate=args.gate, granularity=args.granularity,
+                      window=args.window, sinks=args.sinks, forward=args.forward, gate=args.gate, granularity=args.granularity,
                       seed=args.seed, save_every=args.save_every, threads=args.threads)
     summary = train(resolve_model(args.model), Path(args.out), cfg)
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1))
@@ -233,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--mode", choices=("adapter", "full"), default="adapter")
     t.add_argument("--window", type=int, default=64)
     t.add_argument("--sinks", type=int, default=4, help="first tokens never evicted (0: as the paper)")
+    t.add_argument("--forward", choices=("soft", "straight_through"), default="soft",
+                   help="training mask: relaxed decisions (released recipe) or hard ones")
     t.add_argument("--gate", choices=("projection", "query_neuron"), default="projection")
     t.add_argument("--granularity", choices=("head", "layer"), default="head")
     t.add_argument("--seed", type=int, default=0)

@@ -63,10 +63,24 @@ def test_sink_tokens_are_never_evicted():
     m = run.additive_mask(0, 10, 10, 1)[0, 0]
     assert torch.all(m[:, :2] == 0)  # sinks stay
     assert m[9, 2] == HARD_MASK and m[9, 7] == HARD_MASK and m[9, 8] == 0  # the rest leave the window
-    train = DMSRun(DMSConfig(window=1, sinks=2), mode="train", noise=False)
-    train.add_logits(0, torch.full((1, 10, 1), 3.0))
-    _, alpha = train.eviction(0, 10, 1)
-    assert torch.all(alpha[..., :2] == 0) and torch.all(alpha[..., 2:9] == 1)
+    for fwd in ("soft", "straight_through"):
+        train = DMSRun(DMSConfig(window=1, sinks=2), mode="train", noise=False, forward=fwd)
+        train.add_logits(0, torch.full((1, 10, 1), 3.0))
+        m = train.additive_mask(0, 10, 10, 1)[0, 0]
+        assert torch.all(m[:, :2] == 0) and m[9, 8] == 0
+        assert torch.all(m[9, 2:8] < -29)  # log(1 - sigmoid(30)) ~ -30, or the hard mask
+        _, alpha = train.eviction(0, 10, 1)
+        assert torch.all(alpha[..., :2] == 0) and torch.all(alpha[..., 2:9] == 1)
+
+
+def test_soft_training_mask_is_log_one_minus_alpha():
+    run = DMSRun(DMSConfig(window=1, sinks=0, tau=0.5), mode="train", noise=False)
+    lg = torch.tensor([[[0.0], [0.3], [-0.2], [0.0]]])  # logits of tokens 0..3 -> decide keys 0..2
+    run.add_logits(0, lg)
+    m = run.additive_mask(0, 4, 4, 1)[0, 0]
+    alpha = torch.sigmoid(torch.tensor([0.3, -0.2, 0.0]) / 0.5)
+    torch.testing.assert_close(m[3, :2], torch.log(1 - alpha[:2]))
+    assert m[3, 2] == 0 and m[3, 3] == 0  # within the window (distance <= 1)
 
 
 def test_compression_loss_zero_once_target_met():
@@ -91,7 +105,7 @@ def test_training_forward_with_hard_decisions_equals_inference(tiny):
     handles = install(tiny, gates)
     ids = torch.randint(0, 97, (1, 40))
     try:
-        train_run = DMSRun(cfg, mode="train", noise=False)
+        train_run = DMSRun(cfg, mode="train", noise=False, forward="straight_through")
         with attention_state(AttentionState(dms=train_run)):
             train_logits = tiny(ids).logits
         hard_run = DMSRun(cfg, mode="hard")

@@ -137,11 +137,18 @@ class DMSRun:
     """
 
     def __init__(self, config: DMSConfig, mode: str = "hard", generator: torch.Generator | None = None,
-                 noise: bool = True):
+                 noise: bool = True, forward: str = "soft"):
         if mode not in ("hard", "train"):
             raise bad_value("mode", mode, "'hard' or 'train'")
+        if forward not in ("soft", "straight_through"):
+            raise bad_value("forward", forward, "'soft' or 'straight_through'")
         self.config = config
         self.mode = mode
+        # Training mask: "soft" = log(1 - alpha) of the relaxed decision in the forward pass (as the
+        # released training code does); "straight_through" = the hard decision forward, the soft
+        # gradient backward (the forward then equals inference exactly).
+        self.forward = forward
+        self.soft_logits: dict[int, torch.Tensor] = {}
         self.generator = generator
         self.noise = noise  # Gumbel noise in training (off only to compare with hard decisions)
         self.logits: dict[int, torch.Tensor] = {}  # layer -> [b, heads_or_1, T]
@@ -165,8 +172,10 @@ class DMSRun:
             gumbel = -torch.log(-torch.log(u1)) + torch.log(-torch.log(u2))
             if not self.noise:
                 gumbel = torch.zeros_like(gumbel)
-            soft = torch.sigmoid((lg + gumbel.to(lg.dtype)) / self.config.tau)
+            x = (lg + gumbel.to(lg.dtype)) / self.config.tau
+            soft = torch.sigmoid(x)
             hard = soft > 0.5
+            self.soft_logits[layer] = x
             alpha = hard.to(soft.dtype) + soft - soft.detach()
             self.alphas[layer] = alpha
         else:
@@ -196,9 +205,19 @@ class DMSRun:
         if alpha is None:
             m = torch.where(hard[:, :, None, :] & outside, HARD_MASK, 0.0)
             return m
-        soft = torch.log((1 - alpha).clamp_min(1e-6))  # ST: forward log(eps) where evicted
-        hard_val = torch.where(alpha.detach() > 0.5, HARD_MASK, 0.0)
-        val = hard_val + soft - soft.detach()
+        if self.forward == "soft":
+            x = self.soft_logits[layer]
+            x = torch.cat([x, torch.full_like(x[..., :1], -1e4)], -1)  # newest key: undecided, kept
+            if x.shape[1] == 1:
+                x = x.expand(-1, n_kv, -1)
+            sinks = min(self.config.sinks, k_len)
+            if sinks:
+                x = torch.cat([torch.full_like(x[..., :sinks], -1e4), x[..., sinks:]], -1)
+            val = torch.nn.functional.logsigmoid(-x).clamp_min(HARD_MASK)  # log(1 - alpha)
+        else:
+            soft = torch.log((1 - alpha).clamp_min(1e-6))  # ST: forward log(eps) where evicted
+            hard_val = torch.where(alpha.detach() > 0.5, HARD_MASK, 0.0)
+            val = hard_val + soft - soft.detach()
         return torch.where(outside, val[:, :, None, :], torch.zeros((), dtype=val.dtype))
 
     def evicted_fraction(self) -> torch.Tensor:

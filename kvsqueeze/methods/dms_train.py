@@ -35,6 +35,7 @@ class TrainConfig:
     mode: str = "adapter"
     window: int = 64
     sinks: int = 4
+    forward: str = "soft"  # training mask: relaxed ("soft") or hard decisions ("straight_through")
     gate: str = "projection"
     granularity: str = "head"
     seed: int = 0
@@ -165,7 +166,7 @@ def train(model_path: Path, out_dir: Path, cfg: TrainConfig, progress: bool = Tr
         ids = next(data)
         with torch.no_grad(), attention_state(AttentionState()):
             teacher = model(ids).logits
-        run = DMSRun(dms_cfg, mode="train", generator=gen)
+        run = DMSRun(dms_cfg, mode="train", generator=gen, forward=cfg.forward)
         with attention_state(AttentionState(dms=run)):
             student = model(ids).logits
         target = cfg.target_at(step + 1)
