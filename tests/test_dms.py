@@ -34,6 +34,20 @@ def tiny():
     return LlamaForCausalLM(cfg).eval()
 
 
+def _random_gates(model, cfg, seed, std=0.02):
+    gates = DMSGates.for_model(model, cfg)
+    torch.manual_seed(seed)
+    for g in gates.layers:
+        g.dms_proj_alpha.weight.data.normal_(0, std)
+    return gates
+
+
+def _masked_logits(model, cfg, ids):
+    """One teacher-forced pass under the DMS eviction mask (the reference for cache paths)."""
+    with torch.no_grad(), attention_state(AttentionState(dms=DMSRun(cfg))):
+        return model(ids).logits[0]
+
+
 def test_window_semantics_and_shift_by_one():
     """Token j is flagged by the logit of token j+1; it stays visible while i - j <= w, then never."""
     w, n = 3, 10
@@ -98,11 +112,7 @@ def test_kl_student_teacher_zero_for_equal_and_positive_otherwise():
 def test_training_forward_with_hard_decisions_equals_inference(tiny):
     """The straight-through forward pass applies exactly the inference (hard) eviction."""
     cfg = DMSConfig(window=4)
-    gates = DMSGates.for_model(tiny, cfg)
-    torch.manual_seed(1)
-    for g in gates.layers:
-        g.dms_proj_alpha.weight.data.normal_(0, 0.02)  # some tokens evicted, some kept
-    handles = install(tiny, gates)
+    handles = install(tiny, _random_gates(tiny, cfg, seed=1))  # some tokens evicted, some kept
     ids = torch.randint(0, 97, (1, 40))
     try:
         train_run = DMSRun(cfg, mode="train", noise=False, forward="straight_through")
@@ -124,17 +134,11 @@ def test_training_forward_with_hard_decisions_equals_inference(tiny):
 
 def test_decode_after_prefill_equals_single_pass(tiny):
     cfg = DMSConfig(window=4)
-    gates = DMSGates.for_model(tiny, cfg)
-    torch.manual_seed(2)
-    for g in gates.layers:
-        g.dms_proj_alpha.weight.data.normal_(0, 0.02)
-    handles = install(tiny, gates)
+    handles = install(tiny, _random_gates(tiny, cfg, seed=2))
     ids = torch.randint(0, 97, (1, 30))
     try:
+        full = _masked_logits(tiny, cfg, ids)
         with torch.no_grad():
-            run = DMSRun(cfg)
-            with attention_state(AttentionState(dms=run)):
-                full = tiny(ids).logits[0]
             run = DMSRun(cfg)
             steps = []
             with attention_state(AttentionState(dms=run)):
@@ -218,13 +222,6 @@ def test_target_ratio_schedule_rises_linearly():
     assert cfg.target_at(70) == 8.0 and cfg.target_at(100) == 8.0
 
 
-def _random_gates(model, cfg, seed, std=0.02):
-    gates = DMSGates.for_model(model, cfg)
-    torch.manual_seed(seed)
-    for g in gates.layers:
-        g.dms_proj_alpha.weight.data.normal_(0, std)
-    return gates
-
 
 @pytest.mark.parametrize("window", [1, 3, 8])
 def test_reference_cache_equals_masked_teacher_forcing(tiny, window):
@@ -236,10 +233,8 @@ def test_reference_cache_equals_masked_teacher_forcing(tiny, window):
     ids = torch.randint(0, 97, (1, 48))
     n_prefill = 20
     try:
+        full = _masked_logits(tiny, cfg, ids)
         with torch.no_grad():
-            run = DMSRun(cfg)
-            with attention_state(AttentionState(dms=run)):
-                full = tiny(ids).logits[0]
             run = DMSRun(cfg)
             cache = DMSCache(run, n_layers=2, n_kv=2)
             steps = []
@@ -318,3 +313,30 @@ def test_released_query_neuron_config_maps(tmp_path):
          "dms_alpha_per": "layer", "dms_cr": 4}))
     cfg = released_config(tmp_path)
     assert (cfg.gate, cfg.granularity, cfg.window, cfg.target_ratio) == ("query_neuron", "layer", 512, 4.0)
+
+
+def test_greedy_on_reference_cache_equals_greedy_by_full_recompute(tiny, tmp_path):
+    """The dms method's decoding (DMSCache) == argmax of full masked passes over the growing text."""
+    from safetensors.torch import save_file
+
+    from kvsqueeze.methods import create
+
+    cfg = DMSConfig(window=4, target_ratio=2)
+    gates = _random_gates(tiny, cfg, seed=5, std=0.05)
+    cfg.save(tmp_path)
+    save_file({k: v.contiguous() for k, v in gates.state_dict().items()},
+              str(tmp_path / "dms_gates.safetensors"))
+    method = create("dms", None, checkpoint=str(tmp_path))
+    ids = torch.randint(0, 97, (24,))
+    try:
+        toks, ratio = method.greedy(tiny, ids, max_new=6)
+        seq = ids.clone()
+        expected = []
+        for _ in range(6):
+            nxt = int(_masked_logits(tiny, cfg, seq[None])[-1].argmax())
+            expected.append(nxt)
+                seq = torch.cat([seq, torch.tensor([nxt])])
+    finally:
+        method.unbind(tiny)
+    assert toks == expected
+    assert ratio > 1.0

@@ -402,13 +402,19 @@ class DMSMethod(CompressionMethod):
         else:
             self.config = DMSConfig.load(self.checkpoint)
         super().__init__(self.config.target_ratio if ratio is None else ratio, sinks, recent, **options)
-        self._bound: dict[int, DMSGates] = {}
+        self._bound: dict[int, tuple[DMSGates, list]] = {}
 
     def bind(self, model) -> None:
+        """Install this method's gates on ``model`` (once); inert outside a DMS run."""
         if id(model) not in self._bound:
             gates = load_gates(self.checkpoint, model)
-            install(model, gates)
-            self._bound[id(model)] = gates
+            self._bound[id(model)] = (gates, install(model, gates))
+
+    def unbind(self, model) -> None:
+        gates_handles = self._bound.pop(id(model), None)
+        if gates_handles is not None:
+            for h in gates_handles[1]:
+                h.remove()
 
     def validate_prefix(self, n: int) -> None:
         if self.config.window >= n:
