@@ -335,7 +335,7 @@ def test_greedy_on_reference_cache_equals_greedy_by_full_recompute(tiny, tmp_pat
         for _ in range(6):
             nxt = int(_masked_logits(tiny, cfg, seq[None])[-1].argmax())
             expected.append(nxt)
-                seq = torch.cat([seq, torch.tensor([nxt])])
+            seq = torch.cat([seq, torch.tensor([nxt])])
     finally:
         method.unbind(tiny)
     assert toks == expected
