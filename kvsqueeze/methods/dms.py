@@ -354,16 +354,15 @@ def shipped_gates_dir(ratio: float) -> Path:
     return Path(__file__).resolve().parent.parent / "data" / "dms" / f"smollm2-135m-{ratio:g}x"
 
 
+def gone_after(run: DMSRun, layer: int, n_tokens: int, n_kv: int) -> torch.Tensor:
+    """``[n_kv, n_tokens]``: tokens no longer held once ``n_tokens`` were processed (batch row 0)."""
+    hard, _ = run.eviction(layer, n_tokens, n_kv)
+    return hard[0] & ((n_tokens - 1 - torch.arange(n_tokens)) > run.config.window)[None, :]
+
+
 def held_after(run: DMSRun, n_tokens: int, n_kv: int) -> list[torch.Tensor]:
     """Per layer ``[n_kv]`` tokens held once ``n_tokens`` tokens were processed (batch row 0)."""
-    held = []
-    w = run.config.window
-    pos = torch.arange(n_tokens)
-    for layer in sorted(run.logits):
-        hard, _ = run.eviction(layer, n_tokens, n_kv)
-        gone = hard[0] & ((n_tokens - 1 - pos) > w)[None, :]
-        held.append((~gone).sum(-1))
-    return held
+    return [(~gone_after(run, layer, n_tokens, n_kv)).sum(-1) for layer in sorted(run.logits)]
 
 
 from kvsqueeze.methods.base import CompressionMethod, register  # noqa: E402

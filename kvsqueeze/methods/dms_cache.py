@@ -17,7 +17,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvsqueeze.attention import current_state
-from kvsqueeze.methods.dms import DMSRun
+from kvsqueeze.methods.dms import DMSRun, gone_after
 
 
 class DMSLayer(CacheLayerMixin):
@@ -61,8 +61,7 @@ class DMSLayer(CacheLayerMixin):
 
     def _prefill(self, k: torch.Tensor, v: torch.Tensor) -> None:
         n = k.shape[1]
-        flags = self.flags(n)
-        gone = flags & ((n - 1 - torch.arange(n)) > self.window)[None, :]
+        gone = gone_after(self.run, self.layer_idx, n, self.n_kv)
         keep = [(~gone[h]).nonzero()[:, 0] for h in range(self.n_kv)]
         cap = max(len(x) for x in keep)
         d, dv = k.shape[-1], v.shape[-1]
