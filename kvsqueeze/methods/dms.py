@@ -303,6 +303,14 @@ def released_config(directory: Path) -> DMSConfig:
     )
 
 
+def load_config(directory: Path) -> DMSConfig:
+    """The DMS config of a kvsqueeze checkpoint, or of a released Model-Optimizer one."""
+    directory = Path(directory)
+    if not (directory / CONFIG_FILE).is_file() and is_released_checkpoint(directory):
+        return released_config(directory)
+    return DMSConfig.load(directory)
+
+
 def _released_gate_tensors(directory: Path) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
@@ -324,8 +332,8 @@ def load_gates(directory: Path, model) -> DMSGates:
     from safetensors.torch import load_file
 
     directory = Path(directory)
-    if not (directory / CONFIG_FILE).is_file() and is_released_checkpoint(directory):
-        cfg = released_config(directory)
+    cfg = load_config(directory)
+    if not (directory / CONFIG_FILE).is_file():  # released layout (load_config checked it)
         gates = DMSGates.for_model(model, cfg)
         state = _released_gate_tensors(directory)
         if cfg.gate == "projection" and not state:
@@ -336,7 +344,6 @@ def load_gates(directory: Path, model) -> DMSGates:
         except RuntimeError as exc:
             raise KvsqueezeError(f"{directory}: DMS gate parameters do not fit this model ({exc})") from exc
         return gates.to(next(model.parameters()).dtype)
-    cfg = DMSConfig.load(directory)
     gates = DMSGates.for_model(model, cfg)
     path = directory / GATES_FILE
     if not path.is_file():
@@ -396,10 +403,7 @@ class DMSMethod(CompressionMethod):
         self.checkpoint = Path(checkpoint)
         if not self.checkpoint.is_dir():
             raise bad_value("checkpoint", str(checkpoint), "a DMS checkpoint directory")
-        if not (self.checkpoint / CONFIG_FILE).is_file() and is_released_checkpoint(self.checkpoint):
-            self.config = released_config(self.checkpoint)
-        else:
-            self.config = DMSConfig.load(self.checkpoint)
+        self.config = load_config(self.checkpoint)
         super().__init__(self.config.target_ratio if ratio is None else ratio, sinks, recent, **options)
         self._bound: dict[int, tuple[DMSGates, list]] = {}
 
