@@ -96,6 +96,10 @@ def cmd_eval(args) -> int:
     per_method = {"dms": {"checkpoint": args.checkpoint}} if args.checkpoint else {}
     if args.checkpoint and "dms" not in names:
         raise bad_value("checkpoint", args.checkpoint, "to be used with --method dms")
+    if args.calibration:
+        if "kvtc" not in names:
+            raise bad_value("calibration", args.calibration, "to be used with --method kvtc")
+        per_method["kvtc"] = {"calibration": args.calibration}
     methods = evaluate.build_methods(names, ratios, per_method, **options)
     if args.json:  # fail before the long run, not after it
         out = Path(args.json)
@@ -125,6 +129,10 @@ def cmd_eval(args) -> int:
                                        args.scored_tokens, model_name,
                                        progress=_progress("segments"))
         print(_format_kl_table(records))
+        for r in records:
+            if "ratio_compressed" in r.details:
+                print(f"{r.method} {r.ratio_target:g}x: ratio over the compressed tokens "
+                      f"{r.details['ratio_compressed']:.2f}x (every blob byte vs 16-bit K+V of those tokens)")
         if args.paired_against:
             print(_format_paired(records, args.paired_against))
         print(f"ratio: {methods[0].ratio_unit if len({m.ratio_unit for m in methods}) == 1 else 'per method, see JSON'}; "
@@ -191,6 +199,39 @@ def cmd_dms_train(args) -> int:
     return 0
 
 
+def cmd_kvtc_calibrate(args) -> int:
+    from kvsqueeze import corpus
+    from kvsqueeze.methods import kvtc
+    from kvsqueeze.model import load_hf, resolve_model
+
+    out = Path(args.out)
+    if out.exists() and out.is_dir():
+        raise bad_value("out", args.out, "a file path for the calibration (not a directory)")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    docs = corpus.read_text_files(args.text) if args.text else corpus.calibration_documents()
+    model_path = resolve_model(args.model)
+    tok, model = load_hf(model_path)
+    t0 = time.monotonic()
+    bars = {}
+
+    def progress(i, n, what):
+        if what not in bars:
+            bars[what] = _progress(f"kvtc calibrate ({what})")
+        bars[what](i, n)
+
+    cal = kvtc.calibrate(model, tok, docs, seq_len=args.seq_len, segments=args.segments,
+                         grouping=args.grouping, tune=not args.no_tune, progress=progress)
+    cal.info["model_path"] = str(model_path)
+    cal.info["seconds"] = round(time.monotonic() - t0, 1)
+    cal.save(out)
+    print(f"wrote {out} (calibration {cal.fingerprint()}, model {cal.model_fingerprint}, "
+          f"key share {cal.key_share}, {cal.info['seconds']:.0f} s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvsqueeze", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -206,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ratio", default=None, help="target ratio(s), e.g. 4 or 2,4,8")
     e.add_argument("--model", default=None, help="a local Hugging Face checkpoint (default: embedded)")
     e.add_argument("--checkpoint", default=None, help="DMS checkpoint directory (for --method dms)")
+    e.add_argument("--calibration", default=None,
+                   help="KVTC calibration file (for --method kvtc; default: made once per model)")
     e.add_argument("--text", nargs="+", default=None, help="held-out text file(s) (default: corpus on disk)")
     e.add_argument("--task", choices=("kl", "passkey"), default="kl")
     e.add_argument("--prefix-tokens", type=int, default=1024)
@@ -241,6 +284,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--save-every", type=int, default=50)
     t.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
 
+    k = sub.add_parser("kvtc", help="KVTC: calibration of the transform codec")
+    ksub = k.add_subparsers(dest="kvtc_command", required=True)
+    c = ksub.add_parser("calibrate", help="fit PCA, rate tables and clipping on calibration text")
+    c.add_argument("--model", default=None, help="a local Hugging Face checkpoint (default: embedded)")
+    c.add_argument("--text", nargs="+", default=None,
+                   help="calibration text file(s) (default: stdlib docstrings and licence texts)")
+    c.add_argument("--out", required=True, help="calibration file to write (.safetensors)")
+    c.add_argument("--seq-len", type=int, default=1024)
+    c.add_argument("--segments", type=int, default=24, help="calibration segments of --seq-len tokens")
+    c.add_argument("--grouping", choices=("layer", "head"), default="layer",
+                   help="PCA over all KV heads of a layer (default) or per KV head")
+    c.add_argument("--no-tune", action="store_true",
+                   help="skip choosing clipping and key share by KL on calibration text")
+    c.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+
     s = sub.add_parser("serve", help="start a serving engine with kvsqueeze loaded "
                                      "(arguments after -- go to the engine)")
     s.add_argument("--engine", default="sglang")
@@ -275,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_serve(args, extra)
         if args.command == "dms":
             return cmd_dms_train(args)
+        if args.command == "kvtc":
+            return cmd_kvtc_calibrate(args)
     except KvsqueezeError as exc:
         print(f"kvsqueeze: error: {exc}", file=sys.stderr)
         return 2

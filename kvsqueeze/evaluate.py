@@ -45,6 +45,7 @@ class EvalRecord:
     kl_per_segment: list[float] = field(default_factory=list)
     tokens_held_fraction: float = 1.0
     seconds: float = 0.0
+    details: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -134,9 +135,10 @@ def evaluate_kl(model, segments: list[list[int]], methods: list[CompressionMetho
                 progress=None) -> list[EvalRecord]:
     """Score every method on the same segments; the dense prefill is shared by all of them."""
     check_lengths(model, prefix_tokens, scored_tokens)
+    prepare_methods(model, methods)
     observe = max((m.observation_window for m in methods), default=0)
     acc = {id(m): {"kl": [], "top1": [], "nll_ref": [], "nll": [], "ratio": [], "held": [],
-                   "sec": 0.0} for m in methods}
+                   "details": {}, "sec": 0.0} for m in methods}
     for i, seg in enumerate(segments):
         ids = torch.tensor(seg)
         prefix, cont, targets = ids[:prefix_tokens], ids[prefix_tokens:-1], ids[prefix_tokens + 1:]
@@ -156,6 +158,8 @@ def evaluate_kl(model, segments: list[list[int]], methods: list[CompressionMetho
                 a["ratio"].append(comp.ratio)
                 total = cache.n_layers * cache.kv_heads * cache.n_tokens
                 a["held"].append(comp.tokens_held() / total)
+                for k, v in comp.details.items():
+                    a["details"].setdefault(k, []).append(v)
             kl, top1, nll_ref, nll = distribution_metrics(ref_logits, logits, targets)
             a["sec"] += time.perf_counter() - t0
             a["kl"].append(kl.mean().item())
@@ -179,8 +183,16 @@ def evaluate_kl(model, segments: list[list[int]], methods: list[CompressionMetho
             segments=len(segments), prefix_tokens=prefix_tokens, scored_tokens=scored_tokens,
             model=model_name, kl_per_segment=a["kl"],
             tokens_held_fraction=sum(a["held"]) / len(a["held"]), seconds=a["sec"],
+            details={k: sum(v) / len(v) for k, v in a["details"].items()},
         ))
     return records
+
+
+def prepare_methods(model, methods: list[CompressionMethod]) -> None:
+    """Let methods that need the model (e.g. KVTC's calibration) bind to it before scoring."""
+    for m in methods:
+        if hasattr(m, "prepare"):
+            m.prepare(model)
 
 
 def paired_difference(a: EvalRecord, b: EvalRecord) -> tuple[float, float]:
@@ -241,6 +253,7 @@ def evaluate_passkey(model, tokenizer, methods: list[CompressionMethod], trials:
         raise bad_value("trials", trials, "a number of trials >= 1")
     rng = random.Random(seed)
     cases = [(rng.randint(10000, 99999), (i + 0.5) / trials) for i in range(trials)]
+    prepare_methods(model, methods)
     observe = max((m.observation_window for m in methods), default=0)
     hits = {id(m): [] for m in methods}
     ratios = {id(m): [] for m in methods}

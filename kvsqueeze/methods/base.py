@@ -10,7 +10,7 @@ up by name through :func:`create`.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -61,7 +61,8 @@ class CompressedPrefix:
 
     ``evicted``: per layer a bool ``[kv_heads, n_tokens]`` (True = no longer held), or None when the
     method keeps every token. ``bytes_held``: every byte the compressed cache occupies, side
-    information (scales, indices) included.
+    information (scales, indices) included. ``details``: method-specific figures (numbers) that
+    evaluation averages over segments (e.g. KVTC's ratio over the compressed tokens alone).
     """
 
     keys: list[torch.Tensor]
@@ -69,6 +70,7 @@ class CompressedPrefix:
     evicted: list[torch.Tensor] | None
     bytes_held: int
     dense_bytes: int
+    details: dict = field(default_factory=dict)
 
     @property
     def ratio(self) -> float:

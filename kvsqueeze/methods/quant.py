@@ -66,12 +66,14 @@ class _IntQuant(CompressionMethod):
             values.append(v2)
         k_groups = h * d * -(-m // self.group)  # per channel, along tokens
         v_groups = h * m * -(-d // self.group)  # per token, along channels
-        per_layer = (quantized_bytes(h * m * d, k_groups, self.bits)
-                     + quantized_bytes(h * m * d, v_groups, self.bits)
-                     + (n - m) * h * d * 2 * DENSE_BYTES_PER_ELEMENT)
+        coded = (quantized_bytes(h * m * d, k_groups, self.bits)
+                 + quantized_bytes(h * m * d, v_groups, self.bits))
+        per_layer = coded + (n - m) * h * d * 2 * DENSE_BYTES_PER_ELEMENT
         return CompressedPrefix(keys=keys, values=values, evicted=None,
                                 bytes_held=per_layer * cache.n_layers,
-                                dense_bytes=cache.dense_bytes())
+                                dense_bytes=cache.dense_bytes(),
+                                details={"ratio_compressed": m * h * d * 2 * DENSE_BYTES_PER_ELEMENT
+                                         / max(coded, 1)})
 
 
 @register

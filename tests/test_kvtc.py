@@ -1,0 +1,349 @@
+"""KVTC codec: allocation against brute force, RoPE against Hugging Face, lossless coding, corrupt blobs."""
+
+import itertools
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvsqueeze.errors import KvsqueezeError
+from kvsqueeze.methods import kvtc
+from kvsqueeze.methods import kvtc_codec as codec
+from kvsqueeze.methods.base import PrefixCache
+
+
+def _tiny_llama(rope_scaling=None, layers=2, kv_heads=2, head_dim=16):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kvsqueeze.attention import ATTN_IMPL, register
+
+    register()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=4 * head_dim, intermediate_size=96,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=kv_heads,
+                      max_position_embeddings=512, rope_scaling=rope_scaling)
+    cfg._attn_implementation = ATTN_IMPL
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return _tiny_llama()
+
+
+def _builder_for(model, n_caches=6, n=96, seed=0, **kw):
+    from kvsqueeze.evaluate import dense_prefill
+
+    inv, sc = kvtc.rope_params(model)
+    cfg = model.config
+    b = kvtc.CalibrationBuilder(cfg.num_hidden_layers, cfg.num_key_value_heads,
+                                cfg.hidden_size // cfg.num_attention_heads, inv, sc, **kw)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n_caches):
+        cache, _ = dense_prefill(model, torch.randint(0, 97, (n,), generator=g))
+        b.add(cache)
+    return b
+
+
+@pytest.fixture(scope="module")
+def tiny_cal(tiny):
+    return _builder_for(tiny).build(kvtc.model_fingerprint(tiny))
+
+
+# --- bit allocation ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_allocation_is_optimal_against_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    n, n_opt = int(rng.integers(2, 5)), int(rng.integers(2, 5))
+    cost = np.concatenate([np.zeros((n, 1), int), rng.integers(1, 6, (n, n_opt - 1))], axis=1)
+    dist = rng.random((n, n_opt)) * 10
+    budget = int(rng.integers(0, 4 * n))
+    got = codec.allocate(dist, cost, budget)
+    best = min((sum(dist[i, c[i]] for i in range(n)), c)
+               for c in itertools.product(range(n_opt), repeat=n)
+               if sum(cost[i, c[i]] for i in range(n)) <= budget)
+    assert sum(cost[i, got[i]] for i in range(n)) <= budget
+    assert sum(dist[i, got[i]] for i in range(n)) == pytest.approx(best[0])
+
+
+def test_allocation_rejects_bad_tables():
+    with pytest.raises(ValueError):
+        codec.allocate(np.ones((2, 3)), np.ones((2, 3), int), 4)  # option 0 must be free
+    with pytest.raises(KvsqueezeError, match="budget"):
+        codec.allocate(np.ones((2, 3)), np.zeros((2, 3), int), -1)
+
+
+def test_more_budget_never_hurts(tiny_cal):
+    prev = math.inf
+    for r in (16, 8, 4, 2):
+        alloc = tiny_cal.allocation(r)
+        d = sum(float((s.dist.double()[torch.arange(len(a)), torch.as_tensor(a)]
+                       * s.sigma.double() ** 2).sum()) for key, s in tiny_cal.stats.items()
+                for a in [alloc[key]])
+        assert d <= prev + 1e-12
+        prev = d
+
+
+# --- RoPE ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scaling", [None,
+                                     {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+                                     {"rope_type": "yarn", "factor": 4.0,
+                                      "original_max_position_embeddings": 128}])
+def test_rope_matches_hugging_face_and_removal_is_exact(scaling):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    model = _tiny_llama(scaling)
+    inv, sc = kvtc.rope_params(model)
+    pos = torch.arange(37, 37 + 50)
+    k = torch.randn(1, 2, 50, 16)
+    hf_cos, hf_sin = model.model.rotary_emb(k, pos[None])
+    _, hf_k = apply_rotary_pos_emb(k, k, hf_cos, hf_sin)
+    cos, sin = codec.rope_cos_sin(inv, sc, pos)
+    ours = codec.apply_rope(k[0], cos, sin)
+    torch.testing.assert_close(ours, hf_k[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(codec.remove_rope(ours, cos, sin), k[0], rtol=1e-5, atol=1e-5)
+
+
+# --- entropy coding --------------------------------------------------------------------------------
+
+
+@settings(max_examples=25, deadline=None)
+@given(m=st.integers(1, 40), d=st.integers(1, 12), seed=st.integers(0, 10_000))
+def test_codes_round_trip_losslessly(m, d, seed):
+    """Any codes within the quantizer limits decode to themselves, whatever the model fits."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(m, d, generator=g) * 3
+    stats = kvtc.component_tables(torch.randn(64, d, generator=g), clip=6.0)
+    s = codec.LayerKindStats(groups=[(0, d)], means=[torch.zeros(d)], bases=[torch.eye(d)], synths=[torch.eye(d)],
+                             sigma=torch.ones(d), clip=6.0, **stats)
+    cal = codec.Calibration(1, 1, d, "layer", 0.5, torch.ones(1), 1.0, "m", {(0, "k"): s})
+    opts = np.array([int(x) for x in torch.randint(0, codec.N_OPTIONS, (d,), generator=g)])
+    q = codec.quantize(z, opts, 6.0)
+    words = codec.encode_codes(q, cal, 0, "k", opts)
+    back = codec.decode_codes(words, m, cal, 0, "k", opts)
+    kept = torch.as_tensor(opts > 0)
+    assert torch.equal(back[:, kept], q[:, kept])
+    assert (back[:, ~kept] == 0).all()
+
+
+def test_blob_size_tracks_the_entropy_estimate(tiny, tiny_cal):
+    """On calibration-like data the coder's output is within a few % of the tables' estimate."""
+    from kvsqueeze.evaluate import dense_prefill
+
+    cache, _ = dense_prefill(tiny, torch.randint(0, 97, (400,), generator=torch.Generator().manual_seed(9)))
+    ratio = 6.0
+    alloc = tiny_cal.allocation(ratio)
+    blob = codec.encode(tiny_cal, [k[:, 4:] for k in cache.keys], [v[:, 4:] for v in cache.values],
+                        4, ratio, rate_control=False)
+    est_bits = sum(float(s.rate[torch.arange(len(alloc[key])), torch.as_tensor(alloc[key])].sum())
+                   for key, s in tiny_cal.stats.items()) * 396
+    assert 0.9 < len(blob) * 8 / est_bits < 1.15
+
+
+# --- the codec on real caches ---------------------------------------------------------------------
+
+
+@settings(max_examples=8, deadline=None)
+@given(n=st.integers(1, 120), position=st.integers(0, 300), ratio=st.floats(1.5, 20))
+def test_round_trip_shapes_and_error_bound(tiny, tiny_cal, n, position, ratio):
+    g = torch.Generator().manual_seed(n + position)
+    keys = [torch.randn(2, n, 16, generator=g) for _ in range(2)]
+    values = [torch.randn(2, n, 16, generator=g) for _ in range(2)]
+    blob = codec.encode(tiny_cal, keys, values, position, ratio)
+    assert codec.read_header(blob.data)["n_tokens"] == n
+    dk, dv = codec.decode(tiny_cal, blob)
+    for a, b in zip(dk + dv, keys + values):
+        assert a.shape == b.shape and a.dtype == b.dtype and torch.isfinite(a).all()
+    # decoding equals the transform applied to the quantized coefficients, computed directly
+    plan = codec.read_header(blob.data)["ratio"]
+    alloc = tiny_cal.allocation(plan)
+    cos, sin = codec.rope_cos_sin(tiny_cal.rope_inv_freq, tiny_cal.rope_scaling,
+                                  torch.arange(position, position + n))
+    s = tiny_cal.stats[(1, "k")]
+    z = codec.project(s, codec.to_features(codec.remove_rope(keys[1], cos, sin)))
+    zq = codec.dequantize(codec.quantize(z, alloc[(1, "k")], s.clip), alloc[(1, "k")])
+    want = codec.apply_rope(codec.from_features(codec.unproject(s, zq), 2), cos, sin)
+    torch.testing.assert_close(dk[1], want.float(), rtol=1e-4, atol=1e-4)
+
+
+def test_higher_ratio_means_smaller_blob_and_larger_error(tiny, tiny_cal):
+    from kvsqueeze.evaluate import dense_prefill
+
+    cache, _ = dense_prefill(tiny, torch.randint(0, 97, (200,), generator=torch.Generator().manual_seed(3)))
+    sizes, errs = [], []
+    for r in (2, 4, 8, 16):
+        blob = codec.encode(tiny_cal, cache.keys, cache.values, 0, r)
+        dk, dv = codec.decode(tiny_cal, blob)
+        dense = 2 * 2 * 200 * 2 * 16 * 2
+        assert dense / len(blob) >= r * 0.999, (r, dense / len(blob))
+        sizes.append(len(blob))
+        errs.append(sum(float(((a - b) ** 2).sum()) for a, b in zip(dk + dv, cache.keys + cache.values)))
+    assert sizes == sorted(sizes, reverse=True)
+    assert errs == sorted(errs)
+
+
+# --- corrupt and foreign blobs ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def blob(tiny_cal):
+    g = torch.Generator().manual_seed(1)
+    keys = [torch.randn(2, 30, 16, generator=g) for _ in range(2)]
+    values = [torch.randn(2, 30, 16, generator=g) for _ in range(2)]
+    return codec.encode(tiny_cal, keys, values, 10, 4.0).data
+
+
+def test_truncated_blobs_are_refused(tiny_cal, blob):
+    for cut in [0, 3, 9, 13, len(blob) // 2, len(blob) - 5, len(blob) - 1]:
+        with pytest.raises(codec.BlobError):
+            codec.decode(tiny_cal, blob[:cut])
+
+
+def test_every_single_bit_flip_is_refused(tiny_cal, blob):
+    rng = random.Random(0)
+    positions = sorted(set(rng.randrange(len(blob) * 8) for _ in range(200)) | {0, 33, len(blob) * 8 - 1})
+    for bit in positions:
+        bad = bytearray(blob)
+        bad[bit // 8] ^= 1 << (bit % 8)
+        with pytest.raises(codec.BlobError):
+            codec.decode(tiny_cal, bytes(bad))
+
+
+def test_wrong_magic_version_and_extra_bytes(tiny_cal, blob):
+    with pytest.raises(codec.BlobError, match="magic"):
+        codec.decode(tiny_cal, b"ZIP!" + blob[4:])
+    with pytest.raises(codec.BlobError, match="version"):
+        codec.decode(tiny_cal, blob[:4] + b"\x09\x00" + blob[6:])
+    with pytest.raises(codec.BlobError):
+        codec.decode(tiny_cal, blob + b"\x00")
+    with pytest.raises(codec.BlobError, match="expected bytes"):
+        codec.decode(tiny_cal, "not bytes")
+
+
+def test_blob_from_another_calibration_or_model_is_refused(tiny, tiny_cal, blob):
+    other = _builder_for(tiny, seed=5).build(kvtc.model_fingerprint(tiny))
+    assert other.fingerprint() != tiny_cal.fingerprint()
+    with pytest.raises(codec.BlobError, match="calibration"):
+        codec.decode(other, blob)
+    foreign = _builder_for(tiny).build("0123456789abcdef")
+    with pytest.raises(codec.BlobError, match="model"):
+        codec.decode(foreign, blob)
+
+
+# --- calibration artifact ----------------------------------------------------------------------------
+
+
+def test_calibration_save_load_and_tamper_detection(tiny_cal, blob, tmp_path):
+    path = tiny_cal.save(tmp_path / "cal.safetensors")
+    back = codec.Calibration.load(path)
+    assert back.fingerprint() == tiny_cal.fingerprint()
+    dk, _ = codec.decode(back, blob)
+    dk0, _ = codec.decode(tiny_cal, blob)
+    assert all(torch.equal(a, b) for a, b in zip(dk, dk0))
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0x40  # inside the tensor data
+    (tmp_path / "bad.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(KvsqueezeError, match="fingerprint"):
+        codec.Calibration.load(tmp_path / "bad.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"nonsense")
+    with pytest.raises(KvsqueezeError, match="unreadable"):
+        codec.Calibration.load(tmp_path / "junk.safetensors")
+    with pytest.raises(KvsqueezeError, match="calibration"):
+        codec.Calibration.load(tmp_path / "missing.safetensors")
+
+
+def test_method_refuses_a_calibration_of_another_model(tiny, tiny_cal):
+    other = _tiny_llama(layers=2)
+    with torch.no_grad():
+        other.model.layers[0].self_attn.k_proj.weight.add_(1.0)
+    m = kvtc.KVTC(ratio=4, calibration=tiny_cal)
+    m.prepare(tiny)
+    with pytest.raises(KvsqueezeError, match="made for model"):
+        m.prepare(other)
+
+
+def test_head_grouping_builds_block_diagonal_bases(tiny):
+    cal = _builder_for(tiny).build(kvtc.model_fingerprint(tiny), grouping="head")
+    s = cal.stats[(0, "k")]
+    assert s.groups == [(0, 16), (16, 16)] and all(b.shape == (16, 16) for b in s.bases)
+    for b in s.bases:
+        torch.testing.assert_close(b.T @ b, torch.eye(16), atol=1e-4, rtol=0)
+    with pytest.raises(KvsqueezeError, match="grouping"):
+        _builder_for(tiny).build("x", grouping="model")
+
+
+def test_method_keeps_exempt_tokens_exact_and_reports_both_ratios(tiny, tiny_cal):
+    from kvsqueeze.evaluate import dense_prefill
+
+    cache, _ = dense_prefill(tiny, torch.randint(0, 97, (150,), generator=torch.Generator().manual_seed(4)))
+    m = kvtc.KVTC(ratio=8, sinks=4, recent=20, calibration=tiny_cal)
+    comp = m.compress(cache)
+    for a, b in zip(comp.keys + comp.values, cache.keys + cache.values):
+        assert torch.equal(a[:, :4], b[:, :4]) and torch.equal(a[:, -20:], b[:, -20:])
+        assert not torch.equal(a[:, 4:-20], b[:, 4:-20])
+    assert comp.details["ratio_compressed"] >= 8 * 0.999
+    per_token = 2 * 2 * 16 * 2 * 2
+    assert comp.bytes_held == comp.details["blob_bytes"] + 24 * per_token
+    assert comp.ratio < comp.details["ratio_compressed"]
+    with pytest.raises(KvsqueezeError, match="prefix_tokens"):
+        m.compress(PrefixCache([k[:, :10] for k in cache.keys], [v[:, :10] for v in cache.values]))
+
+
+def test_kvtc_on_the_embedded_model_quality_falls_with_ratio(embedded):
+    """A quick calibration on the embedded model: KL grows with the ratio and stays small at 4x."""
+    from kvsqueeze import corpus
+    from kvsqueeze.evaluate import evaluate_kl
+
+    _, tok, model = embedded
+    docs = corpus.calibration_documents(max_chars=200_000)
+    cal = kvtc.calibrate(model, tok, docs, seq_len=256, segments=4, tune=False, sample_tokens=1024)
+    segs = corpus.token_segments(corpus.heldout_documents(), tok, 256 + 64 + 1, 2)
+    methods = [kvtc.KVTC(ratio=r, calibration=cal) for r in (4, 16)]
+    recs = evaluate_kl(model, [s for _, s in segs], methods, 256, 64, "smollm2")
+    assert recs[0].kl_mean < 0.02
+    assert recs[0].kl_mean < recs[1].kl_mean
+    for r in recs:
+        assert r.details["ratio_compressed"] >= r.ratio_target * 0.999
+
+
+def test_attention_metric_pca_is_invertible_and_measures_output_error(tiny):
+    """Component-space error equals |T df|^2, and the value metric is the output projection's."""
+    from kvsqueeze.evaluate import dense_prefill
+
+    energy = kvtc.QueryEnergy(tiny)
+    with energy:
+        dense_prefill(tiny, torch.randint(0, 97, (64,), generator=torch.Generator().manual_seed(2)))
+    metrics = kvtc.attention_metrics(tiny, energy)
+    b = _builder_for(tiny)
+    pca = b.fit_pca("layer", metrics)
+    cal = b.build("fp", pca=pca)
+    g = torch.Generator().manual_seed(0)
+    for key in [(0, "k"), (1, "v")]:
+        s, T = cal.stats[key], metrics[key].double()
+        f = torch.randn(20, 32, generator=g, dtype=torch.float64)
+        z = codec.project(s, f)
+        torch.testing.assert_close(codec.unproject(s, z), f, rtol=1e-4, atol=1e-4)
+        dz = torch.randn(20, 32, generator=g, dtype=torch.float64) * 0.01
+        df = codec.unproject(s, z + dz) - codec.unproject(s, z)
+        torch.testing.assert_close(((dz * s.sigma.double()) ** 2).sum(1), ((df @ T.T) ** 2).sum(1),
+                                   rtol=1e-3, atol=1e-9)
+    # values: |T dv|^2 is proportional to sum over the group's query heads of |W_o,h dv|^2
+    wo = tiny.model.layers[1].self_attn.o_proj.weight.detach().double()
+    T = metrics[(1, "v")].double()
+    ratios = []
+    for _ in range(5):
+        dv = torch.randn(16, generator=g, dtype=torch.float64)
+        direct = sum(float((wo[:, h * 16:(h + 1) * 16] @ dv).pow(2).sum()) for h in (0, 1))  # group 0
+        full = torch.zeros(32, dtype=torch.float64)
+        full[:16] = dv
+        ratios.append(float((T @ full).pow(2).sum()) / direct)
+    assert max(ratios) / min(ratios) < 1.01
