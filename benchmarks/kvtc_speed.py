@@ -78,7 +78,7 @@ def main() -> int:
                     if kind == "k":
                         x = codec.remove_rope(x, cos, sin)
                     s, opts = cal.stats[(layer, kind)], alloc[(layer, kind)]
-                    q = codec.quantize(codec.project(s, codec.to_features(x)), opts, s.clip).numpy()
+                    q = codec.quantize(codec.project(s, codec.to_features(x)), opts, s.clips).numpy()
                     kept = np.nonzero(opts)[0]
                     for i in kept:
                         _, counts = np.unique(q[:, i], return_counts=True)

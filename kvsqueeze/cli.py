@@ -160,8 +160,10 @@ def cmd_serve(args, extra: list[str]) -> int:
     from kvsqueeze.backends.sglang.server import SGLangServer, free_port
 
     port = args.port or free_port(args.host)
-    server = SGLangServer(model=resolve_model(args.model), host=args.host, port=port,
-                          extra_args=extra)
+    model_path = resolve_model(args.model)
+    if args.kv_store:
+        extra = _kv_store_args(args, model_path, extra)
+    server = SGLangServer(model=model_path, host=args.host, port=port, extra_args=extra)
     print(f"starting SGLang: {' '.join(server.command())}", file=sys.stderr, flush=True)
     server.start()
 
@@ -197,6 +199,41 @@ def cmd_dms_train(args) -> int:
     summary = train(resolve_model(args.model), Path(args.out), cfg)
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1))
     return 0
+
+
+def _kv_store_args(args, model_path, extra: list[str]) -> list[str]:
+    """Resolve ``--kv-store kvtc[:DIR]`` into SGLang flags (calibrating the model once if needed)."""
+    from kvsqueeze.backends.sglang.server import kvtc_store_args
+
+    kind, _, directory = args.kv_store.partition(":")
+    if kind != "kvtc":
+        raise bad_value("kv-store", args.kv_store, "kvtc or kvtc:DIR")
+    if not args.kv_store_ratio >= 1:
+        raise bad_value("kv-store-ratio", args.kv_store_ratio, "a number >= 1")
+    for flag in ("--enable-hierarchical-cache", "--hicache-storage-backend"):
+        if flag in extra:
+            raise bad_value(flag, "given", "left to --kv-store (it sets the hierarchical cache up)")
+    calibration = args.calibration
+    if calibration is None:
+        from kvsqueeze.methods import kvtc
+        from kvsqueeze.model import load_hf
+
+        _, model = load_hf(model_path)
+        method = kvtc.KVTC(ratio=args.kv_store_ratio)
+        method.prepare(model)  # calibrates once per model if no calibration is cached yet
+        calibration = str(kvtc.default_calibration_path(kvtc.model_fingerprint(model)))
+        del model
+    page_size = 64
+    if "--page-size" in extra:
+        i = extra.index("--page-size")
+        page_size = int(extra[i + 1])
+        del extra[i:i + 2]
+    if page_size < 16:
+        raise bad_value("page-size", page_size, "at least 16 tokens with --kv-store (KVTC codes pages)")
+    print(f"KVTC storage tier: ratio {args.kv_store_ratio:g}, calibration {calibration}, "
+          f"{'directory ' + directory if directory else 'host memory'}, page size {page_size}",
+          file=sys.stderr)
+    return kvtc_store_args(calibration, args.kv_store_ratio, directory or None, page_size=page_size) + extra
 
 
 def cmd_kvtc_calibrate(args) -> int:
@@ -307,6 +344,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=30000, help="0 picks a free port")
     s.add_argument("--start-timeout", type=float, default=300.0)
+    s.add_argument("--kv-store", default=None, metavar="kvtc[:DIR]",
+                   help="keep radix-cache pages KVTC-compressed in a HiCache storage tier "
+                        "(host memory, or DIR)")
+    s.add_argument("--kv-store-ratio", type=float, default=8.0, help="KVTC ratio of the storage tier")
+    s.add_argument("--calibration", default=None,
+                   help="KVTC calibration for --kv-store (default: the model's, made once)")
     return p
 
 

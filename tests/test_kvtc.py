@@ -122,12 +122,12 @@ def test_codes_round_trip_losslessly(m, d, seed):
     """Any codes within the quantizer limits decode to themselves, whatever the model fits."""
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(m, d, generator=g) * 3
-    stats = kvtc.component_tables(torch.randn(64, d, generator=g), clip=6.0)
-    s = codec.LayerKindStats(groups=[(0, d)], means=[torch.zeros(d)], bases=[torch.eye(d)], synths=[torch.eye(d)],
-                             sigma=torch.ones(d), clip=6.0, **stats)
+    stats = kvtc.component_tables(torch.randn(64, d, generator=g), clips=(3.0, 9.0))
+    s = codec.LayerKindStats(groups=[(0, d)], means=[torch.zeros(d)], bases=[torch.eye(d)],
+                             synths=[torch.eye(d)], sigma=torch.ones(d), clips=(3.0, 9.0), **stats)
     cal = codec.Calibration(1, 1, d, "layer", 0.5, torch.ones(1), 1.0, "m", {(0, "k"): s})
     opts = np.array([int(x) for x in torch.randint(0, codec.N_OPTIONS, (d,), generator=g)])
-    q = codec.quantize(z, opts, 6.0)
+    q = codec.quantize(z, opts, (3.0, 9.0))
     words = codec.encode_codes(q, cal, 0, "k", opts)
     back = codec.decode_codes(words, m, cal, 0, "k", opts)
     kept = torch.as_tensor(opts > 0)
@@ -170,7 +170,7 @@ def test_round_trip_shapes_and_error_bound(tiny, tiny_cal, n, position, ratio):
                                   torch.arange(position, position + n))
     s = tiny_cal.stats[(1, "k")]
     z = codec.project(s, codec.to_features(codec.remove_rope(keys[1], cos, sin)))
-    zq = codec.dequantize(codec.quantize(z, alloc[(1, "k")], s.clip), alloc[(1, "k")])
+    zq = codec.dequantize(codec.quantize(z, alloc[(1, "k")], s.clips), alloc[(1, "k")])
     want = codec.apply_rope(codec.from_features(codec.unproject(s, zq), 2), cos, sin)
     torch.testing.assert_close(dk[1], want.float(), rtol=1e-4, atol=1e-4)
 
@@ -347,3 +347,102 @@ def test_attention_metric_pca_is_invertible_and_measures_output_error(tiny):
         full[:16] = dv
         ratios.append(float((T @ full).pow(2).sum()) / direct)
     assert max(ratios) / min(ratios) < 1.01
+
+
+# --- the page store behind the storage tier -----------------------------------------------------
+
+
+def _page(seed, n=24):
+    g = torch.Generator().manual_seed(seed)
+    return ([torch.randn(2, n, 16, generator=g) for _ in range(2)],
+            [torch.randn(2, n, 16, generator=g) for _ in range(2)])
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_store_concurrent_put_and_get_lose_nothing(tiny_cal, tmp_path, on_disk):
+    import threading
+
+    from kvsqueeze.methods.kvtc_store import KVTCStore, pack_page, unpack_page
+
+    store = KVTCStore(tiny_cal, 4.0, directory=tmp_path / "s" if on_disk else None)
+    # what each page must decode to: the page codec on its own, single-threaded
+    want = {}
+    for i in range(24):
+        k, v = _page(i)
+        want[f"p{i}"] = unpack_page(tiny_cal, pack_page(tiny_cal, k, v, 24 * i, 4.0))
+    errors = []
+
+    def worker(ids):
+        try:
+            for i in ids:
+                k, v = _page(i)
+                assert store.put(f"p{i}", k, v, 24 * i)
+                got = store.get(f"p{i}")
+                assert got is not None and got[2] == 24 * i
+                for a, b in zip(got[0] + got[1], want[f"p{i}"][0] + want[f"p{i}"][1]):
+                    assert torch.equal(a, b)
+        except Exception as exc:  # collected: assertion errors in threads do not fail the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=([j for j in range(24) if j % 3 == t] * 2,))
+               for t in range(3)] + [threading.Thread(target=worker, args=(list(range(24)),))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    s = store.snapshot()
+    assert s["pages_stored"] == 24 and s["pages_held"] == 24 and s["misses"] == 0
+    assert s["hits"] == 24 * 2 + 24 and s["ratio"] >= 3.8  # page 0 holds 4 exact sink tokens
+    assert store.get("absent") is None and store.snapshot()["misses"] == 1
+    if on_disk:  # a restart adopts the files and finds every page again
+        again = KVTCStore(tiny_cal, 4.0, directory=tmp_path / "s")
+        assert again.snapshot()["pages_held"] == 24 and again.exists("p5")
+        got = again.get("p5")
+        assert torch.equal(got[0][0], want["p5"][0][0])
+
+
+def test_store_drops_a_corrupted_page_and_bounds_its_size(tiny_cal, tmp_path):
+    from kvsqueeze.methods.kvtc_store import KVTCStore, pack_page
+
+    store = KVTCStore(tiny_cal, 4.0, directory=tmp_path)
+    k, v = _page(1)
+    store.put("a", k, v, 0)
+    path = store._path("a")
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    path.write_bytes(bytes(raw))
+    assert store.get("a") is None
+    s = store.snapshot()
+    assert s["corrupt"] == 1 and s["pages_held"] == 0 and not path.exists()
+    one = len(pack_page(tiny_cal, k, v, 0, 4.0))
+    small = KVTCStore(tiny_cal, 4.0, capacity_bytes=int(one * 2.5))
+    for i in range(5):
+        small.put(f"p{i}", *_page(i), position=0)
+    s = small.snapshot()
+    assert s["pages_held"] == 2 and s["evicted"] == 3 and s["bytes_after"] <= one * 2.5 * 1.1
+    assert small.exists("p4") and not small.exists("p0")
+
+
+def test_encoding_is_deterministic_whatever_was_encoded_before(tiny_cal):
+    k, v = _page(7)
+    first = codec.encode(tiny_cal, k, v, 3, 5.0).data
+    for i in range(3):  # other pages, other ratios: warm caches must not change the result
+        codec.encode(tiny_cal, *_page(100 + i), 0, 5.0 + i)
+    assert codec.encode(tiny_cal, k, v, 3, 5.0).data == first
+
+
+def test_page_records_keep_the_sinks_exact_and_reject_damage(tiny_cal):
+    from kvsqueeze.methods.kvtc_store import pack_page, unpack_page
+
+    k, v = _page(3)
+    rec = pack_page(tiny_cal, k, v, 0, 6.0, sinks=4)
+    dk, dv, pos = unpack_page(tiny_cal, rec)
+    assert pos == 0
+    for a, b in zip(dk + dv, k + v):
+        assert a.shape == b.shape and torch.equal(a[:, :4], b[:, :4]) and not torch.equal(a[:, 4:], b[:, 4:])
+    later = unpack_page(tiny_cal, pack_page(tiny_cal, k, v, 40, 6.0, sinks=4))
+    assert later[2] == 40 and not torch.equal(later[0][0][:, :4], k[0][:, :4])  # no sinks past position 4
+    for bad in (rec[:10], rec[:-1], rec[:30] + bytes([rec[30] ^ 1]) + rec[31:], b"XXXX" + rec[4:]):
+        with pytest.raises(codec.BlobError):
+            unpack_page(tiny_cal, bad)

@@ -3,8 +3,9 @@
 Calibration (``kvsqueeze kvtc calibrate``) runs calibration text through the model, takes the keys
 with RoPE removed and the values of every layer, and fits per layer (and per feature group) a PCA
 basis, then per component and quantizer option the expected distortion and entropy-coded rate on a
-sample of calibration tokens. The clipping of keys and values and the split of the bit budget between
-keys and values are then chosen by KL of the next-token distributions on calibration segments
+sample of calibration tokens, for quantizers clipped tightly or widely (the allocation picks per
+component). The tight clipping of keys and of values and the split of the bit budget between keys
+and values are then chosen by KL of the next-token distributions on calibration segments
 (attention quality, not squared error). The codec itself is :mod:`kvsqueeze.methods.kvtc_codec`.
 """
 
@@ -31,7 +32,8 @@ from kvsqueeze.methods.base import (
 
 GROUPINGS = ("layer", "head")
 METRICS = ("attention", "mse")
-DEFAULT_CLIPS = (4.0, 8.0, 16.0)
+DEFAULT_CLIPS = (3.0, 4.0, 6.0)   # tight clip candidates (std); the wide one is WIDE_CLIP
+WIDE_CLIP = 16.0
 DEFAULT_KEY_SHARES = (0.25, 0.35)
 
 
@@ -208,17 +210,18 @@ class CalibrationBuilder:
         return out
 
     def build(self, model_fingerprint: str, grouping: str = "layer", key_share: float = 0.25,
-              key_clip: float = 8.0, value_clip: float = 8.0, pca=None, tables=None,
+              key_clip: float = 4.0, value_clip: float = 4.0, pca=None, tables=None,
               info: dict | None = None) -> codec.Calibration:
         pca = pca or self.fit_pca(grouping)
         stats = {}
         for key, (groups, means, bases, synths, sigma) in pca.items():
             clip = key_clip if key[1] == "k" else value_clip
-            t = (tables or {}).get((key, clip))
+            clips = (float(clip), WIDE_CLIP)
+            t = (tables or {}).get((key, clips))
             if t is None:
-                t = component_tables(self.coefficients(key, pca), clip)
+                t = component_tables(self.coefficients(key, pca), clips)
             stats[key] = codec.LayerKindStats(groups=groups, means=means, bases=bases, synths=synths,
-                                              sigma=sigma, clip=clip, **t)
+                                              sigma=sigma, clips=clips, **t)
         if not 0 < key_share < 1:
             raise bad_value("key_share", key_share, "a fraction in (0, 1)")
         return codec.Calibration(
@@ -231,11 +234,12 @@ class CalibrationBuilder:
         """Normalised coefficients of the sampled calibration tokens of one (layer, kind)."""
         groups, means, bases, synths, sigma = pca[key]
         s = codec.LayerKindStats(groups=groups, means=means, bases=bases, synths=synths, sigma=sigma,
-                                 dist=None, rate=None, family=None, loc=None, scale=None, clip=0.0)
+                                 dist=None, rate=None, family=None, loc=None, scale=None,
+                                 clips=(0.0, 0.0))
         return codec.project(s, torch.cat(self.samples[key])).float()
 
 
-def component_tables(z: torch.Tensor, clip: float) -> dict[str, torch.Tensor]:
+def component_tables(z: torch.Tensor, clips: tuple[float, float]) -> dict[str, torch.Tensor]:
     """Expected squared error (in units of the component's variance) and entropy-coded bits per token.
 
     ``z``: normalised coefficients ``[S, D]`` of calibration tokens. For every option the entropy
@@ -245,6 +249,7 @@ def component_tables(z: torch.Tensor, clip: float) -> dict[str, torch.Tensor]:
     S, D = z.shape
     z = z.double()
     steps = codec.option_steps()
+    limits = codec.option_limits(clips)
     var = z.pow(2).mean(0)
     dist = torch.zeros(D, codec.N_OPTIONS, dtype=torch.float64)
     rate = torch.zeros_like(dist)
@@ -254,7 +259,7 @@ def component_tables(z: torch.Tensor, clip: float) -> dict[str, torch.Tensor]:
     dist[:, 0] = var
     for j in range(1, codec.N_OPTIONS):
         step = float(steps[j])
-        lim = codec.option_limit(step, clip)
+        lim = int(limits[j])
         q = torch.round(z / step).clamp(-lim, lim)
         dist[:, j] = (z - q * step).pow(2).mean(0)
         u = (z / step).clamp(-lim - 0.5, lim + 0.5)  # the coder sees clipped values
@@ -320,15 +325,18 @@ def calibrate(model, tokenizer, docs, seq_len: int = 1024, segments: int = 24, g
     tables: dict = {}
 
     def table_for(key, clip):
-        if (key, clip) not in tables:
-            tables[(key, clip)] = component_tables(b.coefficients(key, pca), clip)
-        return tables[(key, clip)]
+        clips = (float(clip), WIDE_CLIP)
+        if (key, clips) not in tables:
+            tables[(key, clips)] = component_tables(b.coefficients(key, pca), clips)
+        return tables[(key, clips)]
 
     info = {"seq_len": seq_len, "segments": segments, "metric": metric, "sources": sorted({s for s, _ in segs[:segments]})[:50]}
-    choice = {"key_share": 0.25, "key_clip": 8.0, "value_clip": 8.0}
+    choice = {"key_share": 0.25, "key_clip": 4.0, "value_clip": 4.0}
+    for i, key in enumerate(pca):
+        table_for(key, choice["key_clip"] if key[1] == "k" else choice["value_clip"])
+        if progress:
+            progress(i + 1, len(pca), "rate tables")
     if not tune:
-        for key in pca:
-            table_for(key, choice["key_clip"] if key[1] == "k" else choice["value_clip"])
         return b.build(fp, grouping, pca=pca, tables=tables, info=info, **choice)
     tune_data = []
     for _, ids in segs[segments:]:

@@ -13,8 +13,9 @@ Pipeline for one sequence's compressible tokens, per layer and per kind (keys, v
    the output projection that reads them), so squared error in component space is error in what
    attention computes; the analysis and synthesis matrices are then ``T^T B`` and ``T^-1 B``;
 3. component ``i`` is quantized with option ``j``: ``j = 0`` drops it (reconstructed as the mean), ``j > 0``
-   is a uniform mid-tread quantizer of step ``STEP0 * 2**(-(j-1)/2)`` standard deviations whose codes
-   are clipped at ``clip`` standard deviations (``clip`` chosen at calibration for attention quality);
+   is a uniform mid-tread quantizer of step ``STEP0 * 2**(-s/2)`` standard deviations (``s`` = 0..23)
+   whose codes are clipped at a tight or a wide limit (``clips``, in standard deviations): coarse
+   quantizers gain from clipping outliers, fine ones lose, and the allocation picks per component;
 4. the options come from a dynamic-programming allocation (:func:`allocate`) that minimises the
    calibration distortion under a budget of entropy-coded bits per token;
 5. codes are range-coded (``constriction``) under a per-component parametric model fitted at
@@ -45,7 +46,8 @@ CALIBRATION_VERSION = 1
 BLOB_MAGIC = b"KVTC"
 BLOB_VERSION = 1
 STEP0 = 4.0           # coarsest quantizer step, in component standard deviations
-N_OPTIONS = 25        # option 0 drops the component; 1..24 halve the step every 2 options
+N_STEPS = 24          # step sizes, halving every 2
+N_OPTIONS = 1 + 2 * N_STEPS  # 0 drops the component; 1..24 tight clip, 25..48 the same steps wide
 RATE_UNIT = 8         # DP costs in 1/8 bit
 KINDS = ("k", "v")
 LAPLACE, GAUSSIAN = 0, 1
@@ -59,12 +61,20 @@ def option_steps() -> torch.Tensor:
     """Quantizer step of each option in standard deviations (``inf`` for the dropped option 0)."""
     j = torch.arange(N_OPTIONS, dtype=torch.float64)
     return torch.where(j == 0, torch.tensor(math.inf, dtype=torch.float64),
-                       STEP0 * torch.pow(2.0, -(j - 1) / 2))
+                       STEP0 * torch.pow(2.0, -((j - 1) % N_STEPS) / 2))
 
 
 def option_limit(step: float, clip: float) -> int:
     """Largest code magnitude of a quantizer with ``step`` clipped at ``clip`` std."""
     return max(1, math.ceil(clip / step - 0.5))
+
+
+def option_limits(clips: tuple[float, float]) -> torch.Tensor:
+    """Largest code magnitude of each option (0 for the dropped option 0)."""
+    steps = option_steps()
+    lim = [0] + [option_limit(float(steps[j]), clips[0] if j <= N_STEPS else clips[1])
+                 for j in range(1, N_OPTIONS)]
+    return torch.tensor(lim, dtype=torch.float64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,7 +200,10 @@ class LayerKindStats:
     family: torch.Tensor                   # [D, N_OPTIONS] entropy model family (int8)
     loc: torch.Tensor                      # [D, N_OPTIONS] model location, in codes
     scale: torch.Tensor                    # [D, N_OPTIONS] model scale, in codes
-    clip: float
+    clips: tuple[float, float]             # tight and wide clipping of the quantizer options
+
+    def limits(self) -> torch.Tensor:
+        return option_limits(self.clips)
 
 
 @dataclass
@@ -209,7 +222,6 @@ class Calibration:
     info: dict = field(default_factory=dict)
     _alloc_cache: dict = field(default_factory=dict, repr=False)
     _model_cache: dict = field(default_factory=dict, repr=False)
-    _plans: dict = field(default_factory=dict, repr=False)
 
     def coder_model(self, layer: int, kind: str, component: int, option: int):
         """The entropy model of one component under one option (built once, then reused)."""
@@ -217,7 +229,7 @@ class Calibration:
         m = self._model_cache.get(key)
         if m is None:
             s = self.stats[(layer, kind)]
-            lim = option_limit(float(option_steps()[option]), s.clip)
+            lim = int(s.limits()[option])
             m = _coder_model(int(s.family[component, option]), lim, float(s.loc[component, option]),
                              float(s.scale[component, option]))
             self._model_cache[key] = m
@@ -241,10 +253,10 @@ class Calibration:
     def _meta_core(self) -> dict:
         return {"format": CALIBRATION_FORMAT, "version": CALIBRATION_VERSION,
                 "n_layers": self.n_layers, "kv_heads": self.kv_heads, "head_dim": self.head_dim,
-                "options": {"n": N_OPTIONS, "step0": STEP0, "halvings_per_option": 0.5},
+                "options": {"n": N_OPTIONS, "steps": N_STEPS, "step0": STEP0, "halvings_per_step": 0.5},
                 "grouping": self.grouping, "key_share": self.key_share,
                 "rope_scaling": self.rope_scaling, "model_fingerprint": self.model_fingerprint,
-                "clips": {f"{l}.{k}": s.clip for (l, k), s in sorted(self.stats.items())},
+                "clips": {f"{l}.{k}": list(s.clips) for (l, k), s in sorted(self.stats.items())},
                 "groups": {f"{l}.{k}": s.groups for (l, k), s in sorted(self.stats.items())}}
 
     def _tensors(self) -> dict[str, torch.Tensor]:
@@ -296,7 +308,7 @@ class Calibration:
             raise KvsqueezeError(
                 f"calibration={str(path)!r}: format {meta.get('format')!r} version {meta.get('version')!r};"
                 f" expected {CALIBRATION_FORMAT!r} version {CALIBRATION_VERSION}")
-        want_opts = {"n": N_OPTIONS, "step0": STEP0, "halvings_per_option": 0.5}
+        want_opts = {"n": N_OPTIONS, "steps": N_STEPS, "step0": STEP0, "halvings_per_step": 0.5}
         if meta.get("options") != want_opts:
             raise KvsqueezeError(f"calibration={str(path)!r}: quantizer options {meta.get('options')}, "
                                  f"this kvsqueeze uses {want_opts}; re-run `kvsqueeze kvtc calibrate`")
@@ -312,7 +324,7 @@ class Calibration:
                 synths=[tensors[f"{p}g{g}.synth"] for g in range(len(groups))],
                 sigma=tensors[p + "sigma"], dist=tensors[p + "dist"], rate=tensors[p + "rate"],
                 family=tensors[p + "family"], loc=tensors[p + "loc"], scale=tensors[p + "scale"],
-                clip=float(meta["clips"][key]))
+                clips=tuple(float(c) for c in meta["clips"][key]))
         cal = cls(n_layers=meta["n_layers"], kv_heads=meta["kv_heads"], head_dim=meta["head_dim"],
                   grouping=meta["grouping"], key_share=meta["key_share"],
                   rope_inv_freq=tensors["rope_inv_freq"], rope_scaling=meta["rope_scaling"],
@@ -383,27 +395,23 @@ def unproject(s: LayerKindStats, z: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=1)
 
 
-def _option_arrays(options: np.ndarray, clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _option_arrays(options: np.ndarray, clips: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per component step (std units; 0 where dropped) and code limit."""
     opts = torch.as_tensor(np.asarray(options), dtype=torch.long)
     steps = option_steps()[opts]
-    kept = opts > 0
-    lim = torch.zeros(len(opts), dtype=torch.float64)
-    lim[kept] = torch.tensor([float(option_limit(float(st), clip)) for st in steps[kept]],
-                             dtype=torch.float64)
-    return torch.where(kept, steps, torch.zeros_like(steps)), lim
+    return torch.where(opts > 0, steps, torch.zeros_like(steps)), option_limits(clips)[opts]
 
 
-def quantize(z: torch.Tensor, options: np.ndarray, clip: float) -> torch.Tensor:
+def quantize(z: torch.Tensor, options: np.ndarray, clips: tuple[float, float]) -> torch.Tensor:
     """Integer codes ``[m, D]`` (0 where the component is dropped)."""
-    steps, lim = _option_arrays(options, clip)
+    steps, lim = _option_arrays(options, clips)
     safe = torch.where(steps > 0, steps, torch.ones_like(steps))
     q = torch.round(z.double() / safe).clamp(-lim, lim)
     return q.to(torch.int32)
 
 
 def dequantize(q: torch.Tensor, options: np.ndarray) -> torch.Tensor:
-    steps, _ = _option_arrays(options, 1.0)
+    steps, _ = _option_arrays(options, (1.0, 1.0))
     return q.double() * steps
 
 
@@ -412,14 +420,13 @@ def encode_codes(q: torch.Tensor, cal: "Calibration", layer: int, kind: str,
     """Range-code the codes column by column; returns the coder's uint32 words."""
     import constriction
 
-    s = cal.stats[(layer, kind)]
-    steps = option_steps()
+    lims = cal.stats[(layer, kind)].limits()
     enc = constriction.stream.queue.RangeEncoder()
     qn = q.numpy()
     for i, j in enumerate(options):
         if j == 0:
             continue
-        lim = option_limit(float(steps[j]), s.clip)
+        lim = int(lims[j])
         enc.encode(np.ascontiguousarray(qn[:, i] + lim, dtype=np.int32), cal.coder_model(layer, kind, i, int(j)))
     return enc.get_compressed()
 
@@ -428,14 +435,13 @@ def decode_codes(words: np.ndarray, m: int, cal: "Calibration", layer: int, kind
                  options: np.ndarray) -> torch.Tensor:
     import constriction
 
-    s = cal.stats[(layer, kind)]
-    steps = option_steps()
+    lims = cal.stats[(layer, kind)].limits()
     dec = constriction.stream.queue.RangeDecoder(words)
     q = np.zeros((m, len(options)), dtype=np.int32)
     for i, j in enumerate(options):
         if j == 0:
             continue
-        lim = option_limit(float(steps[j]), s.clip)
+        lim = int(lims[j])
         q[:, i] = dec.decode(cal.coder_model(layer, kind, i, int(j)), m) - lim
     return torch.from_numpy(q)
 
@@ -498,9 +504,9 @@ def encode(cal: Calibration, keys: list[torch.Tensor], values: list[torch.Tensor
                 x = remove_rope(x, cos, sin)
             coeffs[(layer, kind)] = project(cal.stats[(layer, kind)], to_features(x))
     dense = 2 * cal.n_layers * m * h * d * 2
-    # start from the allocation that last met this target (calibration rates run a little
-    # optimistic on unseen text), so that later blobs reuse one cached allocation
-    plan = cal._plans.get(ratio, _grid_ratio(ratio)) if rate_control else _grid_ratio(ratio)
+    # always start from the target's own plan, so that a blob depends on its input alone
+    # (deterministic); the allocations tried are cached per plan, so later blobs reuse them
+    plan = _grid_ratio(ratio)
     if not rate_control:
         return _encode_at(cal, coeffs, plan, keys[0].dtype, position, m)
     best, failed = None, set()
@@ -521,10 +527,7 @@ def encode(cal: Calibration, keys: list[torch.Tensor], values: list[torch.Tensor
                 break
             nxt = _grid_ratio(plan * 1.02)
         plan = nxt
-    if best is None:
-        return blob
-    cal._plans[ratio] = best[1]
-    return best[0]
+    return blob if best is None else best[0]
 
 
 def _encode_at(cal: Calibration, coeffs: dict, plan: float, dtype: torch.dtype, position: int,
@@ -534,7 +537,7 @@ def _encode_at(cal: Calibration, coeffs: dict, plan: float, dtype: torch.dtype, 
     for layer in range(cal.n_layers):
         for kind in KINDS:
             s, opts = cal.stats[(layer, kind)], alloc[(layer, kind)]
-            streams.append(encode_codes(quantize(coeffs[(layer, kind)], opts, s.clip), cal, layer, kind, opts))
+            streams.append(encode_codes(quantize(coeffs[(layer, kind)], opts, s.clips), cal, layer, kind, opts))
     header = {"n_layers": cal.n_layers, "kv_heads": cal.kv_heads, "head_dim": cal.head_dim,
               "n_tokens": m, "position": position, "dtype": _dtype_name(dtype), "ratio": plan,
               "allocation": allocation_id(alloc), "calibration": cal.fingerprint(),

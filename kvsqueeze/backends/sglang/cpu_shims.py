@@ -16,6 +16,10 @@ Why each one exists (see ../shared/SGLANG-ON-CPU.md in the project notes):
   its module-level ``_is_cpu`` is true, and the official CPU switch (``SGLANG_USE_CPU_ENGINE=1``) demands
   the Intel-AMX ``sgl_kernel`` build, which has no wheel. Setting that module flag keeps the native
   PyTorch rope path, which is what runs anyway.
+* ``hicache_host_pool``: the hierarchical cache's host pool allocates pinned memory (which needs an
+  accelerator) and moves pages with ``sgl_kernel.kvcacheio.transfer_kv_direct``, which is only
+  imported on CUDA/ROCm/XPU. On CPU the pool is made unpinned and ``transfer_kv_direct`` becomes the
+  same indexed copy written in PyTorch (``--hicache-io-backend direct``, ``layer_first`` layout).
 """
 
 from __future__ import annotations
@@ -78,6 +82,51 @@ def native_rope() -> None:
     _applied.add("native_rope")
 
 
+def transfer_kv_direct(src_layers, dst_layers, src_indices, dst_indices, page_size: int) -> None:
+    """PyTorch twin of ``sgl_kernel.kvcacheio.transfer_kv_direct``: ``dst[dst_idx] = src[src_idx]``
+    for every (source, destination) layer buffer pair (token rows; pages are whole runs of rows)."""
+    if len(src_layers) != len(dst_layers):
+        raise ValueError(f"{len(src_layers)} source and {len(dst_layers)} destination layers")
+    if src_indices.numel() != dst_indices.numel():
+        raise ValueError(f"{src_indices.numel()} source and {dst_indices.numel()} destination indices")
+    si = src_indices.to(device=src_layers[0].device, dtype=torch_long())
+    di = dst_indices.to(device=dst_layers[0].device, dtype=torch_long())
+    for src, dst in zip(src_layers, dst_layers):
+        dst.index_copy_(0, di, src.index_select(0, si).to(dst.device))
+
+
+def torch_long():
+    import torch
+
+    return torch.long
+
+
+def hicache_host_pool() -> None:
+    """Unpinned host pool and a PyTorch ``transfer_kv_direct`` for HiCache on CPU."""
+    if "hicache_host_pool" in _applied:
+        return
+    import torch
+
+    _applied.add("hicache_host_pool")
+    if torch.cuda.is_available():
+        return
+    try:
+        from sglang.srt.mem_cache.pool_host import mha
+    except ImportError:  # an SGLang without this module: nothing to patch
+        return
+    if not hasattr(mha, "transfer_kv_direct"):
+        mha.transfer_kv_direct = transfer_kv_direct
+    init = mha.MHATokenToKVPoolHost.__init__
+
+    def unpinned_init(self, *args, **kwargs):
+        kwargs["pin_memory"] = False
+        init(self, *args, **kwargs)
+
+    if not getattr(init, "_kvsqueeze_unpinned", False):
+        unpinned_init._kvsqueeze_unpinned = True
+        mha.MHATokenToKVPoolHost.__init__ = unpinned_init
+
+
 def apply_pre_import() -> None:
     """Shims that must run before sglang or transformers are imported."""
     torchvision_ops()
@@ -86,3 +135,4 @@ def apply_pre_import() -> None:
 def apply_all() -> None:
     apply_pre_import()
     native_rope()
+    hicache_host_pool()

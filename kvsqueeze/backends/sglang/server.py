@@ -30,6 +30,28 @@ def cpu_defaults() -> dict[str, str]:
     return {} if torch.cuda.is_available() else dict(CPU_DEFAULTS)
 
 
+def kvtc_store_args(calibration: str, ratio: float, directory: str | None = None,
+                    stats_file: str | None = None, page_size: int = 64) -> list[str]:
+    """SGLang flags that turn on the hierarchical cache with the KVTC storage tier.
+
+    ``wait_complete``: a request waits for its prefix to be restored from storage (the best-effort
+    default gives up on a slow tier and recomputes). ``layer_first`` + ``direct`` is the host-pool
+    layout and transfer path kvsqueeze's CPU shim and storage backend support.
+    """
+    import json
+
+    extra = {"backend_name": "kvtc", "module_path": "kvsqueeze.backends.sglang.kvtc_storage",
+             "class_name": "KVTCHiCacheStorage", "interface_v1": 1,
+             "hicache_storage_pass_prefix_keys": True, "kvtc_calibration": str(calibration),
+             "kvtc_ratio": float(ratio), "kvtc_dir": str(directory) if directory else None,
+             "kvtc_stats_file": stats_file}
+    return ["--page-size", str(page_size), "--enable-hierarchical-cache",
+            "--hicache-io-backend", "direct", "--hicache-mem-layout", "layer_first",
+            "--hicache-storage-prefetch-policy", "wait_complete",
+            "--hicache-storage-backend", "dynamic",
+            "--hicache-storage-backend-extra-config", json.dumps(extra)]
+
+
 def port_is_free(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -1,0 +1,189 @@
+"""SGLang HiCache storage backend that keeps radix-cache pages KVTC-compressed.
+
+Loaded by SGLang's dynamic storage-backend option (``kvsqueeze serve --kv-store kvtc[:DIR]`` sets it):
+
+    --enable-hierarchical-cache --hicache-io-backend direct --hicache-mem-layout layer_first
+    --hicache-storage-backend dynamic --hicache-storage-backend-extra-config '{
+        "backend_name": "kvtc", "module_path": "kvsqueeze.backends.sglang.kvtc_storage",
+        "class_name": "KVTCHiCacheStorage", "interface_v1": 1,
+        "hicache_storage_pass_prefix_keys": true,
+        "kvtc_calibration": FILE, "kvtc_ratio": 8, "kvtc_dir": DIR or null}'
+
+``interface_v1`` makes SGLang hand over host-pool indices (zero copy): a page is read from the host
+pool, encoded with :class:`kvsqueeze.methods.kvtc_store.KVTCStore` and restored into the host pool on
+a prefix hit. ``hicache_storage_pass_prefix_keys`` gives each page its absolute position (the
+number of pages before it), which the codec needs to take RoPE off the keys; without positions a
+page is not stored (SGLang recomputes it), never stored wrongly. The engine-agnostic work (codec,
+store) is tested on its own; this class only maps host-pool pages.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, List, Optional
+
+import torch
+from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig
+
+from kvsqueeze.methods import kvtc_codec as codec
+from kvsqueeze.methods.kvtc_store import KVTCStore
+
+logger = logging.getLogger(__name__)
+
+STATS_ENV = "KVSQUEEZE_KVTC_STATS"  # file where the scheduler publishes the store's stats (JSON)
+METRICS = {  # store stat -> (Prometheus gauge name, help)
+    "pages_stored": ("kvsqueeze_kvtc_pages_stored", "KVTC pages stored since start"),
+    "pages_held": ("kvsqueeze_kvtc_pages_held", "KVTC pages in the store now"),
+    "bytes_before": ("kvsqueeze_kvtc_bytes_before", "16-bit K+V bytes of the pages held"),
+    "bytes_after": ("kvsqueeze_kvtc_bytes_after", "compressed bytes of the pages held"),
+    "hits": ("kvsqueeze_kvtc_hits", "pages restored from the store"),
+    "misses": ("kvsqueeze_kvtc_misses", "pages asked for and not found (or undecodable)"),
+    "corrupt": ("kvsqueeze_kvtc_corrupt", "pages dropped because they failed to decode"),
+    "encode_seconds": ("kvsqueeze_kvtc_encode_seconds", "total time spent compressing pages"),
+    "restore_seconds": ("kvsqueeze_kvtc_restore_seconds", "total time spent decompressing hits"),
+}
+_GAUGES: dict = {}
+
+
+def _gauges():
+    """Prometheus gauges in SGLang's multiprocess registry (present with --enable-metrics)."""
+    if not _GAUGES and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        try:
+            from prometheus_client import Gauge
+        except ImportError:
+            return {}
+        for key, (name, doc) in METRICS.items():
+            _GAUGES[key] = Gauge(name, doc, multiprocess_mode="livesum")
+    return _GAUGES
+
+
+class KVTCHiCacheStorage(HiCacheStorage):
+    def __init__(self, storage_config: HiCacheStorageConfig, kwargs: Any = None):
+        extra = dict(storage_config.extra_config or {})
+        path = extra.get("kvtc_calibration")
+        if not path:
+            raise ValueError("kvtc storage: extra_config needs 'kvtc_calibration' (a calibration file)")
+        self.cal = codec.Calibration.load(path)
+        self.ratio = float(extra.get("kvtc_ratio", 8))
+        directory = extra.get("kvtc_dir")
+        if directory and storage_config.tp_size > 1:
+            directory = os.path.join(directory, f"tp{storage_config.tp_rank}")
+        self.store = KVTCStore(self.cal, self.ratio, directory=directory,
+                               capacity_bytes=extra.get("kvtc_capacity_bytes"))
+        self.stats_file = extra.get("kvtc_stats_file") or os.environ.get(STATS_ENV)
+        self.mem_pool_host = None
+        self._warned_no_position = False
+        logger.info("kvsqueeze KVTC storage: ratio %.3g, %s, calibration %s", self.ratio,
+                    directory or "host memory", self.cal.fingerprint())
+        self.cal.allocation(codec._grid_ratio(self.ratio))  # plan once now, not on the first page
+
+    # -- host pool pages ------------------------------------------------------------------------
+
+    def register_mem_pool_host(self, mem_pool_host):
+        layout = getattr(mem_pool_host, "layout", None)
+        if layout != "layer_first":
+            raise ValueError(f"kvtc storage: host pool layout {layout!r}; expected 'layer_first' "
+                             "(--hicache-mem-layout layer_first)")
+        geom = (mem_pool_host.layer_num, mem_pool_host.head_num, mem_pool_host.head_dim)
+        if geom != (self.cal.n_layers, self.cal.kv_heads, self.cal.head_dim):
+            raise ValueError(f"kvtc storage: host pool (layers, kv heads, head dim) = {geom}, the "
+                             f"calibration is for {(self.cal.n_layers, self.cal.kv_heads, self.cal.head_dim)}")
+        super().register_mem_pool_host(mem_pool_host)
+
+    def _page(self, rows: torch.Tensor):
+        pool = self.mem_pool_host
+        keys = [pool.k_buffer[l].index_select(0, rows).permute(1, 0, 2) for l in range(pool.layer_num)]
+        values = [pool.v_buffer[l].index_select(0, rows).permute(1, 0, 2) for l in range(pool.layer_num)]
+        return keys, values
+
+    def _write_page(self, rows: torch.Tensor, keys, values) -> None:
+        pool = self.mem_pool_host
+        for l in range(pool.layer_num):
+            pool.k_buffer[l].index_copy_(0, rows, keys[l].permute(1, 0, 2).to(pool.k_buffer.dtype))
+            pool.v_buffer[l].index_copy_(0, rows, values[l].permute(1, 0, 2).to(pool.v_buffer.dtype))
+
+    def _positions(self, n_keys: int, extra_info) -> Optional[list[int]]:
+        prefix = getattr(extra_info, "prefix_keys", None) if extra_info is not None else None
+        if prefix is None:
+            if not self._warned_no_position:
+                logger.warning("kvtc storage: SGLang passed no prefix keys, so page positions are "
+                               "unknown; pages are not stored (set hicache_storage_pass_prefix_keys)")
+                self._warned_no_position = True
+            return None
+        ps = self.mem_pool_host.page_size
+        return [(len(prefix) + i) * ps for i in range(n_keys)]
+
+    def batch_set_v1(self, keys: List[str], host_indices: torch.Tensor, extra_info=None) -> List[bool]:
+        ps = self.mem_pool_host.page_size
+        positions = self._positions(len(keys), extra_info)
+        if positions is None:
+            return [False] * len(keys)
+        out = []
+        for i, key in enumerate(keys):
+            try:
+                k, v = self._page(host_indices[i * ps:(i + 1) * ps].long())
+                out.append(self.store.put(key, k, v, positions[i]))
+            except Exception:  # a page that cannot be stored is recomputed, never half-stored
+                logger.exception("kvtc storage: storing page %s failed", key)
+                out.append(False)
+        self._publish()
+        return out
+
+    def batch_get_v1(self, keys: List[str], host_indices: torch.Tensor, extra_info=None) -> List[bool]:
+        ps = self.mem_pool_host.page_size
+        out = []
+        for i, key in enumerate(keys):
+            got = self.store.get(key)
+            if got is None or got[0][0].shape[1] != ps:
+                out.append(False)
+                continue
+            self._write_page(host_indices[i * ps:(i + 1) * ps].long(), got[0], got[1])
+            out.append(True)
+        self._publish()
+        return out
+
+    def batch_exists(self, keys: List[str], extra_info=None) -> int:
+        for i, key in enumerate(keys):
+            if not self.store.exists(key):
+                return i
+        return len(keys)
+
+    def exists(self, key: str) -> bool:
+        return self.store.exists(key)
+
+    # the generic (copying) interface is not used with interface_v1; refuse it loudly
+    def get(self, key, target_location=None, target_sizes=None):
+        raise NotImplementedError("kvtc storage runs with interface_v1 (zero-copy host pages)")
+
+    def batch_get(self, keys, target_locations=None, target_sizes=None):
+        raise NotImplementedError("kvtc storage runs with interface_v1 (zero-copy host pages)")
+
+    def set(self, key, value=None, target_location=None, target_sizes=None):
+        raise NotImplementedError("kvtc storage runs with interface_v1 (zero-copy host pages)")
+
+    def batch_set(self, keys, values=None, target_locations=None, target_sizes=None):
+        raise NotImplementedError("kvtc storage runs with interface_v1 (zero-copy host pages)")
+
+    def clear(self) -> None:
+        self.store.clear()
+        self._publish()
+
+    def get_stats(self):
+        return None  # SGLang's storage metrics expect its own collector type; ours go to _publish
+
+    def stats(self) -> dict:
+        return self.store.snapshot()
+
+    def _publish(self) -> None:
+        """Export the store's stats: Prometheus gauges (``/metrics``) and, if set, a JSON file."""
+        snap = self.store.snapshot()
+        for key, gauge in _gauges().items():
+            gauge.set(snap[key])
+        if not self.stats_file:
+            return
+        tmp = f"{self.stats_file}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.store.snapshot(), f)
+        os.replace(tmp, self.stats_file)

@@ -1,0 +1,239 @@
+"""A KVTC-compressed page store: the engine-agnostic core of the KVTC storage tier.
+
+Pages (one or more consecutive tokens of every layer's K and V, with their absolute position) are
+encoded into KVTC blobs and kept in host memory or in a directory, one file per page. The engine
+adapter (SGLang's HiCache storage interface) only maps its page buffers to :meth:`KVTCStore.put`
+and :meth:`KVTCStore.get`.
+
+The first ``sinks`` tokens of a sequence (attention sinks) stay exact inside their page record:
+compressing them is what breaks a restored cache (measured: at 4x, KL 18x larger and greedy output
+changed on a held-out prompt; with them exact, the same output as the dense cache). A record is
+``MAGIC | version | n_exact | exact K/V bytes | KVTC blob | crc32``.
+
+Guarantees: a page is either stored whole or not at all (files are written under a temporary name
+and renamed; the in-memory map is updated under a lock); a page that fails to decode (truncated or
+corrupted file, another calibration) is reported as a miss, counted, and removed, never returned.
+``capacity_bytes`` bounds the stored bytes, evicting the least recently used pages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import threading
+import zlib
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from kvsqueeze.errors import bad_value
+from kvsqueeze.methods import kvtc_codec as codec
+
+RECORD_MAGIC = b"KVPG"
+RECORD_VERSION = 1
+
+
+def pack_page(cal: codec.Calibration, keys: list[torch.Tensor], values: list[torch.Tensor], position: int,
+              ratio: float, sinks: int = 4) -> bytes:
+    """One page record: its first tokens below position ``sinks`` exact, the rest a KVTC blob."""
+    n = keys[0].shape[1]
+    exact = min(max(0, sinks - position), n)
+    raw = b"".join(t[:, :exact].contiguous().numpy().tobytes() for t in keys + values) if exact else b""
+    blob = codec.encode(cal, [k[:, exact:] for k in keys], [v[:, exact:] for v in values],
+                        position + exact, ratio).data if exact < n else b""
+    body = RECORD_MAGIC + struct.pack("<HIII", RECORD_VERSION, exact, len(raw), n) + raw + blob
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def unpack_page(cal: codec.Calibration, data: bytes):
+    """Inverse of :func:`pack_page`: ``(keys, values, position)``; raises :class:`codec.BlobError`."""
+    if len(data) < 22 or data[:4] != RECORD_MAGIC:
+        raise codec.BlobError("page record: truncated or not a kvsqueeze page record")
+    (crc,) = struct.unpack_from("<I", data, len(data) - 4)
+    if zlib.crc32(data[:-4]) != crc:
+        raise codec.BlobError("page record: checksum mismatch (truncated or corrupted)")
+    version, exact, raw_len, n = struct.unpack_from("<HIII", data, 4)
+    if version != RECORD_VERSION:
+        raise codec.BlobError(f"page record: version {version}; this kvsqueeze reads {RECORD_VERSION}")
+    raw, blob = data[18:18 + raw_len], data[18 + raw_len:-4]
+    if not blob:
+        raise codec.BlobError("page record: no compressed part (pages must be longer than the sinks)")
+    header = codec.read_header(blob)
+    keys, values = codec.decode(cal, blob)
+    position = header["position"] - exact
+    if exact:
+        dt = keys[0].dtype
+        per = cal.kv_heads * exact * cal.head_dim
+        flat = torch.frombuffer(bytearray(raw), dtype=dt)
+        if flat.numel() != 2 * cal.n_layers * per:
+            raise codec.BlobError("page record: exact part has the wrong size")
+        parts = flat.split(per)
+        ex = [p.reshape(cal.kv_heads, exact, cal.head_dim) for p in parts]
+        keys = [torch.cat([e, k], 1) for e, k in zip(ex[:cal.n_layers], keys)]
+        values = [torch.cat([e, v], 1) for e, v in zip(ex[cal.n_layers:], values)]
+    if keys[0].shape[1] != n:
+        raise codec.BlobError(f"page record: {keys[0].shape[1]} tokens, header says {n}")
+    return keys, values, position
+
+
+@dataclass
+class StoreStats:
+    pages_stored: int = 0        # puts that stored a new page
+    pages_held: int = 0          # pages in the store now
+    bytes_before: int = 0        # 16-bit K+V bytes of the pages held
+    bytes_after: int = 0         # blob bytes of the pages held
+    hits: int = 0
+    misses: int = 0
+    corrupt: int = 0             # pages that failed to decode (dropped)
+    evicted: int = 0
+    encode_seconds: float = 0.0
+    restore_seconds: float = 0.0  # decode time of hits
+
+    @property
+    def ratio(self) -> float:
+        return self.bytes_before / self.bytes_after if self.bytes_after else 0.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "ratio": self.ratio}
+
+
+class KVTCStore:
+    """Pages keyed by string, KVTC-compressed at ``ratio``, in memory (``directory=None``) or on disk."""
+
+    def __init__(self, calibration: codec.Calibration, ratio: float, directory: str | Path | None = None,
+                 capacity_bytes: int | None = None, sinks: int = 4):
+        if not ratio >= 1:
+            raise bad_value("ratio", ratio, "a number >= 1 (the target compression ratio)")
+        if capacity_bytes is not None and capacity_bytes <= 0:
+            raise bad_value("capacity_bytes", capacity_bytes, "a positive number of bytes")
+        if sinks < 0:
+            raise bad_value("sinks", sinks, "a number of tokens >= 0")
+        self.cal, self.ratio, self.capacity, self.sinks = calibration, float(ratio), capacity_bytes, sinks
+        self.dir = Path(directory) if directory is not None else None
+        if self.dir is not None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._index: OrderedDict[str, tuple[int, int, bytes | None]] = OrderedDict()  # key -> (before, after, blob)
+        self.stats = StoreStats()
+        if self.dir is not None:
+            self._scan()
+
+    # -- layout -------------------------------------------------------------------------------
+
+    def _path(self, key: str) -> Path:
+        return self.dir / (hashlib.sha256(key.encode()).hexdigest()[:40] + ".kvtc")
+
+    def _scan(self) -> None:
+        """Adopt pages already in the directory (a restart keeps the store); their key is unknown
+        until asked, so they are indexed by file name and looked up through :meth:`_path`."""
+        for p in sorted(self.dir.glob("*.kvtc")):
+            try:
+                data = p.read_bytes()
+                if data[:4] != RECORD_MAGIC or len(data) < 22:
+                    raise codec.BlobError("not a page record")
+                n = struct.unpack_from("<HIII", data, 4)[3]
+            except (OSError, codec.BlobError, struct.error):
+                self.stats.corrupt += 1
+                p.unlink(missing_ok=True)
+                continue
+            before = 2 * self.cal.n_layers * n * self.cal.kv_heads * self.cal.head_dim * 2
+            self._index["file:" + p.name] = (before, p.stat().st_size, None)
+            self.stats.pages_held += 1
+            self.stats.bytes_before += before
+            self.stats.bytes_after += p.stat().st_size
+
+    def _slot(self, key: str) -> str | None:
+        if key in self._index:
+            return key
+        if self.dir is not None and "file:" + self._path(key).name in self._index:
+            return "file:" + self._path(key).name
+        return None
+
+    # -- API ------------------------------------------------------------------------------------
+
+    def exists(self, key: str) -> bool:
+        with self._lock:
+            return self._slot(key) is not None
+
+    def put(self, key: str, keys: list[torch.Tensor], values: list[torch.Tensor], position: int) -> bool:
+        """Compress and store one page (``[kv_heads, n, head_dim]`` per layer, keys with RoPE)."""
+        if self.exists(key):
+            return True
+        t0 = time.perf_counter()
+        record = pack_page(self.cal, keys, values, position, self.ratio, self.sinks)
+        dt = time.perf_counter() - t0
+        before = 2 * len(keys) * keys[0].numel() * 2
+        if self.dir is not None:
+            path = self._path(key)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+            tmp.write_bytes(record)
+            os.replace(tmp, path)
+        with self._lock:
+            if self._slot(key) is not None:  # another thread stored it meanwhile
+                return True
+            self._index[key] = (before, len(record), None if self.dir is not None else record)
+            self.stats.pages_stored += 1
+            self.stats.pages_held += 1
+            self.stats.bytes_before += before
+            self.stats.bytes_after += len(record)
+            self.stats.encode_seconds += dt
+            self._evict_locked()
+        return True
+
+    def get(self, key: str) -> tuple[list[torch.Tensor], list[torch.Tensor], int] | None:
+        """Decode one page: ``(keys, values, position)``, or None (missing or undecodable)."""
+        with self._lock:
+            slot = self._slot(key)
+            if slot is None:
+                self.stats.misses += 1
+                return None
+            self._index.move_to_end(slot)
+            data = self._index[slot][2]
+        t0 = time.perf_counter()
+        try:
+            if data is None:
+                data = self._path(key).read_bytes()
+            k, v, position = unpack_page(self.cal, data)
+        except (OSError, codec.BlobError):
+            with self._lock:
+                self.stats.corrupt += 1
+                self.stats.misses += 1
+                self._drop_locked(slot, key)
+            return None
+        with self._lock:
+            self.stats.hits += 1
+            self.stats.restore_seconds += time.perf_counter() - t0
+        return k, v, position
+
+    def clear(self) -> None:
+        with self._lock:
+            for slot in list(self._index):
+                self._drop_locked(slot, None)
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return self.stats.to_dict()
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _drop_locked(self, slot: str, key: str | None) -> None:
+        entry = self._index.pop(slot, None)
+        if entry is None:
+            return
+        before, after, _ = entry
+        self.stats.pages_held -= 1
+        self.stats.bytes_before -= before
+        self.stats.bytes_after -= after
+        if self.dir is not None:
+            name = slot[5:] if slot.startswith("file:") else self._path(slot).name
+            (self.dir / name).unlink(missing_ok=True)
+
+    def _evict_locked(self) -> None:
+        while self.capacity is not None and self.stats.bytes_after > self.capacity and len(self._index) > 1:
+            oldest = next(iter(self._index))
+            self._drop_locked(oldest, None)
+            self.stats.evicted += 1
