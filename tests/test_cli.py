@@ -27,6 +27,13 @@ def run(*args, timeout=300):
     (["eval", "--method", "dms", "--ratio", "3"], "ratio=3: no DMS gates are shipped for this ratio"),
     (["eval", "--method", "window", "--ratio", "4", "--checkpoint", "/tmp"],
      "checkpoint='/tmp': expected to be used with --method dms"),
+    (["eval", "--method", "window", "--ratio", "4", "--calibration", "/tmp/x"],
+     "calibration='/tmp/x': expected to be used with --method kvtc"),
+    (["eval", "--method", "kvtc", "--ratio", "8", "--calibration", "/no/such.safetensors"],
+     "calibration='/no/such.safetensors': expected a file written by `kvsqueeze kvtc calibrate`"),
+    (["serve", "--kv-store", "zstd"], "kv-store='zstd': expected kvtc or kvtc:DIR"),
+    (["serve", "--kv-store", "kvtc", "--kv-store-ratio", "0.5"], "kv-store-ratio=0.5: expected a number >= 1"),
+    (["kvtc", "calibrate", "--out", "/tmp", "--segments", "1"], "out='/tmp': expected a file path"),
 ])
 def test_bad_input(args, message):
     r = run(*args)

@@ -59,9 +59,16 @@ class BlobError(KvsqueezeError):
 
 def option_steps() -> torch.Tensor:
     """Quantizer step of each option in standard deviations (``inf`` for the dropped option 0)."""
+    return _OPTION_STEPS.clone()
+
+
+def _option_steps() -> torch.Tensor:
     j = torch.arange(N_OPTIONS, dtype=torch.float64)
     return torch.where(j == 0, torch.tensor(math.inf, dtype=torch.float64),
                        STEP0 * torch.pow(2.0, -((j - 1) % N_STEPS) / 2))
+
+
+_OPTION_STEPS = _option_steps()
 
 
 def option_limit(step: float, clip: float) -> int:
@@ -71,10 +78,15 @@ def option_limit(step: float, clip: float) -> int:
 
 def option_limits(clips: tuple[float, float]) -> torch.Tensor:
     """Largest code magnitude of each option (0 for the dropped option 0)."""
-    steps = option_steps()
-    lim = [0] + [option_limit(float(steps[j]), clips[0] if j <= N_STEPS else clips[1])
-                 for j in range(1, N_OPTIONS)]
-    return torch.tensor(lim, dtype=torch.float64)
+    key = (float(clips[0]), float(clips[1]))
+    if key not in _LIMITS:
+        lim = [0] + [option_limit(float(_OPTION_STEPS[j]), key[0] if j <= N_STEPS else key[1])
+                     for j in range(1, N_OPTIONS)]
+        _LIMITS[key] = torch.tensor(lim, dtype=torch.float64)
+    return _LIMITS[key]
+
+
+_LIMITS: dict[tuple[float, float], torch.Tensor] = {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,7 +410,7 @@ def unproject(s: LayerKindStats, z: torch.Tensor) -> torch.Tensor:
 def _option_arrays(options: np.ndarray, clips: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per component step (std units; 0 where dropped) and code limit."""
     opts = torch.as_tensor(np.asarray(options), dtype=torch.long)
-    steps = option_steps()[opts]
+    steps = _OPTION_STEPS[opts]
     return torch.where(opts > 0, steps, torch.zeros_like(steps)), option_limits(clips)[opts]
 
 
@@ -420,12 +432,11 @@ def encode_codes(q: torch.Tensor, cal: "Calibration", layer: int, kind: str,
     """Range-code the codes column by column; returns the coder's uint32 words."""
     import constriction
 
-    lims = cal.stats[(layer, kind)].limits()
+    lims = cal.stats[(layer, kind)].limits().tolist()
     enc = constriction.stream.queue.RangeEncoder()
     qn = q.numpy()
-    for i, j in enumerate(options):
-        if j == 0:
-            continue
+    for i in np.flatnonzero(options).tolist():
+        j = int(options[i])
         lim = int(lims[j])
         enc.encode(np.ascontiguousarray(qn[:, i] + lim, dtype=np.int32), cal.coder_model(layer, kind, i, int(j)))
     return enc.get_compressed()
@@ -435,12 +446,11 @@ def decode_codes(words: np.ndarray, m: int, cal: "Calibration", layer: int, kind
                  options: np.ndarray) -> torch.Tensor:
     import constriction
 
-    lims = cal.stats[(layer, kind)].limits()
+    lims = cal.stats[(layer, kind)].limits().tolist()
     dec = constriction.stream.queue.RangeDecoder(words)
     q = np.zeros((m, len(options)), dtype=np.int32)
-    for i, j in enumerate(options):
-        if j == 0:
-            continue
+    for i in np.flatnonzero(options).tolist():
+        j = int(options[i])
         lim = int(lims[j])
         q[:, i] = dec.decode(cal.coder_model(layer, kind, i, int(j)), m) - lim
     return torch.from_numpy(q)
