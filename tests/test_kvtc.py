@@ -446,3 +446,17 @@ def test_page_records_keep_the_sinks_exact_and_reject_damage(tiny_cal):
     for bad in (rec[:10], rec[:-1], rec[:30] + bytes([rec[30] ^ 1]) + rec[31:], b"XXXX" + rec[4:]):
         with pytest.raises(codec.BlobError):
             unpack_page(tiny_cal, bad)
+
+
+def test_sensitivity_split_follows_the_weights_and_respects_the_total():
+    rng = np.random.default_rng(0)
+    n, n_opt = 20, 8
+    cost = np.concatenate([np.zeros((n, 1), int), np.cumsum(rng.integers(1, 4, (n, n_opt - 1)), 1)], 1)
+    dist = np.sort(rng.random((n, n_opt)) * 10, axis=1)[:, ::-1].copy()
+    dist[:, 0] = 12.0
+    tables = {"light": (dist * 1.0, cost), "heavy": (dist * 50.0, cost), "dead": (dist * 0.0, cost)}
+    total = int(cost[:, -1].sum() * 1.3)  # room for all of heavy and part of light
+    budgets = codec.split_budget(tables, total)
+    assert sum(budgets.values()) <= total
+    assert budgets["heavy"] > budgets["light"] > budgets["dead"]
+    assert budgets["dead"] == 0

@@ -211,7 +211,7 @@ class CalibrationBuilder:
 
     def build(self, model_fingerprint: str, grouping: str = "layer", key_share: float = 0.25,
               key_clip: float = 4.0, value_clip: float = 4.0, pca=None, tables=None,
-              info: dict | None = None) -> codec.Calibration:
+              info: dict | None = None, weights: dict | None = None) -> codec.Calibration:
         pca = pca or self.fit_pca(grouping)
         stats = {}
         for key, (groups, means, bases, synths, sigma) in pca.items():
@@ -228,7 +228,7 @@ class CalibrationBuilder:
             n_layers=self.n_layers, kv_heads=self.kv_heads, head_dim=self.head_dim, grouping=grouping,
             key_share=float(key_share), rope_inv_freq=self.inv_freq, rope_scaling=self.rope_scaling,
             model_fingerprint=model_fingerprint, stats=stats,
-            info={"tokens": self.count, **(info or {})})
+            info={"tokens": self.count, **(info or {})}, weights=weights)
 
     def coefficients(self, key, pca) -> torch.Tensor:
         """Normalised coefficients of the sampled calibration tokens of one (layer, kind)."""
@@ -289,6 +289,48 @@ def _kl_of(cal: codec.Calibration, ratio: float, model, tune_segments, sinks: in
     return sum(kls) / len(kls)
 
 
+def layer_sensitivity(cal: codec.Calibration, model, tune_segments, ratio: float, sinks: int, recent: int,
+                      progress=None) -> dict[tuple[int, str], float]:
+    """KL of the next-token distributions per unit of metric distortion, one (layer, kind) at a time.
+
+    Each layer's keys (or values) alone are quantized with the per-layer allocation at ``ratio``;
+    the KL this causes on the calibration segments, divided by the distortion the allocation
+    minimises (per token), is that layer's weight: a local linearisation of KL in distortion.
+    """
+    from kvsqueeze.evaluate import CompressedPrefix as _CP, continue_with, distribution_metrics
+
+    alloc = cal.allocation(ratio)
+    out = {}
+    keys = sorted(cal.stats)
+    for i, key in enumerate(keys):
+        layer, kind = key
+        s, opts = cal.stats[key], alloc[key]
+        kl_sum = dist_sum = 0.0
+        for cache, ref, cont, targets in tune_segments:
+            start, end = sinks, cache.n_tokens - recent
+            x = (cache.keys if kind == "k" else cache.values)[layer][:, start:end]
+            cos, sin = codec.rope_cos_sin(cal.rope_inv_freq, cal.rope_scaling, torch.arange(start, end))
+            if kind == "k":
+                x = codec.remove_rope(x, cos, sin)
+            z = codec.project(s, codec.to_features(x))
+            zq = codec.dequantize(codec.quantize(z, opts, s.clips), opts)
+            dist_sum += float((((z - zq) * s.sigma.double()) ** 2).sum(1).mean())
+            xr = codec.from_features(codec.unproject(s, zq), cal.kv_heads)
+            if kind == "k":
+                xr = codec.apply_rope(xr, cos, sin)
+            ks, vs = list(cache.keys), list(cache.values)
+            tgt = ks if kind == "k" else vs
+            tgt[layer] = tgt[layer].clone()
+            tgt[layer][:, start:end] = xr.to(tgt[layer].dtype)
+            comp = _CP(ks, vs, None, 1, 1)
+            kl, *_ = distribution_metrics(ref, continue_with(model, comp, cont), targets)
+            kl_sum += kl.mean().item()
+        out[key] = max(kl_sum, 1e-9) / max(dist_sum, 1e-12)
+        if progress:
+            progress(i + 1, len(keys))
+    return out
+
+
 def calibrate(model, tokenizer, docs, seq_len: int = 1024, segments: int = 24, grouping: str = "layer",
               tune: bool = True, tune_ratios=(8.0, 16.0), tune_segments: int = 3,
               key_clips=DEFAULT_CLIPS, value_clips=DEFAULT_CLIPS, key_shares=DEFAULT_KEY_SHARES,
@@ -346,10 +388,19 @@ def calibrate(model, tokenizer, docs, seq_len: int = 1024, segments: int = 24, g
         dense = _CP(cache.keys, cache.values, None, cache.dense_bytes(), cache.dense_bytes())
         cont, targets = ids[p:-1], ids[p + 1:]
         tune_data.append((cache, continue_with(model, dense, cont), cont, targets))
+    # KL per unit of distortion of each (layer, kind), for the "sensitivity" budget split
+    base = b.build(fp, grouping, pca=pca, tables=tables, **choice)
+    weights = layer_sensitivity(base, model, tune_data, tune_ratios[-1], sinks, recent,
+                                progress=(lambda i, n: progress(i, n, "sensitivity")) if progress else None)
+    info["sensitivity"] = {f"{l}.{k}": w for (l, k), w in sorted(weights.items())}
     trials: dict[tuple, dict] = {}
-    grid = [("key_share", key_shares), ("key_clip", key_clips), ("value_clip", value_clips)]
+    choice["split"] = "share"
+    grid = [("split", ("share", "sensitivity")), ("key_share", key_shares), ("key_clip", key_clips),
+            ("value_clip", value_clips)]
     n_steps, step = sum(len(v) for _, v in grid), 0
     for name, values in grid:
+        if name == "key_share" and choice["split"] == "sensitivity":
+            continue  # the sensitivity split sets the key/value balance itself
         scores = {}
         for v in values:
             c = {**choice, name: v}
@@ -357,7 +408,9 @@ def calibrate(model, tokenizer, docs, seq_len: int = 1024, segments: int = 24, g
             if at not in trials:
                 for key in pca:
                     table_for(key, c["key_clip"] if key[1] == "k" else c["value_clip"])
-                cal = b.build(fp, grouping, pca=pca, tables=tables, **c)
+                cal = b.build(fp, grouping, pca=pca, tables=tables,
+                              weights=weights if c["split"] == "sensitivity" else None,
+                              **{k: x for k, x in c.items() if k != "split"})
                 kls = {r: _kl_of(cal, r, model, tune_data, sinks, recent) for r in tune_ratios}
                 # geometric mean over the ratios: scale-free, so no ratio dominates the choice
                 score = math.exp(sum(math.log(max(k, 1e-9)) for k in kls.values()) / len(kls))
@@ -372,7 +425,9 @@ def calibrate(model, tokenizer, docs, seq_len: int = 1024, segments: int = 24, g
             + ", ".join(f"{k}: {s:.4f}" for k, s in scores.items()) + ")")
     info["tuning"] = {"ratios": list(tune_ratios), "segments": len(tune_data),
                       "trials": list(trials.values()), "choice": choice}
-    return b.build(fp, grouping, pca=pca, tables=tables, info=info, **choice)
+    split = choice.pop("split")
+    return b.build(fp, grouping, pca=pca, tables=tables, info=info,
+                   weights=weights if split == "sensitivity" else None, **choice)
 
 
 def default_calibration_path(fingerprint: str) -> Path:

@@ -232,6 +232,11 @@ class Calibration:
     model_fingerprint: str
     stats: dict[tuple[int, str], LayerKindStats]
     info: dict = field(default_factory=dict)
+    # KL per unit of metric distortion of each (layer, kind), measured at calibration. With them
+    # the budget is split across layers and kinds by a Lagrangian on KL-weighted distortion
+    # ("sensitivity" split); without them each layer gets the same budget and ``key_share`` splits
+    # it between keys and values ("share" split).
+    weights: dict[tuple[int, str], float] | None = None
     _alloc_cache: dict = field(default_factory=dict, repr=False)
     _model_cache: dict = field(default_factory=dict, repr=False)
 
@@ -269,7 +274,9 @@ class Calibration:
                 "grouping": self.grouping, "key_share": self.key_share,
                 "rope_scaling": self.rope_scaling, "model_fingerprint": self.model_fingerprint,
                 "clips": {f"{l}.{k}": list(s.clips) for (l, k), s in sorted(self.stats.items())},
-                "groups": {f"{l}.{k}": s.groups for (l, k), s in sorted(self.stats.items())}}
+                "groups": {f"{l}.{k}": s.groups for (l, k), s in sorted(self.stats.items())},
+                **({} if self.weights is None else  # absent when unused: older artifacts keep their hash
+                   {"weights": {f"{l}.{k}": float(w) for (l, k), w in sorted(self.weights.items())}})}
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         out = {"rope_inv_freq": self.rope_inv_freq.float()}
@@ -340,7 +347,9 @@ class Calibration:
         cal = cls(n_layers=meta["n_layers"], kv_heads=meta["kv_heads"], head_dim=meta["head_dim"],
                   grouping=meta["grouping"], key_share=meta["key_share"],
                   rope_inv_freq=tensors["rope_inv_freq"], rope_scaling=meta["rope_scaling"],
-                  model_fingerprint=meta["model_fingerprint"], stats=stats, info=meta.get("info", {}))
+                  model_fingerprint=meta["model_fingerprint"], stats=stats, info=meta.get("info", {}),
+                  weights=None if meta.get("weights") is None else
+                  {(int(key.split(".")[0]), key.split(".")[1]): float(w) for key, w in meta["weights"].items()})
         if cal.fingerprint() != meta.get("fingerprint"):
             raise KvsqueezeError(f"calibration={str(path)!r}: content does not match its fingerprint "
                                  "(corrupted or edited); re-run `kvsqueeze kvtc calibrate`")
@@ -355,19 +364,60 @@ class Calibration:
         total = 2 * 16 * self.features / ratio
         return total * (self.key_share if kind == "k" else 1 - self.key_share)
 
+    def _tables(self, key) -> tuple[np.ndarray, np.ndarray]:
+        s = self.stats[key]
+        cost = torch.round(s.rate.double() * RATE_UNIT).long().clamp_min(0).numpy()
+        cost[:, 0] = 0
+        dist = s.dist.double() * s.sigma.double()[:, None] ** 2  # in (metric) feature units
+        return dist.numpy(), cost
+
     def allocation(self, ratio: float) -> dict[tuple[int, str], np.ndarray]:
         """Options per component for every (layer, kind), cached per ratio."""
         key = round(float(ratio), 6)
         if key not in self._alloc_cache:
-            out = {}
-            for (l, k), s in sorted(self.stats.items()):
-                budget = int(self.budget_bits(ratio, k) * RATE_UNIT)
-                cost = torch.round(s.rate.double() * RATE_UNIT).long().clamp_min(0).numpy()
-                cost[:, 0] = 0
-                dist = s.dist.double() * s.sigma.double()[:, None] ** 2  # in feature units
-                out[(l, k)] = allocate(dist.numpy(), cost, budget)
-            self._alloc_cache[key] = out
+            tables = {k: self._tables(k) for k in sorted(self.stats)}
+            if self.weights is None:
+                budgets = {(l, k): int(self.budget_bits(ratio, k) * RATE_UNIT) for (l, k) in tables}
+            else:
+                weighted = {k: (d * self.weights[k], c) for k, (d, c) in tables.items()}
+                total = int(2 * 16 * self.features / ratio * RATE_UNIT) * self.n_layers
+                budgets = split_budget(weighted, total)
+                tables = weighted
+            self._alloc_cache[key] = {k: allocate(d, c, budgets[k]) for k, (d, c) in tables.items()}
         return self._alloc_cache[key]
+
+
+def split_budget(tables: dict, total: int) -> dict:
+    """Split ``total`` rate units over groups of components by one Lagrange multiplier.
+
+    For a multiplier ``lam`` every component takes the option minimising ``dist + lam * cost``; the
+    smallest ``lam`` whose total cost fits gives each group its budget (the points it reaches lie on
+    the convex hull of the joint rate-distortion curve); what is left over is shared in proportion.
+    Each group is then solved exactly by :func:`allocate` within its budget.
+    """
+    def rates(lam):
+        return {k: int(c[np.arange(len(c)), np.argmin(d + lam * c, axis=1)].sum())
+                for k, (d, c) in tables.items()}
+
+    def fits(lam):
+        return sum(rates(lam).values()) <= total
+
+    lo, hi = 1e-12, 1.0
+    while not fits(hi) and hi < 1e30:
+        hi *= 4
+    if fits(lo):
+        hi = lo
+    else:
+        for _ in range(50):  # geometric bisection: rates fall as lam grows
+            mid = math.sqrt(lo * hi)
+            if fits(mid):
+                hi = mid
+            else:
+                lo = mid
+    got = rates(hi)
+    spare = max(0, total - sum(got.values()))
+    share = sum(got.values()) or 1
+    return {k: got[k] + int(spare * got[k] / share) for k in got}
 
 
 def allocation_id(alloc: dict[tuple[int, str], np.ndarray]) -> str:
