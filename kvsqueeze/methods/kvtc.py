@@ -4,8 +4,9 @@ Calibration (``kvsqueeze kvtc calibrate``) runs calibration text through the mod
 with RoPE removed and the values of every layer, and fits per layer (and per feature group) a PCA
 basis, then per component and quantizer option the expected distortion and entropy-coded rate on a
 sample of calibration tokens, for quantizers clipped tightly or widely (the allocation picks per
-component). The tight clipping of keys and of values and the split of the bit budget between keys
-and values are then chosen by KL of the next-token distributions on calibration segments
+component). Each layer's keys and values are then weighted by the KL their quantization causes per
+unit of distortion, and the tight clipping and the rule that splits the bit budget across layers and
+between keys and values are chosen by KL of the next-token distributions on calibration segments
 (attention quality, not squared error). The codec itself is :mod:`kvsqueeze.methods.kvtc_codec`.
 """
 
@@ -336,7 +337,12 @@ def calibrate(model, tokenizer, docs, seq_len: int = 1024, segments: int = 24, g
               key_clips=DEFAULT_CLIPS, value_clips=DEFAULT_CLIPS, key_shares=DEFAULT_KEY_SHARES,
               sinks: int = 4, recent: int = 64, sample_tokens: int = 2048, metric: str = "attention",
               progress=None, log=None) -> codec.Calibration:
-    """Fit a calibration on ``docs``; with ``tune``, choose clipping and key share by KL."""
+    """Fit a calibration on ``docs``.
+
+    With ``tune``: measure each (layer, kind)'s KL sensitivity on ``tune_segments`` further
+    calibration segments, then choose the budget split (share / sensitivity), the key share and the
+    tight clips by the geometric mean of KL at ``tune_ratios`` on those segments.
+    """
     from kvsqueeze import corpus
     from kvsqueeze.evaluate import CompressedPrefix as _CP, continue_with, dense_prefill
 
@@ -424,7 +430,7 @@ def calibrate(model, tokenizer, docs, seq_len: int = 1024, segments: int = 24, g
             f"{', '.join(f'{r:g}x' for r in tune_ratios)} on calibration text: "
             + ", ".join(f"{k}: {s:.4f}" for k, s in scores.items()) + ")")
     info["tuning"] = {"ratios": list(tune_ratios), "segments": len(tune_data),
-                      "trials": list(trials.values()), "choice": choice}
+                      "trials": list(trials.values()), "choice": dict(choice)}
     split = choice.pop("split")
     return b.build(fp, grouping, pca=pca, tables=tables, info=info,
                    weights=weights if split == "sensitivity" else None, **choice)
