@@ -89,16 +89,14 @@ def transfer_kv_direct(src_layers, dst_layers, src_indices, dst_indices, page_si
         raise ValueError(f"{len(src_layers)} source and {len(dst_layers)} destination layers")
     if src_indices.numel() != dst_indices.numel():
         raise ValueError(f"{src_indices.numel()} source and {dst_indices.numel()} destination indices")
-    si = src_indices.to(device=src_layers[0].device, dtype=torch_long())
-    di = dst_indices.to(device=dst_layers[0].device, dtype=torch_long())
-    for src, dst in zip(src_layers, dst_layers):
-        dst.index_copy_(0, di, src.index_select(0, si).to(dst.device))
-
-
-def torch_long():
+    if not src_layers:
+        return
     import torch
 
-    return torch.long
+    si = src_indices.to(device=src_layers[0].device, dtype=torch.long)
+    di = dst_indices.to(device=dst_layers[0].device, dtype=torch.long)
+    for src, dst in zip(src_layers, dst_layers):
+        dst.index_copy_(0, di, src.index_select(0, si).to(dst.device))
 
 
 def hicache_host_pool() -> None:
