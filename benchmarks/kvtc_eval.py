@@ -78,7 +78,7 @@ def main() -> int:
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['ratio_target']:.3g} | {r['ratio_compressed']:.2f}x | "
-                     f"{r['ratio_overall']:.2f}x | {r['kl_mean']:.4f} | {r['kl_se']:.4f} | {r['top1']:.3f} | "
+                     f"{r['ratio_overall']:.2f}x | {r['kl_mean']:.3g} | {r['kl_se']:.2g} | {r['top1']:.3f} | "
                      f"{r['ppl_delta_pct']:+.2f} |")
     lines += ["", "Paired (same segments), KVTC at the baseline's own compressed-token ratio:", ""]
     for p in paired:
