@@ -75,10 +75,9 @@ def main() -> int:
             cos, sin = codec.rope_cos_sin(cal.rope_inv_freq, cal.rope_scaling, torch.arange(4, 4 + m))
             for layer in range(cal.n_layers):
                 for kind, x in (("k", keys[layer]), ("v", values[layer])):
-                    if kind == "k":
-                        x = codec.remove_rope(x, cos, sin)
                     s, opts = cal.stats[(layer, kind)], alloc[(layer, kind)]
-                    q = codec.quantize(codec.project(s, codec.to_features(x)), opts, s.clips).numpy()
+                    z = codec.to_coefficients(cal, layer, kind, x, cos, sin)
+                    q = codec.quantize(z, opts, s.clips).numpy()
                     kept = np.nonzero(opts)[0]
                     for i in kept:
                         _, counts = np.unique(q[:, i], return_counts=True)

@@ -311,14 +311,10 @@ def layer_sensitivity(cal: codec.Calibration, model, tune_segments, ratio: float
             start, end = sinks, cache.n_tokens - recent
             x = (cache.keys if kind == "k" else cache.values)[layer][:, start:end]
             cos, sin = codec.rope_cos_sin(cal.rope_inv_freq, cal.rope_scaling, torch.arange(start, end))
-            if kind == "k":
-                x = codec.remove_rope(x, cos, sin)
-            z = codec.project(s, codec.to_features(x))
+            z = codec.to_coefficients(cal, layer, kind, x, cos, sin)
             zq = codec.dequantize(codec.quantize(z, opts, s.clips), opts)
             dist_sum += float((((z - zq) * s.sigma.double()) ** 2).sum(1).mean())
-            xr = codec.from_features(codec.unproject(s, zq), cal.kv_heads)
-            if kind == "k":
-                xr = codec.apply_rope(xr, cos, sin)
+            xr = codec.from_coefficients(cal, layer, kind, zq, cos, sin)
             ks, vs = list(cache.keys), list(cache.values)
             tgt = ks if kind == "k" else vs
             tgt[layer] = tgt[layer].clone()

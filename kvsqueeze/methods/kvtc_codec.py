@@ -239,6 +239,7 @@ class Calibration:
     weights: dict[tuple[int, str], float] | None = None
     _alloc_cache: dict = field(default_factory=dict, repr=False)
     _model_cache: dict = field(default_factory=dict, repr=False)
+    _fingerprint: str | None = field(default=None, repr=False)
 
     def coder_model(self, layer: int, kind: str, component: int, option: int):
         """The entropy model of one component under one option (built once, then reused)."""
@@ -257,15 +258,14 @@ class Calibration:
         return self.kv_heads * self.head_dim
 
     def fingerprint(self) -> str:
-        if "fingerprint" in self._alloc_cache:
-            return self._alloc_cache["fingerprint"]
-        h = hashlib.sha256()
-        h.update(json.dumps(self._meta_core(), sort_keys=True).encode())
-        for name, t in sorted(self._tensors().items()):
-            h.update(name.encode())
-            h.update(t.contiguous().numpy().tobytes())
-        self._alloc_cache["fingerprint"] = h.hexdigest()[:16]
-        return self._alloc_cache["fingerprint"]
+        if self._fingerprint is None:  # the content is fixed once built or loaded
+            h = hashlib.sha256()
+            h.update(json.dumps(self._meta_core(), sort_keys=True).encode())
+            for name, t in sorted(self._tensors().items()):
+                h.update(name.encode())
+                h.update(t.contiguous().numpy().tobytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
 
     def _meta_core(self) -> dict:
         return {"format": CALIBRATION_FORMAT, "version": CALIBRATION_VERSION,
@@ -457,6 +457,21 @@ def unproject(s: LayerKindStats, z: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=1)
 
 
+def to_coefficients(cal: "Calibration", layer: int, kind: str, x: torch.Tensor, cos: torch.Tensor,
+                    sin: torch.Tensor) -> torch.Tensor:
+    """Cached K or V ``[kv_heads, m, head_dim]`` (keys with RoPE) -> normalised coefficients ``[m, D]``."""
+    if kind == "k":
+        x = remove_rope(x, cos, sin)
+    return project(cal.stats[(layer, kind)], to_features(x))
+
+
+def from_coefficients(cal: "Calibration", layer: int, kind: str, z: torch.Tensor, cos: torch.Tensor,
+                      sin: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`to_coefficients` (keys get their RoPE back); float64."""
+    x = from_features(unproject(cal.stats[(layer, kind)], z), cal.kv_heads)
+    return apply_rope(x, cos, sin) if kind == "k" else x
+
+
 def _option_arrays(options: np.ndarray, clips: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per component step (std units; 0 where dropped) and code limit."""
     opts = torch.as_tensor(np.asarray(options), dtype=torch.long)
@@ -560,9 +575,7 @@ def encode(cal: Calibration, keys: list[torch.Tensor], values: list[torch.Tensor
         for kind, x in (("k", keys[layer]), ("v", values[layer])):
             if x.shape != (h, m, d):
                 raise bad_value(f"layer {layer} {kind} shape", tuple(x.shape), f"({h}, {m}, {d})")
-            if kind == "k":
-                x = remove_rope(x, cos, sin)
-            coeffs[(layer, kind)] = project(cal.stats[(layer, kind)], to_features(x))
+            coeffs[(layer, kind)] = to_coefficients(cal, layer, kind, x, cos, sin)
     dense = 2 * cal.n_layers * m * h * d * 2
     # always start from the target's own plan, so that a blob depends on its input alone
     # (deterministic); the allocations tried are cached per plan, so later blobs reuse them
@@ -658,28 +671,25 @@ def decode(cal: Calibration, blob: Blob | bytes, dtype: torch.dtype | None = Non
     alloc = cal.allocation(header["ratio"])
     if allocation_id(alloc) != header["allocation"]:
         raise BlobError("blob: bit allocation differs from the one it was encoded with")
-    m, pos, h = header["n_tokens"], header["position"], header["kv_heads"]
-    out_dtype = dtype or _DTYPES[header["dtype"]]
-    cos, sin = rope_cos_sin(cal.rope_inv_freq, cal.rope_scaling, torch.arange(pos, pos + m))
     if (header["n_layers"], header["kv_heads"], header["head_dim"]) != (
             cal.n_layers, cal.kv_heads, cal.head_dim):
         raise BlobError(f"blob: shape {header['n_layers']}x{header['kv_heads']}x{header['head_dim']} "
                         f"differs from the calibration's model")
+    m, pos = header["n_tokens"], header["position"]
+    out_dtype = dtype or _DTYPES[header["dtype"]]
+    cos, sin = rope_cos_sin(cal.rope_inv_freq, cal.rope_scaling, torch.arange(pos, pos + m))
     words = np.frombuffer(bytes(data), dtype="<u4", offset=offset, count=sum(header["streams"]))
     keys, values, at, idx = [], [], 0, 0
     for layer in range(cal.n_layers):
         for kind in KINDS:
             n_words = header["streams"][idx]
-            s, opts = cal.stats[(layer, kind)], alloc[(layer, kind)]
+            opts = alloc[(layer, kind)]
             try:
                 q = decode_codes(words[at:at + n_words].astype(np.uint32), m, cal, layer, kind, opts)
             except Exception as exc:  # the coder's own error on inconsistent streams
                 raise BlobError(f"blob: stream {idx} does not decode ({exc})") from exc
             at += n_words
             idx += 1
-            x = from_features(unproject(s, dequantize(q, opts)), h)
-            if kind == "k":
-                keys.append(apply_rope(x, cos, sin).to(out_dtype))
-            else:
-                values.append(x.to(out_dtype))
+            x = from_coefficients(cal, layer, kind, dequantize(q, opts), cos, sin).to(out_dtype)
+            (keys if kind == "k" else values).append(x)
     return keys, values

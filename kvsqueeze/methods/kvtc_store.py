@@ -49,14 +49,19 @@ def pack_page(cal: codec.Calibration, keys: list[torch.Tensor], values: list[tor
     return body + struct.pack("<I", zlib.crc32(body))
 
 
-def unpack_page(cal: codec.Calibration, data: bytes):
-    """Inverse of :func:`pack_page`: ``(keys, values, position)``; raises :class:`codec.BlobError`."""
+def record_fields(data: bytes) -> tuple[int, int, int, int]:
+    """``(version, exact tokens, exact bytes, tokens)`` from a record's framing (no checksum check)."""
     if len(data) < 22 or data[:4] != RECORD_MAGIC:
         raise codec.BlobError("page record: truncated or not a kvsqueeze page record")
+    return struct.unpack_from("<HIII", data, 4)
+
+
+def unpack_page(cal: codec.Calibration, data: bytes):
+    """Inverse of :func:`pack_page`: ``(keys, values, position)``; raises :class:`codec.BlobError`."""
+    version, exact, raw_len, n = record_fields(data)
     (crc,) = struct.unpack_from("<I", data, len(data) - 4)
     if zlib.crc32(data[:-4]) != crc:
         raise codec.BlobError("page record: checksum mismatch (truncated or corrupted)")
-    version, exact, raw_len, n = struct.unpack_from("<HIII", data, 4)
     if version != RECORD_VERSION:
         raise codec.BlobError(f"page record: version {version}; this kvsqueeze reads {RECORD_VERSION}")
     raw, blob = data[18:18 + raw_len], data[18 + raw_len:-4]
@@ -132,11 +137,8 @@ class KVTCStore:
         until asked, so they are indexed by file name and looked up through :meth:`_path`."""
         for p in sorted(self.dir.glob("*.kvtc")):
             try:
-                data = p.read_bytes()
-                if data[:4] != RECORD_MAGIC or len(data) < 22:
-                    raise codec.BlobError("not a page record")
-                n = struct.unpack_from("<HIII", data, 4)[3]
-            except (OSError, codec.BlobError, struct.error):
+                n = record_fields(p.read_bytes())[3]
+            except (OSError, codec.BlobError):
                 self.stats.corrupt += 1
                 p.unlink(missing_ok=True)
                 continue
