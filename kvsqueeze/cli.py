@@ -269,6 +269,46 @@ def cmd_kvtc_calibrate(args) -> int:
     return 0
 
 
+def cmd_bench(args, extra: list[str]) -> int:
+    from kvsqueeze.harness import sweep
+    from kvsqueeze.harness.tasks import parse_tasks
+
+    grid = sweep.parse_grid(args.grid)
+    methods = sweep.parse_methods(args.methods)
+    tasks = parse_tasks(args.tasks)
+    if args.questions < 1:
+        raise bad_value("questions", args.questions, "a number of questions per task >= 1")
+    if not 0 <= args.temperature <= 2:
+        raise bad_value("temperature", args.temperature, "a sampling temperature in [0, 2]")
+    out = Path(args.out) if args.out else Path("results") / time.strftime("bench-%Y%m%d-%H%M%S")
+    spec = sweep.BenchSpec(methods=methods, grid=grid, out_dir=out, url=args.url, model=args.model,
+                           tasks=tasks, questions_per_task=args.questions, users=args.users,
+                           temperature=args.temperature, max_time=args.max_time, seed=args.seed,
+                           calibration=args.calibration, flush_between=not args.no_flush,
+                           server_args=extra)
+    n = len(methods) * len(spec.configs())
+    print(f"kvsqueeze bench: {len(methods)} method(s) x {len(spec.configs())} configuration(s) = {n} "
+          f"runs of {len(tasks) * args.questions} questions, at most {args.max_time:.0f} s each; "
+          f"writing {out}", file=sys.stderr, flush=True)
+    run = sweep.run_bench(spec, log=lambda m: print(m, file=sys.stderr, flush=True))
+    print((run / "report.md").read_text())
+    print(f"report: {run / 'report.md'}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from kvsqueeze.harness import report
+
+    runs = [Path(r) for r in args.runs]
+    out = Path(args.out) if args.out else (runs[0] if len(runs) == 1 else None)
+    if out is None:
+        raise bad_value("out", None, "a directory for the comparison of several runs (--out DIR)")
+    path = report.build_many(runs, out)
+    print(path.read_text())
+    print(f"report: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvsqueeze", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -350,7 +390,35 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kv-store-ratio", type=float, default=8.0, help="KVTC ratio of the storage tier")
     s.add_argument("--calibration", default=None,
                    help="KVTC calibration for --kv-store (default: the model's, made once)")
+    _add_bench_parsers(sub)
     return p
+
+
+def _add_bench_parsers(sub) -> None:
+    b = sub.add_parser("bench", help="W-L load sweep with Locust against SGLang servers it starts "
+                                     "(or --url), with a report (arguments after -- go to SGLang)")
+    b.add_argument("--grid", nargs="*", default=None,
+                   help="KEY=V1,V2 items: W (samples per question), L (max generated tokens), "
+                        "mode (n: one request with n=W; concurrent: W requests), endpoint "
+                        "(generate, completions, chat); default W=1,4 L=32,64 mode=n "
+                        "endpoint=generate")
+    b.add_argument("--methods", default=None,
+                   help="servable methods, comma-separated: none, kvtc[:RATIO] (default none,kvtc:8)")
+    b.add_argument("--url", default=None, help="target this running server instead of starting one")
+    b.add_argument("--model", default=None, help="a local Hugging Face checkpoint (default: embedded)")
+    b.add_argument("--tasks", default="passkey,lookup,arithmetic")
+    b.add_argument("--questions", type=int, default=2, help="questions per task and configuration")
+    b.add_argument("--users", type=int, default=2, help="concurrent Locust users (questions in flight)")
+    b.add_argument("--temperature", type=float, default=0.7)
+    b.add_argument("--max-time", type=float, default=150.0, help="seconds per configuration at most")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--calibration", default=None, help="KVTC calibration for kvtc methods")
+    b.add_argument("--no-flush", action="store_true",
+                   help="keep the device prefix cache between configurations")
+    b.add_argument("--out", default=None, help="run directory (default results/bench-<time>)")
+    r = sub.add_parser("report", help="rebuild the report of a bench run, or compare several")
+    r.add_argument("runs", nargs="+", help="run directories written by kvsqueeze bench")
+    r.add_argument("--out", default=None, help="directory of a comparison of several runs")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -360,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
         i = argv.index("--")
         argv, extra = argv[:i], argv[i + 1:]
     args, unknown = build_parser().parse_known_args(argv)
+    if args.command == "bench" and unknown:
+        build_parser().error(f"unrecognized arguments: {' '.join(unknown)} (SGLang flags go after --)")
     if args.command == "serve":
         extra = unknown + extra  # unknown flags pass through to the engine
     elif unknown:
@@ -378,6 +448,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_dms_train(args)
         if args.command == "kvtc":
             return cmd_kvtc_calibrate(args)
+        if args.command == "bench":
+            return cmd_bench(args, extra)
+        if args.command == "report":
+            return cmd_report(args)
     except KvsqueezeError as exc:
         print(f"kvsqueeze: error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,116 @@
+"""Accuracy tasks for the load harness: generated, deterministic, scored per sample and by majority vote.
+
+Three tasks the embedded 135M model can partly solve (so that accuracy moves with compression):
+
+- ``passkey``: a 5-digit key hidden at a random depth in ~1k tokens of filler (the prompt of
+  ``kvsqueeze eval --task passkey``); the answer is the key.
+- ``lookup``: an in-context table of ``name: number`` pairs (~250 tokens), then a question about one
+  name; exact match on the number.
+- ``arithmetic``: few-shot two-number addition; exact match on the sum.
+
+Every question is plain completion text (the same text goes to ``/generate``, ``/v1/completions``, and
+as the user message to ``/v1/chat/completions``). The extracted answer of a completion is its first
+run of digits; majority vote takes the most frequent extracted answer over the W samples (ties go to
+the answer seen first), and is correct when that answer equals the reference.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+from kvsqueeze.errors import bad_value
+
+TASKS = ("passkey", "lookup", "arithmetic")
+
+_FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
+           "There and back again. ")
+_NAMES = ("Alice", "Bruno", "Chen", "Dara", "Emil", "Farah", "Goran", "Hana", "Ivan", "Jonas",
+          "Kemal", "Lena", "Mateo", "Nadia", "Oskar", "Priya", "Quinn", "Rosa", "Sami", "Tomas",
+          "Uma", "Viktor", "Wen", "Yara", "Zofia")
+
+
+@dataclass(frozen=True)
+class Question:
+    qid: str
+    task: str
+    prompt: str
+    answer: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def passkey_question(rng: random.Random, qid: str, filler_reps: int = 48) -> Question:
+    """~1k tokens with the embedded tokenizer at the default 48 filler repetitions."""
+    key = rng.randint(10000, 99999)
+    before = rng.randint(0, filler_reps)
+    text = ("There is an important pass key hidden inside a lot of irrelevant text. Find it and "
+            "memorize it. I will quiz you about the pass key.\n" + _FILLER * before
+            + f" The pass key is {key}. Remember it. {key} is the pass key. "
+            + _FILLER * (filler_reps - before) + "\nWhat is the pass key? The pass key is")
+    return Question(qid, "passkey", text, str(key))
+
+
+def lookup_question(rng: random.Random, qid: str, entries: int = 16) -> Question:
+    names = rng.sample(_NAMES, entries)
+    values = {n: rng.randint(100, 999) for n in names}
+    table = "\n".join(f"{n}: {values[n]}" for n in names)
+    asked = rng.choice(names)
+    text = (f"Each person below has a locker number.\n{table}\n\n"
+            f"Question: What is {asked}'s locker number?\nAnswer: {asked}'s locker number is")
+    return Question(qid, "lookup", text, str(values[asked]))
+
+
+def arithmetic_question(rng: random.Random, qid: str, shots: int = 4) -> Question:
+    lines = []
+    for _ in range(shots):
+        a, b = rng.randint(1, 20), rng.randint(1, 20)
+        lines.append(f"Q: What is {a} + {b}?\nA: {a + b}")
+    a, b = rng.randint(1, 20), rng.randint(1, 20)
+    text = "\n".join(lines) + f"\nQ: What is {a} + {b}?\nA:"
+    return Question(qid, "arithmetic", text, str(a + b))
+
+
+_BUILDERS = {"passkey": passkey_question, "lookup": lookup_question,
+             "arithmetic": arithmetic_question}
+
+
+def parse_tasks(text: str | list[str]) -> list[str]:
+    names = [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
+    if not names:
+        raise bad_value("tasks", text, f"a comma-separated list of {', '.join(TASKS)}")
+    for t in names:
+        if t not in TASKS:
+            raise bad_value("tasks", t, f"one of {', '.join(TASKS)}")
+    return names
+
+
+def make_questions(tasks: list[str], per_task: int, seed: int = 0) -> list[Question]:
+    """``per_task`` questions of each task, interleaved (so a truncated run still covers each task)."""
+    if per_task < 1:
+        raise bad_value("questions", per_task, "a number of questions per task >= 1")
+    rng = random.Random(seed)
+    by_task = {t: [_BUILDERS[t](rng, f"{t}-{i}") for i in range(per_task)] for t in tasks}
+    return [by_task[t][i] for i in range(per_task) for t in tasks]
+
+
+_NUMBER = re.compile(r"\d+")
+
+
+def extract_answer(completion: str) -> str | None:
+    """The first run of digits in the completion, or None."""
+    m = _NUMBER.search(completion or "")
+    return m.group(0) if m else None
+
+
+def majority(answers: list[str | None]) -> str | None:
+    """The most frequent non-empty answer; ties go to the one seen first; None if there is none."""
+    votes = [a for a in answers if a is not None]
+    if not votes:
+        return None
+    counts = Counter(votes)
+    best = max(counts.values())
+    return next(a for a in votes if counts[a] == best)
