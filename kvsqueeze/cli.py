@@ -407,7 +407,7 @@ def _add_bench_parsers(sub) -> None:
     b.add_argument("--url", default=None, help="target this running server instead of starting one")
     b.add_argument("--model", default=None, help="a local Hugging Face checkpoint (default: embedded)")
     b.add_argument("--tasks", default="passkey,lookup,arithmetic")
-    b.add_argument("--questions", type=int, default=2, help="questions per task and configuration")
+    b.add_argument("--questions", type=int, default=3, help="questions per task and configuration")
     b.add_argument("--users", type=int, default=2, help="concurrent Locust users (questions in flight)")
     b.add_argument("--temperature", type=float, default=0.7)
     b.add_argument("--max-time", type=float, default=150.0, help="seconds per configuration at most")

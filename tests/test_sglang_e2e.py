@@ -22,7 +22,8 @@ def post(url, payload, timeout=300):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     log = tmp_path_factory.mktemp("sglang") / "server.log"
-    srv = SGLangServer(model=resolve_model(None), port=free_port(), log_path=log)
+    srv = SGLangServer(model=resolve_model(None), port=free_port(), log_path=log,
+                       extra_args=["--enable-metrics"])
     srv.start()
     try:
         srv.wait_ready(timeout=400)
@@ -61,3 +62,34 @@ def test_repeated_long_prompt_reuses_radix_cache(server):
     assert n > 500
     assert first["meta_info"]["cached_tokens"] < n // 2
     assert second["meta_info"]["cached_tokens"] >= n - 1  # all but the last token comes from the radix tree
+
+
+def test_bench_against_the_server_matches_plain_greedy_requests(server, tmp_path):
+    """The harness's streamed, per-sample view agrees with SGLang's own non-streamed answers."""
+    import csv
+
+    from kvsqueeze.harness import sweep
+
+    spec = sweep.BenchSpec(methods=[sweep.MethodSpec("none")], out_dir=tmp_path / "run",
+                           grid=sweep.parse_grid(["W=2 L=6 mode=n,concurrent "
+                                                  "endpoint=generate,completions"]),
+                           url=server.url, tasks=["lookup", "arithmetic"], questions_per_task=1,
+                           users=1, temperature=0.0, max_time=120)
+    run = sweep.run_bench(spec, log=lambda m: None)
+    summary = json.loads((run / "summary.json").read_text())
+    assert len(summary) == 4 and all(r["status"] == "complete" for r in summary), summary
+    questions = {q["qid"]: q for q in json.loads((run / "questions.json").read_text())}
+    greedy = {qid: post(server.url + "/generate", {"text": q["prompt"], "sampling_params": {
+        "max_new_tokens": 6, "temperature": 0}}) for qid, q in questions.items()}
+    rows = list(csv.DictReader(open(run / "samples.csv")))
+    assert len(rows) == 4 * 2 * len(questions)
+    for r in rows:
+        ref = greedy[r["qid"]]
+        assert r["ok"] == "1" and r["text"] == ref["text"], (r["config"], r["text"], ref["text"])
+        assert int(r["output_tokens"]) == ref["meta_info"]["completion_tokens"]
+        assert r["tokens_source"] == "usage"
+        assert int(float(r["prompt_tokens"])) == ref["meta_info"]["prompt_tokens"]
+        assert 0 < float(r["ttft_s"]) <= float(r["e2e_s"])
+    for s in summary:
+        assert s["peak_kv_tokens"] > 0 and s["kv_reads_per_question"] > 0
+        assert s["accuracy"] == s["accuracy_majority"]  # greedy: both samples say the same

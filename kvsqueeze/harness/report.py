@@ -162,10 +162,17 @@ def plot(summary, out_dir: Path) -> list[Path]:
             seen.add(lab)
             ax.annotate(f"W{r['W']} L{r['L']}", (r[xcol], r["accuracy_majority"]), fontsize=7,
                         xytext=(4, 3), textcoords="offset points")
+        for key in dict.fromkeys(s["method"]):  # one frontier per method, in its colour
+            idx = [i for i in range(len(s)) if s["method"][i] == key]
+            sub_front = [idx[j] for j in pareto([s[xcol][i] for i in idx],
+                                                [s["accuracy_majority"][i] for i in idx],
+                                                minimize_x=minimize)]
+            ax.plot([s[xcol][i] for i in sub_front], [s["accuracy_majority"][i] for i in sub_front],
+                    "--", color=colors[key], lw=1.2, zorder=2)
         front = pareto(list(s[xcol]), list(s["accuracy_majority"]), minimize_x=minimize)
-        if len(front) > 1:
-            ax.plot([s[xcol][i] for i in front], [s["accuracy_majority"][i] for i in front],
-                    "k--", lw=1, label="Pareto frontier", zorder=2)
+        ax.scatter([s[xcol][i] for i in front], [s["accuracy_majority"][i] for i in front], s=160,
+                   facecolors="none", edgecolors="k", lw=1.2, zorder=4,
+                   label="Pareto-optimal over all (dashed: per method)")
         if s["mode"].nunique() > 1:
             ax.scatter([], [], color="gray", marker="o", label="mode n (one request, n=W)")
             ax.scatter([], [], color="gray", marker="s", label="mode concurrent (W requests)")
@@ -252,6 +259,18 @@ def write_report(metas: list[dict], summary, out_dir: Path, plots: list[Path]) -
         parts += [f"- `{r['config']}`: {r['reasons'] or r['status']}" for _, r in
                   incomplete.iterrows()]
         parts.append("")
+    notes = {
+        "kvtc": "`kvtc:R`: KVTC compresses the pages SGLang's hierarchical cache writes to its "
+                "storage tier (host memory or a directory) and restores them on a prefix hit; the "
+                "device KV cache stays uncompressed, so decode reads and peak device KV tokens are "
+                "not reduced by it (its page size of 64 also rounds each sequence's slots up). "
+                "What it saves is the storage tier's bytes (store ratio), and what it can save in "
+                "time is prefill of a restored prefix (cached tokens, TTFT).",
+        "none": "`none`: stock SGLang (radix prefix cache, page size 1).",
+    }
+    methods = {str(m).split(":")[0] for m in summary["method"]} if len(summary) else set()
+    if methods & notes.keys():
+        parts += ["## Methods", ""] + [f"- {notes[m]}" for m in sorted(methods) if m in notes] + [""]
     parts += ["## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots] + [""]
     parts += ["## How to read it", "",
               "acc/sample: share of samples whose first number equals the answer; acc/majority: "

@@ -300,7 +300,7 @@ class BenchSpec:
     url: str | None = None
     model: str | None = None
     tasks: list[str] = field(default_factory=lambda: ["passkey", "lookup", "arithmetic"])
-    questions_per_task: int = 2
+    questions_per_task: int = 3
     users: int = 2
     temperature: float = 0.7
     max_time: float = 150.0
@@ -431,7 +431,7 @@ def run_bench(spec: BenchSpec, log=print) -> Path:
                 if server is not None and server.proc is not None and server.proc.poll() is not None:
                     log(f"  the server exited (code {server.proc.returncode}); restarting it for "
                         "the next configuration")
-                    server.proc = None
+                    server.stop()  # whatever is left of its process group; proc becomes None
                 if spec.flush_between:  # pages go to the storage tier: its figures after the flush
                     _post(url + "/flush_cache?timeout=300", timeout=400)
                     extra = MetricsScraper(url).scrape()
