@@ -53,7 +53,8 @@ def _format_kl_table(records) -> str:
             f"{'top-1':>6s} {'PPL Δ%':>7s} {'held':>6s}")
     rows = [head, "-" * len(head)]
     for r in records:
-        rows.append(f"{r.method:10s} {r.ratio_target:6.2f} {r.ratio_achieved:8.2f} {r.kl_mean:9.4f} "
+        label = f"{r.method}@{r.details['threshold']:g}" if "threshold" in r.details else r.method
+        rows.append(f"{label:10s} {r.ratio_target:6.2f} {r.ratio_achieved:8.2f} {r.kl_mean:9.4f} "
                     f"{r.kl_se:8.4f} {r.top1:6.3f} {r.ppl_delta_pct:7.2f} "
                     f"{r.tokens_held_fraction:6.3f}")
     return "\n".join(rows)
@@ -81,7 +82,8 @@ def _format_passkey_table(records) -> str:
     head = f"{'method':10s} {'target':>6s} {'achieved':>8s} {'accuracy':>8s} {'trials':>6s}"
     rows = [head, "-" * len(head)]
     for r in records:
-        rows.append(f"{r.method:10s} {r.ratio_target:6.2f} {r.ratio_achieved:8.2f} "
+        label = f"{r.method}@{r.details['threshold']:g}" if "threshold" in r.details else r.method
+        rows.append(f"{label:10s} {r.ratio_target:6.2f} {r.ratio_achieved:8.2f} "
                     f"{r.accuracy:8.3f} {r.trials:6d}")
     return "\n".join(rows)
 
@@ -100,7 +102,16 @@ def cmd_eval(args) -> int:
         if "kvtc" not in names:
             raise bad_value("calibration", args.calibration, "to be used with --method kvtc")
         per_method["kvtc"] = {"calibration": args.calibration}
-    methods = evaluate.build_methods(names, ratios, per_method, **options)
+    thresholds = _thresholds(args.threshold)
+    if args.threshold is not None and "fusion" not in names:
+        raise bad_value("threshold", args.threshold, "to be used with --method fusion")
+    methods = evaluate.build_methods([n for n in names if n != "fusion"], ratios, per_method,
+                                     **options) if any(n != "fusion" for n in names) else []
+    if "fusion" in names:
+        from kvsqueeze.methods.fusion import BlockFusion
+
+        methods += [BlockFusion(threshold=t, block_size=args.block_size, **options)
+                    for t in thresholds]
     if args.json:  # fail before the long run, not after it
         out = Path(args.json)
         if out.parent and not out.parent.exists():
@@ -141,6 +152,20 @@ def cmd_eval(args) -> int:
         Path(args.json).write_text(json.dumps([r.to_dict() for r in records], indent=1) + "\n")
         print(f"wrote {args.json}", file=sys.stderr)
     return 0
+
+
+def _thresholds(text: str | None) -> list[float]:
+    from kvsqueeze.methods.fusion import DEFAULT_THRESHOLD, check_threshold
+
+    if text is None:
+        return [DEFAULT_THRESHOLD]
+    out = []
+    for part in str(text).split(","):
+        try:
+            out.append(check_threshold(float(part)))
+        except ValueError:
+            raise bad_value("threshold", part, "a cosine similarity in (0, 1], or a list such as 0.7,0.9")
+    return out
 
 
 def cmd_serve(args, extra: list[str]) -> int:
@@ -326,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", default=None, help="DMS checkpoint directory (for --method dms)")
     e.add_argument("--calibration", default=None,
                    help="KVTC calibration file (for --method kvtc; default: made once per model)")
+    e.add_argument("--threshold", default=None,
+                   help="fusion: cosine threshold(s) for fusing blocks, e.g. 0.8 or 0.6,0.8,0.95")
+    e.add_argument("--block-size", type=int, default=16, help="fusion: tokens per block")
     e.add_argument("--text", nargs="+", default=None, help="held-out text file(s) (default: corpus on disk)")
     e.add_argument("--task", choices=("kl", "passkey"), default="kl")
     e.add_argument("--prefix-tokens", type=int, default=1024)

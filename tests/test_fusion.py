@@ -1,0 +1,243 @@
+"""Joint block encoding: grouping, fusion, batch page accounting, the Triton kernel, the workload."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvsqueeze.errors import KvsqueezeError
+from kvsqueeze.kernels.fusion_gram import block_gram_reference
+from kvsqueeze.methods.base import PrefixCache
+from kvsqueeze.methods.fusion import (BlockFusion, blocks_of, fuse_batch, fuse_vectors, group_blocks,
+                                      parse_layers, radix_pages, similarity_matrix, unblock)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cache(n_layers=6, heads=3, tokens=160, dim=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return PrefixCache([torch.randn(heads, tokens, dim, generator=g) for _ in range(n_layers)],
+                       [torch.randn(heads, tokens, dim, generator=g) for _ in range(n_layers)])
+
+
+# ---- grouping -----------------------------------------------------------------------------------
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 14), st.floats(0.05, 1.0), st.integers(0, 10_000), st.integers(1, 4))
+def test_groups_partition_the_candidates_and_every_pair_in_a_group_passes(n, t, seed, rank):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, rank, generator=g) @ torch.randn(rank, 6, generator=g)  # clustered directions
+    _, gram = block_gram_reference(x)
+    groups = group_blocks(gram, t)
+    assert sorted(i for grp in groups for i in grp) == list(range(n))
+    for grp in groups:
+        for i in grp:
+            for j in grp:
+                assert gram[i, j] >= t - 1e-6
+    if all(gram[i, j] >= t for i in range(n) for j in range(n)):
+        assert len(groups) == 1
+    if all(gram[i, j] < t for i in range(n) for j in range(n) if i != j):
+        assert all(len(grp) == 1 for grp in groups)
+
+
+def test_grouping_respects_candidate_sets():
+    x = torch.ones(4, 5)
+    _, gram = block_gram_reference(x)
+    assert group_blocks(gram, 0.9, [0, 2]) == [[0, 2]]
+    assert group_blocks(gram, 0.9, [3]) == [[3]]
+
+
+def test_fused_members_keep_their_norms_and_lie_within_the_threshold():
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(1, 32, generator=g)
+    x = torch.cat([base * s + 0.05 * torch.randn(1, 32, generator=g) for s in (1, 2, 3, 0.5)])
+    _, gram = block_gram_reference(x)
+    groups = group_blocks(gram, 0.9)
+    assert groups == [[0, 1, 2, 3]]
+    y = fuse_vectors(x, groups)
+    assert torch.allclose(y.norm(dim=1), x.norm(dim=1), rtol=1e-5)
+    cos = torch.nn.functional.cosine_similarity(x, y)
+    assert (cos >= 0.9).all()
+    units = y / y.norm(dim=1, keepdim=True)
+    assert torch.allclose(units, units[0].expand_as(units), atol=1e-6)  # one shared direction
+
+
+def test_block_layout_round_trip():
+    x = torch.randn(3, 64, 8)
+    assert torch.equal(unblock(blocks_of(x, 0, 4, 16), 3, 16, 8), x)
+    assert torch.equal(blocks_of(x, 16, 1, 16)[0], x[:, 16:32].reshape(-1))
+
+
+def test_token_similarity_is_the_minimum_over_positions():
+    x = torch.randn(3, 2 * 4 * 5)  # 3 blocks, 2 heads, 4 tokens, dim 5
+    sim = similarity_matrix(x, "token", heads=2, block=4)
+    per_tok = x.reshape(3, 2, 4, 5).permute(2, 0, 1, 3).reshape(4, 3, 10)
+    ref = torch.stack([torch.nn.functional.cosine_similarity(per_tok[t][:, None], per_tok[t][None],
+                                                             dim=-1) for t in range(4)]).amin(0)
+    ref.fill_diagonal_(1.0)
+    assert torch.allclose(sim, ref, atol=1e-5)
+
+
+# ---- the eval method (CFF) ----------------------------------------------------------------------------
+def test_when_no_pair_reaches_the_threshold_nothing_changes():
+    cache = _cache()
+    out = BlockFusion(threshold=1.0, block_size=16).compress(cache)  # random blocks: cos < 1
+    for a, b in zip(out.keys + out.values, cache.keys + cache.values):
+        assert torch.equal(a, b)
+    assert out.bytes_held == cache.dense_bytes() and out.details["blocks_fused_away"] == 0
+
+
+def test_identical_blocks_fuse_losslessly():
+    cache = _cache(tokens=4 + 6 * 16 + 64)
+    for layer in range(cache.n_layers):  # middle blocks 0, 2, 4 equal, and 1, 3, 5 equal (x2 scale)
+        for x in (cache.keys[layer], cache.values[layer]):
+            for b in (2, 4):
+                x[:, 4 + b * 16:4 + (b + 1) * 16] = x[:, 4:20]
+            for b in (3, 5):
+                x[:, 4 + b * 16:4 + (b + 1) * 16] = 2 * x[:, 20:36]
+    out = BlockFusion(threshold=0.999, block_size=16).compress(cache)
+    for a, b in zip(out.keys + out.values, cache.keys + cache.values):
+        assert torch.allclose(a, b, atol=1e-5)
+    fused_layers = len(parse_layers(None, cache.n_layers))
+    assert out.details["blocks_fused_away"] == 4 * fused_layers
+    assert out.bytes_held < cache.dense_bytes()
+
+
+@pytest.mark.parametrize("kw,msg", [({"threshold": 0}, "threshold=0"),
+                                    ({"threshold": 1.5}, "threshold=1.5"),
+                                    ({"threshold": "x"}, "threshold='x'"),
+                                    ({"block_size": 0}, "block_size=0"),
+                                    ({"similarity": "l2"}, "similarity='l2'")])
+def test_bad_options_are_named(kw, msg):
+    with pytest.raises(KvsqueezeError, match=msg):
+        BlockFusion(**kw)
+
+
+def test_bad_layer_ranges():
+    assert parse_layers(None, 30) == list(range(2, 28))
+    assert parse_layers("3-5", 30) == [3, 4, 5]
+    with pytest.raises(KvsqueezeError, match="layers"):
+        parse_layers("3-40", 30)
+    with pytest.raises(KvsqueezeError, match="layers"):
+        parse_layers("a-b", 30)
+
+
+# ---- across requests (BFF) -------------------------------------------------------------------------
+def test_radix_pages_share_exact_prefixes_only():
+    a, b = list(range(40)), list(range(20)) + [99] + list(range(21, 40))
+    pa, pb = radix_pages([a, b], 16)
+    assert pa[0] == pb[0] and pa[1] != pb[1] and pa[2] != pb[2]
+    assert pa[2][0] == "partial"
+
+
+def test_batch_fusion_pages_against_closed_form():
+    """Two requests whose tokens differ at the start but whose caches are equal: radix shares
+    nothing; fusion fuses every full page of the fused layers, losslessly."""
+    c = _cache(n_layers=6, tokens=40)  # 2 full pages + a partial one
+    toks_a, toks_b = list(range(40)), [7] + list(range(1, 40))
+    bf = fuse_batch([c, c], [toks_a, toks_b], threshold=0.99, block_size=16)
+    assert bf.pages_dense == 6 and bf.pages_radix == 6
+    fused = len(parse_layers(None, 6))  # layers 2, 3
+    assert bf.layer_pages_fused == [6 if layer not in (2, 3) else 4 for layer in range(6)]
+    assert bf.pages_fused == pytest.approx((6 * (6 - fused) + 4 * fused) / 6)
+    for r in range(2):
+        for a, b in zip(bf.keys[r] + bf.values[r], c.keys + c.values):
+            assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_batch_fusion_without_similar_pages_changes_nothing():
+    c1, c2 = _cache(seed=1, tokens=48), _cache(seed=2, tokens=48)
+    bf = fuse_batch([c1, c2], [list(range(48)), [5] * 48], threshold=0.9)
+    assert bf.pages_fused == bf.pages_radix == 6
+    for a, b in zip(bf.keys[1], c2.keys):
+        assert torch.equal(a, b)
+
+
+def test_batch_fusion_bad_input():
+    c = _cache(tokens=32)
+    with pytest.raises(KvsqueezeError, match="token_lists"):
+        fuse_batch([c], [list(range(31))], 0.9)
+    with pytest.raises(KvsqueezeError, match="threshold"):
+        fuse_batch([c], [list(range(32))], 0.0)
+
+
+# ---- the Triton kernel against its reference (interpreted on CPU) ----------------------------------
+def test_triton_gram_kernel_equals_the_reference_under_the_interpreter():
+    pytest.importorskip("triton")
+    code = r"""
+import torch
+from kvsqueeze.kernels.fusion_gram import block_gram_reference, block_gram_triton
+torch.manual_seed(0)
+for n, d, dtype in [(1, 8, torch.float32), (5, 100, torch.float32), (37, 3072, torch.float32),
+                    (70, 130, torch.float16), (33, 64, torch.float32)]:
+    x = torch.randn(n, d).to(dtype)
+    if n > 3:
+        x[3] = 0
+        x[2] = x[1] * 3
+    rn, rg = block_gram_reference(x)
+    tn, tg = block_gram_triton(x)
+    assert (rn - tn).abs().max() <= 1e-4 * rn.abs().max().clamp_min(1), (n, d, dtype)
+    assert (rg - tg).abs().max() <= 2e-5, (n, d, dtype, (rg - tg).abs().max())
+print("ok")
+"""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled Triton)")
+def test_triton_gram_kernel_on_gpu():  # pragma: no cover - GPU only
+    from kvsqueeze.kernels.fusion_gram import block_gram_triton
+
+    x = torch.randn(300, 3072, device="cuda")
+    rn, rg = block_gram_reference(x.cpu())
+    tn, tg = block_gram_triton(x)
+    assert torch.allclose(tg.cpu(), rg, atol=1e-4)
+
+
+# ---- the near-duplicate workload ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from kvsqueeze.model import resolve_model
+
+    return AutoTokenizer.from_pretrained(resolve_model(None))
+
+
+@pytest.mark.parametrize("kind", ["edits", "fewshot", "chat"])
+def test_workload_is_deterministic_aligned_and_near_duplicate(tokenizer, kind):
+    from kvsqueeze.workload import near_duplicate_workload
+
+    reqs = near_duplicate_workload(tokenizer, kind, groups=2, per_group=4, prefix_tokens=256,
+                                   scored_tokens=16, seed=3)
+    again = near_duplicate_workload(tokenizer, kind, groups=2, per_group=4, prefix_tokens=256,
+                                    scored_tokens=16, seed=3)
+    assert reqs == again and len(reqs) == 8
+    for g in range(2):
+        grp = [r for r in reqs if r.group == g]
+        lens = {len(r.prompt_ids) for r in grp}
+        assert lens == {256} or (kind != "edits" and len(lens) == 1)
+        assert all(len(r.scored_ids) == 16 for r in grp)
+        a, b = grp[0].prompt_ids, grp[1].prompt_ids
+        differ = sum(x != y for x, y in zip(a, b))
+        # near-duplicates: few positions differ (few-shot fillers: names, numbers, items, places)
+        assert 0 < differ <= (len(a) * 2 // 5 if kind == "fewshot" else len(a) // 8)
+    if kind == "edits":
+        assert reqs[0].prompt_ids != reqs[4].prompt_ids  # groups come from different documents
+
+
+def test_workload_bad_input(tokenizer):
+    from kvsqueeze.workload import near_duplicate_workload
+
+    with pytest.raises(KvsqueezeError, match="kind='tweets'"):
+        near_duplicate_workload(tokenizer, "tweets")
+    with pytest.raises(KvsqueezeError, match="per_group=1"):
+        near_duplicate_workload(tokenizer, "edits", per_group=1)
