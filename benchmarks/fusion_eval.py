@@ -35,7 +35,7 @@ from kvsqueeze.workload import KINDS, near_duplicate_workload  # noqa: E402
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kinds", default=",".join(KINDS))
-    ap.add_argument("--thresholds", default="0.6,0.7,0.8,0.9,0.95")
+    ap.add_argument("--thresholds", default="0.6,0.7,0.8,0.9,0.95,0.99")
     ap.add_argument("--similarity", default="block,token")
     ap.add_argument("--per-group", type=int, default=8)
     ap.add_argument("--groups", type=int, default=1)
@@ -85,6 +85,24 @@ def main() -> int:
                       f"{bf.pages_radix} radix+fusion {bf.pages_fused:.1f} "
                       f"({rec['fewer_than_radix']:.2f}x fewer) KL {rec['kl_mean']:.4f} "
                       f"(max {rec['kl_max']:.4f}) top-1 {rec['top1']:.3f}", flush=True)
+    for sim in sims:  # the workload as one mix: all kinds' requests together
+        for th in thresholds:
+            rs = [r for r in records if r["similarity"] == sim and r["threshold"] == th
+                  and r["kind"] != "all"]
+            kls = [k for r in rs for k in r["kl_per_request"]]
+            radix = sum(r["pages_radix"] for r in rs)
+            fused = sum(r["pages_fused"] for r in rs)
+            records.append({"kind": "all", "similarity": sim, "threshold": th,
+                            "requests": len(kls), "pages_dense": sum(r["pages_dense"] for r in rs),
+                            "pages_radix": radix, "pages_fused": round(fused, 2),
+                            "fewer_than_radix": round(radix / fused, 3),
+                            "kl_mean": sum(kls) / len(kls), "kl_max": max(kls),
+                            "top1": sum(r["top1"] * r["requests"] for r in rs) / len(kls),
+                            "kl_per_request": kls,
+                            "fused_groups": sum(r["fused_groups"] for r in rs)})
+            r = records[-1]
+            print(f"all      {sim:6s} t={th:<5g} radix {radix} radix+fusion {fused:.1f} "
+                  f"({r['fewer_than_radix']:.2f}x fewer) KL {r['kl_mean']:.4f}", flush=True)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"command": "python benchmarks/fusion_eval.py " + " ".join(sys.argv[1:]),
