@@ -34,6 +34,12 @@ def run(*args, timeout=300):
     (["serve", "--kv-store", "zstd"], "kv-store='zstd': expected kvtc or kvtc:DIR"),
     (["serve", "--kv-store", "kvtc", "--kv-store-ratio", "0.5"], "kv-store-ratio=0.5: expected a number >= 1"),
     (["kvtc", "calibrate", "--out", "/tmp", "--segments", "1"], "out='/tmp': expected a file path"),
+    (["eval", "--method", "fusion", "--threshold", "1.5"], "threshold=1.5: expected a cosine similarity in (0, 1]"),
+    (["eval", "--method", "fusion", "--threshold", "abc"], "threshold='abc': expected a cosine similarity"),
+    (["eval", "--method", "window", "--ratio", "2", "--threshold", "0.8"],
+     "threshold='0.8': expected to be used with --method fusion"),
+    (["eval", "--method", "fusion", "--block-size", "0"], "block_size=0: expected a number of tokens"),
+    (["serve", "--method", "fusion"], "--method='fusion': this method has no SGLang integration yet"),
 ])
 def test_bad_input(args, message):
     r = run(*args)
