@@ -161,6 +161,30 @@ class KVTCStore:
         with self._lock:
             return self._slot(key) is not None
 
+    def on_disk(self, key: str) -> bool:
+        """Whether the page's file is in the directory now (written by this or another process)."""
+        return self.dir is not None and self._path(key).is_file()
+
+    def adopt(self, key: str) -> bool:
+        """Index a page file another process wrote; True if it is (now) in this store."""
+        if self.exists(key):
+            return True
+        if not self.on_disk(key):
+            return False
+        path = self._path(key)
+        try:
+            n = record_fields(path.read_bytes())[3]
+        except (OSError, codec.BlobError):
+            return False
+        before = 2 * self.cal.n_layers * n * self.cal.kv_heads * self.cal.head_dim * 2
+        with self._lock:
+            if self._slot(key) is None:
+                self._index["file:" + path.name] = (before, path.stat().st_size, None)
+                self.stats.pages_held += 1
+                self.stats.bytes_before += before
+                self.stats.bytes_after += path.stat().st_size
+        return True
+
     def put(self, key: str, keys: list[torch.Tensor], values: list[torch.Tensor], position: int) -> bool:
         """Compress and store one page (``[kv_heads, n, head_dim]`` per layer, keys with RoPE)."""
         if self.exists(key):
