@@ -25,11 +25,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kvsqueeze.evaluate import continue_with, dense_prefill, distribution_metrics  # noqa: E402
-from kvsqueeze.methods.base import CompressedPrefix  # noqa: E402
-from kvsqueeze.methods.fusion import fuse_batch  # noqa: E402
+from kvsqueeze.evaluate import evaluate_batch_fusion  # noqa: E402
 from kvsqueeze.model import load_hf, resolve_model  # noqa: E402
-from kvsqueeze.workload import KINDS, near_duplicate_workload  # noqa: E402
+from kvsqueeze.workload import KINDS  # noqa: E402
 
 
 def main() -> int:
@@ -49,60 +47,23 @@ def main() -> int:
     thresholds = [float(t) for t in a.thresholds.split(",")]
     sims = [s for s in a.similarity.split(",") if s]
     tok, model = load_hf(resolve_model(None))
-    records = []
     t0 = time.monotonic()
-    for kind in kinds:
-        reqs = near_duplicate_workload(tok, kind, groups=a.groups, per_group=a.per_group,
-                                       prefix_tokens=a.prefix_tokens, scored_tokens=a.scored_tokens)
-        caches, refs = [], []
-        for i, r in enumerate(reqs):
-            c, _ = dense_prefill(model, torch.tensor(r.prompt_ids))
-            caches.append(c)
-            refs.append(continue_with(model, CompressedPrefix(c.keys, c.values, None, 1, 1),
-                                      torch.tensor(r.scored_ids)))
-            print(f"\r{kind}: prefill {i + 1}/{len(reqs)}  {time.monotonic() - t0:.0f}s", end="",
-                  file=sys.stderr, flush=True)
-        print(file=sys.stderr)
-        for sim in sims:
-            for th in thresholds:
-                bf = fuse_batch(caches, [list(r.prompt_ids) for r in reqs], th, similarity=sim)
-                kls, top1 = [], []
-                for i, r in enumerate(reqs):
-                    lg = continue_with(model, CompressedPrefix(bf.keys[i], bf.values[i], None, 1, 1),
-                                       torch.tensor(r.scored_ids))
-                    kl, t1, _, _ = distribution_metrics(refs[i], lg, torch.tensor(r.scored_ids))
-                    kls.append(float(kl.mean()))
-                    top1.append(float(t1.mean()))
-                rec = {"kind": kind, "similarity": sim, "threshold": th, "requests": len(reqs),
-                       "pages_dense": bf.pages_dense, "pages_radix": bf.pages_radix,
-                       "pages_fused": round(bf.pages_fused, 2),
-                       "fewer_than_radix": round(bf.pages_radix / bf.pages_fused, 3),
-                       "kl_mean": sum(kls) / len(kls), "kl_max": max(kls),
-                       "top1": sum(top1) / len(top1), "kl_per_request": kls,
-                       "fused_groups": bf.stats.fused_groups}
-                records.append(rec)
-                print(f"{kind:8s} {sim:6s} t={th:<5g} pages dense {bf.pages_dense} radix "
-                      f"{bf.pages_radix} radix+fusion {bf.pages_fused:.1f} "
-                      f"({rec['fewer_than_radix']:.2f}x fewer) KL {rec['kl_mean']:.4f} "
-                      f"(max {rec['kl_max']:.4f}) top-1 {rec['top1']:.3f}", flush=True)
-    for sim in sims:  # the workload as one mix: all kinds' requests together
-        for th in thresholds:
-            rs = [r for r in records if r["similarity"] == sim and r["threshold"] == th
-                  and r["kind"] != "all"]
-            kls = [k for r in rs for k in r["kl_per_request"]]
-            radix = sum(r["pages_radix"] for r in rs)
-            fused = sum(r["pages_fused"] for r in rs)
-            records.append({"kind": "all", "similarity": sim, "threshold": th,
-                            "requests": len(kls), "pages_dense": sum(r["pages_dense"] for r in rs),
-                            "pages_radix": radix, "pages_fused": round(fused, 2),
-                            "fewer_than_radix": round(radix / fused, 3),
-                            "kl_mean": sum(kls) / len(kls), "kl_max": max(kls),
-                            "top1": sum(r["top1"] * r["requests"] for r in rs) / len(kls),
-                            "kl_per_request": kls,
-                            "fused_groups": sum(r["fused_groups"] for r in rs)})
-            r = records[-1]
-            print(f"all      {sim:6s} t={th:<5g} radix {radix} radix+fusion {fused:.1f} "
-                  f"({r['fewer_than_radix']:.2f}x fewer) KL {r['kl_mean']:.4f}", flush=True)
+
+    def progress(what, i, n):
+        if n:
+            print(f"\r{what} {i}/{n}  {time.monotonic() - t0:.0f}s", end="", file=sys.stderr,
+                  flush=True)
+
+    recs = evaluate_batch_fusion(model, tok, kinds, thresholds, sims, per_group=a.per_group,
+                                 groups=a.groups, prefix_tokens=a.prefix_tokens,
+                                 scored_tokens=a.scored_tokens, progress=progress)
+    print(file=sys.stderr)
+    records = [r.to_dict() for r in recs]
+    for r in records:
+        print(f"{r['kind']:8s} {r['similarity']:6s} t={r['threshold']:<5g} pages dense "
+              f"{r['pages_dense']} radix {r['pages_radix']} radix+fusion {r['pages_fused']:.1f} "
+              f"({r['fewer_than_radix']:.2f}x fewer) KL {r['kl_mean']:.4f} (max {r['kl_max']:.4f}) "
+              f"top-1 {r['top1']:.3f}", flush=True)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"command": "python benchmarks/fusion_eval.py " + " ".join(sys.argv[1:]),

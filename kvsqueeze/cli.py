@@ -103,15 +103,18 @@ def cmd_eval(args) -> int:
             raise bad_value("calibration", args.calibration, "to be used with --method kvtc")
         per_method["kvtc"] = {"calibration": args.calibration}
     thresholds = _thresholds(args.threshold)
+    sims = _split([args.similarity])
     if args.threshold is not None and "fusion" not in names:
         raise bad_value("threshold", args.threshold, "to be used with --method fusion")
+    if args.workload is not None:
+        return _eval_fusion_workload(args, names, thresholds, sims)
     methods = evaluate.build_methods([n for n in names if n != "fusion"], ratios, per_method,
                                      **options) if any(n != "fusion" for n in names) else []
     if "fusion" in names:
         from kvsqueeze.methods.fusion import BlockFusion
 
-        methods += [BlockFusion(threshold=t, block_size=args.block_size, **options)
-                    for t in thresholds]
+        methods += [BlockFusion(threshold=t, block_size=args.block_size, similarity=sim, **options)
+                    for sim in sims for t in thresholds]
     if args.json:  # fail before the long run, not after it
         out = Path(args.json)
         if out.parent and not out.parent.exists():
@@ -151,6 +154,51 @@ def cmd_eval(args) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps([r.to_dict() for r in records], indent=1) + "\n")
         print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def _eval_fusion_workload(args, names, thresholds, sims) -> int:
+    """``eval --method fusion --workload KINDS``: fusion across the requests of near-duplicate traffic."""
+    from kvsqueeze import evaluate
+    from kvsqueeze.model import load_hf, resolve_model
+    from kvsqueeze.workload import KINDS
+
+    if names != ["fusion"]:
+        raise bad_value("workload", args.workload, "to be used with --method fusion alone")
+    from kvsqueeze.methods.fusion import SIMILARITIES
+
+    for sim in sims:
+        if sim not in SIMILARITIES:
+            raise bad_value("similarity", sim, f"one of {', '.join(SIMILARITIES)}")
+    if args.requests < 2:
+        raise bad_value("requests", args.requests, "at least 2 requests per kind")
+    kinds = _split([args.workload])
+    for k in kinds:
+        if k not in KINDS:
+            raise bad_value("workload", k, f"one of {', '.join(KINDS)}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    tok, model = load_hf(resolve_model(args.model))
+    bars = {}
+
+    def progress(what, i, n):
+        if n:
+            bars.setdefault(what, _progress(what))(i, n)
+
+    recs = evaluate.evaluate_batch_fusion(model, tok, kinds, thresholds, sims,
+                                          per_group=args.requests, block_size=args.block_size,
+                                          progress=progress)
+    head = (f"{'workload':9s} {'sim':6s} {'thresh':>6s} {'radix':>6s} {'fused':>7s} "
+            f"{'fewer':>6s} {'KL mean':>8s} {'KL max':>8s} {'top-1':>6s}")
+    print(head + "\n" + "-" * len(head))
+    for r in recs:
+        print(f"{r.kind:9s} {r.similarity:6s} {r.threshold:6.3g} {r.pages_radix:6d} "
+              f"{r.pages_fused:7.1f} {r.fewer_than_radix:5.2f}x {r.kl_mean:8.4f} {r.kl_max:8.4f} "
+              f"{r.top1:6.3f}")
+    print("pages: 16-token pages held by the batch with exact prefix sharing (radix) and with radix "
+          "+ fusion (averaged over layers); KL = mean over requests of KL(dense || fused)")
+    if args.json:
+        Path(args.json).write_text(json.dumps([r.to_dict() for r in recs], indent=1) + "\n")
     return 0
 
 
@@ -354,6 +402,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--threshold", default=None,
                    help="fusion: cosine threshold(s) for fusing blocks, e.g. 0.8 or 0.6,0.8,0.95")
     e.add_argument("--block-size", type=int, default=16, help="fusion: tokens per block")
+    e.add_argument("--similarity", default="block",
+                   help="fusion: block (cosine of whole key blocks) and/or token (min per-token cosine)")
+    e.add_argument("--workload", default=None,
+                   help="fusion across requests of near-duplicate traffic: edits, fewshot, chat "
+                        "(comma-separated)")
+    e.add_argument("--requests", type=int, default=8, help="--workload: requests per kind")
     e.add_argument("--text", nargs="+", default=None, help="held-out text file(s) (default: corpus on disk)")
     e.add_argument("--task", choices=("kl", "passkey"), default="kl")
     e.add_argument("--prefix-tokens", type=int, default=1024)

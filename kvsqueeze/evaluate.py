@@ -319,3 +319,92 @@ def build_methods(names: list[str], ratios: list[float | None],
                 raise KvsqueezeError(f"method {name!r} needs --ratio (e.g. --ratio 4 or 2,4,8)")
             built.append(cls(ratio=r, **opts))
     return built
+
+
+# ---------------------------------------------------------------------------------------------
+# Block fusion across the requests of a near-duplicate workload
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class FusionRecord:
+    """One (workload kind, similarity, threshold): pages held and quality against dense.
+
+    ``kind == "all"`` pools every kind's requests (pages summed, KL averaged over all requests).
+    """
+
+    kind: str
+    similarity: str
+    threshold: float
+    requests: int
+    pages_dense: int
+    pages_radix: int
+    pages_fused: float
+    fewer_than_radix: float
+    kl_mean: float
+    kl_max: float
+    top1: float
+    kl_per_request: list[float]
+    fused_groups: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def evaluate_batch_fusion(model, tokenizer, kinds: list[str], thresholds: list[float],
+                          similarities: list[str], per_group: int = 8, groups: int = 1,
+                          prefix_tokens: int = 384, scored_tokens: int = 32, block_size: int = 16,
+                          progress=None) -> list[FusionRecord]:
+    """BFF on the near-duplicate workload (``kvsqueeze.workload``): each request's prompt is prefilled
+    densely, pages are counted with exact prefix sharing (radix) and with radix + fusion
+    (``fuse_batch``), and each request's scored tokens are teacher-forced on its fused cache against
+    its dense cache."""
+    from kvsqueeze.methods.fusion import SIMILARITIES, check_threshold, fuse_batch
+    from kvsqueeze.workload import near_duplicate_workload
+
+    for s in similarities:
+        if s not in SIMILARITIES:
+            raise bad_value("similarity", s, f"one of {', '.join(SIMILARITIES)}")
+    thresholds = [check_threshold(t) for t in thresholds]
+    check_lengths(model, prefix_tokens + 64, scored_tokens)
+    records: list[FusionRecord] = []
+    for kind in kinds:
+        reqs = near_duplicate_workload(tokenizer, kind, groups=groups, per_group=per_group,
+                                       prefix_tokens=prefix_tokens, scored_tokens=scored_tokens)
+        caches, refs = [], []
+        for i, r in enumerate(reqs):
+            c, _ = dense_prefill(model, torch.tensor(r.prompt_ids))
+            caches.append(c)
+            refs.append(continue_with(model, CompressedPrefix(c.keys, c.values, None, 1, 1),
+                                      torch.tensor(r.scored_ids)))
+            if progress:
+                progress(f"{kind} prefill", i + 1, len(reqs))
+        for sim in similarities:
+            for th in thresholds:
+                bf = fuse_batch(caches, [list(r.prompt_ids) for r in reqs], th,
+                                block_size=block_size, similarity=sim)
+                kls, top1 = [], []
+                for i, r in enumerate(reqs):
+                    ids = torch.tensor(r.scored_ids)
+                    lg = continue_with(model, CompressedPrefix(bf.keys[i], bf.values[i], None, 1, 1),
+                                       ids)
+                    kl, t1, _, _ = distribution_metrics(refs[i], lg, ids)
+                    kls.append(float(kl.mean()))
+                    top1.append(float(t1.mean()))
+                records.append(FusionRecord(
+                    kind, sim, th, len(reqs), bf.pages_dense, bf.pages_radix,
+                    round(bf.pages_fused, 2), round(bf.pages_radix / bf.pages_fused, 3),
+                    sum(kls) / len(kls), max(kls), sum(top1) / len(top1), kls,
+                    bf.stats.fused_groups))
+                if progress:
+                    progress(f"{kind} fusion", len(records), None)
+    if len(kinds) > 1:
+        for sim in similarities:
+            for th in thresholds:
+                rs = [r for r in records if r.similarity == sim and r.threshold == th]
+                kls = [k for r in rs for k in r.kl_per_request]
+                radix, fused = sum(r.pages_radix for r in rs), sum(r.pages_fused for r in rs)
+                records.append(FusionRecord(
+                    "all", sim, th, len(kls), sum(r.pages_dense for r in rs), radix,
+                    round(fused, 2), round(radix / fused, 3), sum(kls) / len(kls), max(kls),
+                    sum(r.top1 * r.requests for r in rs) / len(kls), kls,
+                    sum(r.fused_groups for r in rs)))
+    return records

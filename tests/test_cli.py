@@ -40,6 +40,10 @@ def run(*args, timeout=300):
      "threshold='0.8': expected to be used with --method fusion"),
     (["eval", "--method", "fusion", "--block-size", "0"], "block_size=0: expected a number of tokens"),
     (["serve", "--method", "fusion"], "--method='fusion': this method has no SGLang integration yet"),
+    (["eval", "--method", "fusion", "--workload", "tweets"], "workload='tweets': expected one of edits"),
+    (["eval", "--method", "fusion,window", "--ratio", "2", "--workload", "edits"],
+     "workload='edits': expected to be used with --method fusion alone"),
+    (["eval", "--method", "fusion", "--workload", "edits", "--requests", "1"], "requests=1"),
 ])
 def test_bad_input(args, message):
     r = run(*args)

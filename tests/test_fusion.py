@@ -241,3 +241,18 @@ def test_workload_bad_input(tokenizer):
         near_duplicate_workload(tokenizer, "tweets")
     with pytest.raises(KvsqueezeError, match="per_group=1"):
         near_duplicate_workload(tokenizer, "edits", per_group=1)
+
+
+def test_workload_fusion_with_nothing_similar_enough_is_exactly_dense(embedded):
+    """End to end on the embedded model: at threshold 1 no distinct page fuses, so every request's
+    continuation is bit-identical to dense (KL 0) and radix + fusion holds what radix holds; at 0.6
+    pages drop below radix."""
+    from kvsqueeze.evaluate import evaluate_batch_fusion
+
+    _, tok, model = embedded
+    recs = evaluate_batch_fusion(model, tok, ["edits"], [1.0, 0.6], ["block"], per_group=3,
+                                 prefix_tokens=128, scored_tokens=8)
+    strict, loose = recs
+    assert strict.pages_fused == strict.pages_radix and strict.kl_max == 0.0
+    assert strict.pages_radix < strict.pages_dense  # the shared prefix before the first edit
+    assert loose.pages_fused < loose.pages_radix and loose.kl_mean > 0

@@ -301,3 +301,38 @@ def test_report_rebuilt_from_a_recorded_run_matches_its_rows(tmp_path):
 def test_report_of_a_directory_that_is_not_a_run():
     with pytest.raises(KvsqueezeError, match="run directory"):
         report.load_run(Path("/nonexistent-run"))
+
+
+def test_neardup_questions_are_the_same_document_with_small_edits():
+    qs = make_questions(["neardup"], 3, seed=1)
+    stripped = []
+    for q in qs:
+        sentence = f"The pass key is {q.answer}. Remember it."
+        assert q.prompt.count(sentence) == 1
+        stripped.append(q.prompt.replace(sentence + " ", "").replace(" " + sentence, "").split(" "))
+    for other in stripped[1:]:
+        assert len(other) == len(stripped[0])
+        assert 0 < sum(a != b for a, b in zip(stripped[0], other)) <= 8
+    assert len({q.answer for q in qs}) == 3
+
+
+def test_locust_master_and_worker_run_the_same_locustfile(tmp_path):
+    with StubServer(StubConfig(ttft=0.005, gap=0.001, tokens=2)) as s:
+        lf = str(ROOT / "kvsqueeze/harness/locustfile.py")
+        worker = subprocess.Popen([sys.executable, "-m", "locust", "-f", lf, "--worker"],
+                                  cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            out = subprocess.run([sys.executable, "-m", "locust", "-f", lf, "--master", "--headless",
+                                  "--expect-workers", "1", "-u", "2", "-r", "2", "--host", s.url,
+                                  "--run-time", "8s", "--only-summary"], cwd=tmp_path,
+                                 capture_output=True, text=True, timeout=120)
+        finally:
+            try:
+                worker.wait(30)  # the master tells its worker to quit at the end of the run
+            except subprocess.TimeoutExpired:
+                worker.kill()
+    assert out.returncode == 0, out.stderr[-2000:]
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "requests-w0.csv")))
+    assert len(rows) == 12 and all(r["ok"] == "1" for r in rows)

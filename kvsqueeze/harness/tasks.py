@@ -7,6 +7,9 @@ Three tasks the embedded 135M model can partly solve (so that accuracy moves wit
 - ``lookup``: an in-context table of ``name: number`` pairs (~250 tokens), then a question about one
   name; exact match on the number.
 - ``arithmetic``: few-shot two-number addition; exact match on the sum.
+- ``neardup``: near-duplicate traffic (what block fusion and prefix caching are for): every question is
+  the same held-out document (~1k tokens of Python's documentation) with 4 word substitutions at random
+  places and a 5-digit key at a random depth; the answer is the key.
 
 Every question is plain completion text (the same text goes to ``/generate``, ``/v1/completions``, and
 as the user message to ``/v1/chat/completions``). The extracted answer of a completion is its first
@@ -23,7 +26,7 @@ from dataclasses import asdict, dataclass
 
 from kvsqueeze.errors import bad_value
 
-TASKS = ("passkey", "lookup", "arithmetic")
+TASKS = ("passkey", "lookup", "arithmetic", "neardup")
 
 _FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
            "There and back again. ")
@@ -74,8 +77,31 @@ def arithmetic_question(rng: random.Random, qid: str, shots: int = 4) -> Questio
     return Question(qid, "arithmetic", text, str(a + b))
 
 
+_EDIT_WORDS = ("the", "a", "this", "that", "new", "old", "first", "last", "small", "large", "other")
+
+
+def _neardup_base(chars: int = 3600) -> list[str]:
+    from kvsqueeze.corpus import heldout_documents
+
+    text = heldout_documents()[0].text
+    start = text.find("\n\n", len(text) // 3) + 2
+    return text[start:start + chars].split(" ")
+
+
+def neardup_question(rng: random.Random, qid: str, base: list[str] | None = None) -> Question:
+    words = list(base if base is not None else _neardup_base())
+    for i in rng.sample(range(len(words)), 4):
+        words[i] = rng.choice(_EDIT_WORDS)
+    key = rng.randint(10000, 99999)
+    at = rng.randint(len(words) // 10, len(words) - 1)
+    words.insert(at, f"The pass key is {key}. Remember it.")
+    text = ("Read the document below. A pass key is hidden in it.\n\n" + " ".join(words)
+            + "\n\nWhat is the pass key? The pass key is")
+    return Question(qid, "neardup", text, str(key))
+
+
 _BUILDERS = {"passkey": passkey_question, "lookup": lookup_question,
-             "arithmetic": arithmetic_question}
+             "arithmetic": arithmetic_question, "neardup": neardup_question}
 
 
 def parse_tasks(text: str | list[str]) -> list[str]:
@@ -93,7 +119,9 @@ def make_questions(tasks: list[str], per_task: int, seed: int = 0) -> list[Quest
     if per_task < 1:
         raise bad_value("questions", per_task, "a number of questions per task >= 1")
     rng = random.Random(seed)
-    by_task = {t: [_BUILDERS[t](rng, f"{t}-{i}") for i in range(per_task)] for t in tasks}
+    base = _neardup_base() if "neardup" in tasks else None
+    by_task = {t: [neardup_question(rng, f"{t}-{i}", base) if t == "neardup"
+                   else _BUILDERS[t](rng, f"{t}-{i}") for i in range(per_task)] for t in tasks}
     return [by_task[t][i] for i in range(per_task) for t in tasks]
 
 
