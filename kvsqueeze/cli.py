@@ -187,7 +187,7 @@ def _eval_fusion_workload(args, names, thresholds, sims) -> int:
 
     recs = evaluate.evaluate_batch_fusion(model, tok, kinds, thresholds, sims,
                                           per_group=args.requests, block_size=args.block_size,
-                                          progress=progress)
+                                          shared_pages=args.shared_pages, progress=progress)
     head = (f"{'workload':9s} {'sim':6s} {'thresh':>6s} {'radix':>6s} {'fused':>7s} "
             f"{'fewer':>6s} {'KL mean':>8s} {'KL max':>8s} {'top-1':>6s}")
     print(head + "\n" + "-" * len(head))
@@ -408,6 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fusion across requests of near-duplicate traffic: edits, fewshot, chat "
                         "(comma-separated)")
     e.add_argument("--requests", type=int, default=8, help="--workload: requests per kind")
+    e.add_argument("--shared-pages", action="store_true",
+                   help="--workload: whole pages shared in every layer (a token-slot pool such as "
+                        "SGLang's); decided on the fused layers jointly")
     e.add_argument("--text", nargs="+", default=None, help="held-out text file(s) (default: corpus on disk)")
     e.add_argument("--task", choices=("kl", "passkey"), default="kl")
     e.add_argument("--prefix-tokens", type=int, default=1024)

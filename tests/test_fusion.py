@@ -256,3 +256,20 @@ def test_workload_fusion_with_nothing_similar_enough_is_exactly_dense(embedded):
     assert strict.pages_fused == strict.pages_radix and strict.kl_max == 0.0
     assert strict.pages_radix < strict.pages_dense  # the shared prefix before the first edit
     assert loose.pages_fused < loose.pages_radix and loose.kl_mean > 0
+
+
+def test_shared_pages_fuse_whole_pages_in_every_layer():
+    """Whole-page mode (a token-slot pool): equal caches under different tokens share every full page
+    in every layer, losslessly; a page that differs in one fused layer does not fuse at all."""
+    c = _cache(n_layers=6, tokens=40)
+    toks_a, toks_b = list(range(40)), [7] + list(range(1, 40))
+    bf = fuse_batch([c, c], [toks_a, toks_b], threshold=0.99, block_size=16, shared_pages=True)
+    assert bf.layer_pages_fused == [4] * 6 and bf.pages_fused == 4
+    for r in range(2):
+        for a, b in zip(bf.keys[r] + bf.values[r], c.keys + c.values):
+            assert torch.allclose(a, b, atol=1e-5)
+    other = PrefixCache([k.clone() for k in c.keys], [v.clone() for v in c.values])
+    other.keys[3][:, :16] = torch.randn(3, 16, 8)  # page 0 differs in fused layer 3 only
+    bf2 = fuse_batch([c, other], [toks_a, toks_b], threshold=0.99, block_size=16, shared_pages=True)
+    assert bf2.pages_fused == 5  # page 1 still fuses, page 0 does not
+    assert torch.equal(bf2.keys[1][0][:, :16], other.keys[0][:, :16])

@@ -114,8 +114,9 @@ def group_blocks(gram: torch.Tensor, threshold: float,
     return sorted(out, key=lambda grp: grp[0])
 
 
-def fuse_vectors(x: torch.Tensor, groups: list[list[int]]) -> torch.Tensor:
-    """Each member replaced by its group's renormalised mean direction times its own norm."""
+def fuse_vectors(x: torch.Tensor, groups: list[list[int]], own_norms: bool = True) -> torch.Tensor:
+    """Each member replaced by its group's renormalised mean direction times its own norm (or, with
+    ``own_norms=False``, the group's mean norm: one block shared by every member)."""
     out = x.clone()
     for grp in groups:
         if len(grp) < 2:
@@ -123,10 +124,10 @@ def fuse_vectors(x: torch.Tensor, groups: list[list[int]]) -> torch.Tensor:
         t = torch.tensor(grp)
         m = x[t].double()
         norms = m.norm(dim=1)
-        units = m / norms.clamp_min(1e-12)[:, None]
-        mean = units.mean(0)
+        mean = (m / norms.clamp_min(1e-12)[:, None]).mean(0)
         mean = mean / mean.norm().clamp_min(1e-12)
-        out[t] = (norms[:, None] * mean[None]).to(x.dtype)
+        scale = norms[:, None] if own_norms else norms.mean()
+        out[t] = (scale * mean[None]).to(x.dtype)
     return out
 
 
@@ -301,69 +302,116 @@ class BatchFusion:
         return sum(self.layer_pages_fused) / len(self.layer_pages_fused)
 
 
-def fuse_batch(caches: list[PrefixCache], token_lists: list[list[int]], threshold: float,
-               block_size: int = DEFAULT_BLOCK, layers=None, same_position: bool = True,
-               keep_first_blocks: int = 0, similarity: str = "block") -> BatchFusion:
-    """BFF over the distinct full pages of a batch (radix-shared pages are one copy already).
+@dataclass
+class _Batch:
+    """The distinct pages of a batch after exact prefix sharing, and who owns each."""
 
-    ``same_position``: only pages at the same block index fuse (keeps RoPE positions consistent:
-    a request's page is replaced by a block made from keys at the same positions).
-    ``keep_first_blocks``: blocks never fused at the start of every sequence (attention sinks).
-    """
-    threshold = check_threshold(threshold)
-    block_size = check_block_size(block_size)
+    caches: list[PrefixCache]
+    block: int
+    page_ids: list[list[tuple]]
+    owner: dict[tuple, tuple[int, int]]
+    full: list[tuple]  # distinct full pages that may fuse
+
+    @property
+    def distinct(self) -> int:
+        return len(self.owner)
+
+    def blocks(self, layer: int, key: bool) -> torch.Tensor:
+        return torch.stack([_block(self.caches, self.owner[pid], layer, self.block, key)
+                            for pid in self.full])
+
+    def partition(self, same_position: bool) -> list[list[int]]:
+        if not same_position:
+            return [list(range(len(self.full)))]
+        by_pos: dict[int, list[int]] = {}
+        for i, pid in enumerate(self.full):
+            by_pos.setdefault(self.owner[pid][1], []).append(i)
+        return [by_pos[p] for p in sorted(by_pos)]
+
+    def write(self, keys, values, layer: int, kf: torch.Tensor, vf: torch.Tensor) -> None:
+        """Give every request's copy of a candidate page the fused block of that page."""
+        h, d = self.caches[0].kv_heads, self.caches[0].head_dim
+        row = {pid: i for i, pid in enumerate(self.full)}
+        for r, ids in enumerate(self.page_ids):
+            k = keys[r][layer] = keys[r][layer].clone()
+            v = values[r][layer] = values[r][layer].clone()
+            for p, pid in enumerate(ids):
+                if pid in row:
+                    sl = slice(p * self.block, (p + 1) * self.block)
+                    k[:, sl] = kf[row[pid]].reshape(h, self.block, d)
+                    v[:, sl] = vf[row[pid]].reshape(h, self.block, d)
+
+
+def _batch(caches, token_lists, block_size, keep_first_blocks) -> _Batch:
     if len(caches) != len(token_lists):
         raise bad_value("token_lists", len(token_lists), f"one token list per cache ({len(caches)})")
     for c, t in zip(caches, token_lists):
         if c.n_tokens != len(t):
             raise bad_value("token_lists", len(t), f"as many tokens as the cache ({c.n_tokens})")
-    n_layers, h, d = caches[0].n_layers, caches[0].kv_heads, caches[0].head_dim
-    layer_ids = parse_layers(layers, n_layers)
     page_ids = radix_pages(token_lists, block_size)
     owner: dict[tuple, tuple[int, int]] = {}
     for r, ids in enumerate(page_ids):
         for p, pid in enumerate(ids):
             owner.setdefault(pid, (r, p))
-    distinct = list(owner)
-    full = [pid for pid in distinct if pid[0] == "full" and owner[pid][1] >= keep_first_blocks]
+    full = [pid for pid in owner if pid[0] == "full" and owner[pid][1] >= keep_first_blocks]
+    return _Batch(caches, block_size, page_ids, owner, full)
+
+
+def fuse_batch(caches: list[PrefixCache], token_lists: list[list[int]], threshold: float,
+               block_size: int = DEFAULT_BLOCK, layers=None, same_position: bool = True,
+               keep_first_blocks: int = 0, similarity: str = "block",
+               shared_pages: bool = False) -> BatchFusion:
+    """BFF over the distinct full pages of a batch (radix-shared pages are one copy already).
+
+    ``same_position``: only pages at the same block index fuse (keeps RoPE positions consistent:
+    a request's page is replaced by a block made from keys at the same positions).
+    ``keep_first_blocks``: blocks never fused at the start of every sequence (attention sinks).
+    ``shared_pages``: what a token-slot pool like SGLang's stock one can hold, where one page is one
+    physical copy of every layer: pages fuse only if they fuse in every fused layer (similarity = the
+    minimum over those layers), and a fused page is one shared block in *every* layer (the members'
+    mean direction times their mean norm: members do not keep their own norms, and the layers outside
+    the fused range are shared too).
+    """
+    threshold = check_threshold(threshold)
+    block_size = check_block_size(block_size)
+    b = _batch(caches, token_lists, block_size, keep_first_blocks)
+    n_layers, h = caches[0].n_layers, caches[0].kv_heads
+    layer_ids = parse_layers(layers, n_layers)
     stats = FusionStats(block_size, threshold, layer_ids)
     keys = [list(c.keys) for c in caches]
     values = [list(c.values) for c in caches]
-    layer_pages = [len(distinct)] * n_layers
+    pages = sum(len(ids) for ids in b.page_ids)
+    if len(b.full) < 2:
+        return BatchFusion(keys, values, pages, b.distinct, [b.distinct] * n_layers, stats)
+    partition = b.partition(same_position)
+    if shared_pages:
+        sim = None
+        for layer in layer_ids:
+            s_l = similarity_matrix(b.blocks(layer, True), similarity, h, block_size)
+            sim = s_l if sim is None else torch.minimum(sim, s_l)
+        groups = [g for cand in partition for g in group_blocks(sim, threshold, cand)]
+        lf = LayerFusion(-1, len(b.full), groups)
+        stats.per_layer.append(lf)
+        if lf.saved:
+            for layer in range(n_layers):
+                b.write(keys, values, layer, fuse_vectors(b.blocks(layer, True), groups, False),
+                        fuse_vectors(b.blocks(layer, False), groups, False))
+        return BatchFusion(keys, values, pages, b.distinct, [b.distinct - lf.saved] * n_layers,
+                           stats)
+    layer_pages = [b.distinct] * n_layers
     for layer in layer_ids:
-        if len(full) < 2:
-            stats.per_layer.append(LayerFusion(layer, len(full), [[i] for i in range(len(full))]))
-            continue
-        kb = torch.stack([_block(caches, owner[pid], layer, block_size, True) for pid in full])
-        vb = torch.stack([_block(caches, owner[pid], layer, block_size, False) for pid in full])
-        if same_position:
-            by_pos: dict[int, list[int]] = {}
-            for i, pid in enumerate(full):
-                by_pos.setdefault(owner[pid][1], []).append(i)
-            partition = [by_pos[p] for p in sorted(by_pos)]
-        else:
-            partition = None
-        kf, vf, groups = fuse_layer_blocks(kb, vb, threshold, partition, similarity, h,
-                                           block_size)
-        lf = LayerFusion(layer, len(full), groups)
+        kf, vf, groups = fuse_layer_blocks(b.blocks(layer, True), b.blocks(layer, False), threshold,
+                                           partition, similarity, h, block_size)
+        lf = LayerFusion(layer, len(b.full), groups)
         stats.per_layer.append(lf)
         layer_pages[layer] -= lf.saved
-        if not lf.saved:
-            continue
-        row = {pid: i for i, pid in enumerate(full)}
-        for r, ids in enumerate(page_ids):
-            k = keys[r][layer] = keys[r][layer].clone()
-            v = values[r][layer] = values[r][layer].clone()
-            for p, pid in enumerate(ids):
-                if pid in row:
-                    s = slice(p * block_size, (p + 1) * block_size)
-                    k[:, s] = kf[row[pid]].reshape(h, block_size, d)
-                    v[:, s] = vf[row[pid]].reshape(h, block_size, d)
-    return BatchFusion(keys, values, sum(len(ids) for ids in page_ids), len(distinct),
-                       layer_pages, stats)
+        if lf.saved:
+            b.write(keys, values, layer, kf, vf)
+    return BatchFusion(keys, values, pages, b.distinct, layer_pages, stats)
 
 
 def _block(caches, where, layer, block, key: bool) -> torch.Tensor:
     r, p = where
     x = (caches[r].keys if key else caches[r].values)[layer]
     return x[:, p * block:(p + 1) * block].reshape(-1)
+
