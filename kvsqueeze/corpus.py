@@ -100,3 +100,16 @@ def token_segments(docs: list[Document], tokenizer, length: int, n_segments: int
 
 def python_version_tag() -> str:
     return f"{sys.implementation.name}{sys.version_info.major}.{sys.version_info.minor}"
+
+
+PASSKEY_FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
+                  "There and back again. ")
+
+
+def passkey_text(key: int, before: int, after: int) -> str:
+    """The pass-key retrieval prompt: ``before`` and ``after`` repetitions of filler around the
+    needle, the question at the end (shared by ``kvsqueeze eval --task passkey`` and the harness)."""
+    return ("There is an important pass key hidden inside a lot of irrelevant text. Find it and "
+            "memorize it. I will quiz you about the pass key.\n" + PASSKEY_FILLER * before
+            + f" The pass key is {key}. Remember it. {key} is the pass key. "
+            + PASSKEY_FILLER * after + "\nWhat is the pass key? The pass key is")

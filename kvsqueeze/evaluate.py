@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from kvsqueeze.attention import AttentionState, attention_state
+from kvsqueeze.corpus import PASSKEY_FILLER, passkey_text
 from kvsqueeze.errors import KvsqueezeError, bad_value
 from kvsqueeze.methods.base import CompressedPrefix, CompressionMethod, PrefixCache
 
@@ -206,9 +207,6 @@ def paired_difference(a: EvalRecord, b: EvalRecord) -> tuple[float, float]:
 # ---------------------------------------------------------------------------------------------
 # Passkey retrieval
 
-_FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
-           "There and back again. ")
-
 
 @dataclass
 class PasskeyRecord:
@@ -234,15 +232,11 @@ def passkey_prompt(tokenizer, key: int, depth: float, context_tokens: int) -> li
     The question sits at the end, inside the recent window that every method keeps exact, so what
     is measured is whether the needle survived compression of the middle of the prompt.
     """
-    intro = ("There is an important pass key hidden inside a lot of irrelevant text. Find it and "
-             "memorize it. I will quiz you about the pass key.\n")
-    needle = f" The pass key is {key}. Remember it. {key} is the pass key. "
-    question = "\nWhat is the pass key? The pass key is"
-    fixed = len(tokenizer(intro + needle + question, add_special_tokens=False)["input_ids"])
-    per = len(tokenizer(_FILLER, add_special_tokens=False)["input_ids"])
+    fixed = len(tokenizer(passkey_text(key, 0, 0), add_special_tokens=False)["input_ids"])
+    per = len(tokenizer(PASSKEY_FILLER, add_special_tokens=False)["input_ids"])
     reps = max(1, (context_tokens - fixed) // per)
     before = int(round(reps * depth))
-    text = intro + _FILLER * before + needle + _FILLER * (reps - before) + question
+    text = passkey_text(key, before, reps - before)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -357,12 +351,10 @@ def evaluate_batch_fusion(model, tokenizer, kinds: list[str], thresholds: list[f
     densely, pages are counted with exact prefix sharing (radix) and with radix + fusion
     (``fuse_batch``), and each request's scored tokens are teacher-forced on its fused cache against
     its dense cache. ``shared_pages``: whole-page sharing across all layers (``fuse_batch``)."""
-    from kvsqueeze.methods.fusion import SIMILARITIES, check_threshold, fuse_batch
+    from kvsqueeze.methods.fusion import check_similarity, check_threshold, fuse_batch
     from kvsqueeze.workload import near_duplicate_workload
 
-    for s in similarities:
-        if s not in SIMILARITIES:
-            raise bad_value("similarity", s, f"one of {', '.join(SIMILARITIES)}")
+    similarities = [check_similarity(s) for s in similarities]
     thresholds = [check_threshold(t) for t in thresholds]
     check_lengths(model, prefix_tokens + 64, scored_tokens)
     records: list[FusionRecord] = []

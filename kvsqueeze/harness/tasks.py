@@ -19,17 +19,17 @@ the answer seen first), and is correct when that answer equals the reference.
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass
 
+from kvsqueeze.corpus import heldout_documents, passkey_text
 from kvsqueeze.errors import bad_value
 
 TASKS = ("passkey", "lookup", "arithmetic", "neardup")
 
-_FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
-           "There and back again. ")
 _NAMES = ("Alice", "Bruno", "Chen", "Dara", "Emil", "Farah", "Goran", "Hana", "Ivan", "Jonas",
           "Kemal", "Lena", "Mateo", "Nadia", "Oskar", "Priya", "Quinn", "Rosa", "Sami", "Tomas",
           "Uma", "Viktor", "Wen", "Yara", "Zofia")
@@ -50,10 +50,7 @@ def passkey_question(rng: random.Random, qid: str, filler_reps: int = 48) -> Que
     """~1k tokens with the embedded tokenizer at the default 48 filler repetitions."""
     key = rng.randint(10000, 99999)
     before = rng.randint(0, filler_reps)
-    text = ("There is an important pass key hidden inside a lot of irrelevant text. Find it and "
-            "memorize it. I will quiz you about the pass key.\n" + _FILLER * before
-            + f" The pass key is {key}. Remember it. {key} is the pass key. "
-            + _FILLER * (filler_reps - before) + "\nWhat is the pass key? The pass key is")
+    text = passkey_text(key, before, filler_reps - before)
     return Question(qid, "passkey", text, str(key))
 
 
@@ -80,16 +77,16 @@ def arithmetic_question(rng: random.Random, qid: str, shots: int = 4) -> Questio
 _EDIT_WORDS = ("the", "a", "this", "that", "new", "old", "first", "last", "small", "large", "other")
 
 
-def _neardup_base(chars: int = 3600) -> list[str]:
-    from kvsqueeze.corpus import heldout_documents
-
+@functools.lru_cache(maxsize=1)
+def _neardup_base(chars: int = 3600) -> tuple[str, ...]:
+    """The held-out excerpt every neardup question edits (read once per process)."""
     text = heldout_documents()[0].text
     start = text.find("\n\n", len(text) // 3) + 2
-    return text[start:start + chars].split(" ")
+    return tuple(text[start:start + chars].split(" "))
 
 
-def neardup_question(rng: random.Random, qid: str, base: list[str] | None = None) -> Question:
-    words = list(base if base is not None else _neardup_base())
+def neardup_question(rng: random.Random, qid: str) -> Question:
+    words = list(_neardup_base())
     for i in rng.sample(range(len(words)), 4):
         words[i] = rng.choice(_EDIT_WORDS)
     key = rng.randint(10000, 99999)
@@ -119,9 +116,7 @@ def make_questions(tasks: list[str], per_task: int, seed: int = 0) -> list[Quest
     if per_task < 1:
         raise bad_value("questions", per_task, "a number of questions per task >= 1")
     rng = random.Random(seed)
-    base = _neardup_base() if "neardup" in tasks else None
-    by_task = {t: [neardup_question(rng, f"{t}-{i}", base) if t == "neardup"
-                   else _BUILDERS[t](rng, f"{t}-{i}") for i in range(per_task)] for t in tasks}
+    by_task = {t: [_BUILDERS[t](rng, f"{t}-{i}") for i in range(per_task)] for t in tasks}
     return [by_task[t][i] for i in range(per_task) for t in tasks]
 
 
