@@ -136,17 +136,26 @@ class KVTCStore:
         """Adopt pages already in the directory (a restart keeps the store); their key is unknown
         until asked, so they are indexed by file name and looked up through :meth:`_path`."""
         for p in sorted(self.dir.glob("*.kvtc")):
-            try:
-                n = record_fields(p.read_bytes())[3]
-            except (OSError, codec.BlobError):
+            if not self._index_file(p):
                 self.stats.corrupt += 1
                 p.unlink(missing_ok=True)
-                continue
-            before = 2 * self.cal.n_layers * n * self.cal.kv_heads * self.cal.head_dim * 2
-            self._index["file:" + p.name] = (before, p.stat().st_size, None)
+
+    def _index_file(self, path: Path) -> bool:
+        """Index one page file (by file name) and count it; False if it is not a readable record."""
+        try:
+            data = path.read_bytes()
+            n = record_fields(data)[3]
+        except (OSError, codec.BlobError):
+            return False
+        before = 2 * self.cal.n_layers * n * self.cal.kv_heads * self.cal.head_dim * 2
+        with self._lock:
+            if ("file:" + path.name) in self._index:
+                return True
+            self._index["file:" + path.name] = (before, len(data), None)
             self.stats.pages_held += 1
             self.stats.bytes_before += before
-            self.stats.bytes_after += p.stat().st_size
+            self.stats.bytes_after += len(data)
+        return True
 
     def _slot(self, key: str) -> str | None:
         if key in self._index:
@@ -169,21 +178,7 @@ class KVTCStore:
         """Index a page file another process wrote; True if it is (now) in this store."""
         if self.exists(key):
             return True
-        if not self.on_disk(key):
-            return False
-        path = self._path(key)
-        try:
-            n = record_fields(path.read_bytes())[3]
-        except (OSError, codec.BlobError):
-            return False
-        before = 2 * self.cal.n_layers * n * self.cal.kv_heads * self.cal.head_dim * 2
-        with self._lock:
-            if self._slot(key) is None:
-                self._index["file:" + path.name] = (before, path.stat().st_size, None)
-                self.stats.pages_held += 1
-                self.stats.bytes_before += before
-                self.stats.bytes_after += path.stat().st_size
-        return True
+        return self.on_disk(key) and self._index_file(self._path(key))
 
     def put(self, key: str, keys: list[torch.Tensor], values: list[torch.Tensor], position: int) -> bool:
         """Compress and store one page (``[kv_heads, n, head_dim]`` per layer, keys with RoPE)."""

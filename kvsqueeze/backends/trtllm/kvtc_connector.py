@@ -94,7 +94,7 @@ class KVTCBlockCache:
     failed_loads: list[str] = field(default_factory=list)
 
     def _known(self, key: str) -> bool:
-        return self.store.exists(key) or self.store.adopt(key)
+        return self.store.adopt(key)  # in this store, or written by another process: now indexed
 
     def matched_blocks(self, tokens: list[int], num_computed_tokens: int) -> list[tuple[str, int]]:
         """``(key, block index)`` of the stored blocks that follow the device's own prefix hit,
@@ -134,7 +134,8 @@ class KVTCBlockCache:
         return True
 
 
-def _store_from_env(layout_hint: BlockLayout | None = None):
+def _cache_from_env(tokens_per_block: int) -> KVTCBlockCache:
+    """The block cache the connector classes use, configured by the environment (module docstring)."""
     from kvsqueeze.methods import kvtc_codec as codec
     from kvsqueeze.methods.kvtc_store import KVTCStore
 
@@ -143,13 +144,10 @@ def _store_from_env(layout_hint: BlockLayout | None = None):
         raise bad_value("KVSQUEEZE_KVTC_CALIBRATION", cal_path,
                         "the path of a calibration made by `kvsqueeze kvtc calibrate` for this model")
     cal = codec.Calibration.load(cal_path)
-    if layout_hint is not None and (cal.n_layers, cal.kv_heads, cal.head_dim) != (
-            layout_hint.n_layers, layout_hint.kv_heads, layout_hint.head_dim):
-        raise bad_value("KVSQUEEZE_KVTC_CALIBRATION", cal_path,
-                        f"a calibration of a model with {layout_hint.n_layers} layers, "
-                        f"{layout_hint.kv_heads} KV heads of dimension {layout_hint.head_dim}")
     ratio = float(os.environ.get("KVSQUEEZE_KVTC_RATIO", "8"))
-    return cal, KVTCStore(cal, ratio, os.environ.get("KVSQUEEZE_KVTC_DIR") or None)
+    store = KVTCStore(cal, ratio, os.environ.get("KVSQUEEZE_KVTC_DIR") or None)
+    return KVTCBlockCache(store, BlockLayout(cal.n_layers, cal.kv_heads, tokens_per_block,
+                                             cal.head_dim))
 
 
 def _make_classes():  # pragma: no cover - needs tensorrt_llm (checked by scripts/check_trtllm_gpu.sh)
@@ -159,19 +157,12 @@ def _make_classes():  # pragma: no cover - needs tensorrt_llm (checked by script
     from tensorrt_llm._torch.pyexecutor.kv_cache_connector import (KvCacheConnectorScheduler,
                                                                    KvCacheConnectorWorker)
 
-    def layout_of(llm_args, tokens_per_block) -> BlockLayout | None:
-        cal, _ = _store_from_env()
-        return BlockLayout(cal.n_layers, cal.kv_heads, tokens_per_block, cal.head_dim)
-
     class KVTCConnectorLeader(KvCacheConnectorScheduler):
         """Decides which blocks to onboard (stored, after the device hit) and which to offload."""
 
         def __init__(self, llm_args):
             super().__init__(llm_args)
-            tpb = llm_args.kv_cache_config.tokens_per_block
-            layout = layout_of(llm_args, tpb)
-            _, store = _store_from_env(layout)
-            self.cache = KVTCBlockCache(store, layout)
+            self.cache = _cache_from_env(llm_args.kv_cache_config.tokens_per_block)
             self.pending: dict[int, list[tuple[str, int]]] = {}
             self.tokens: dict[int, list[int]] = {}
 
@@ -209,10 +200,8 @@ def _make_classes():  # pragma: no cover - needs tensorrt_llm (checked by script
 
         def __init__(self, llm_args):
             super().__init__(llm_args)
-            self.tpb = llm_args.kv_cache_config.tokens_per_block
-            self.layout = layout_of(llm_args, self.tpb)
-            _, store = _store_from_env(self.layout)
-            self.cache = KVTCBlockCache(store, self.layout)
+            self.cache = _cache_from_env(llm_args.kv_cache_config.tokens_per_block)
+            self.layout = self.cache.layout
             self.kv = None
 
         def register_kv_caches(self, kv_cache_tensor):
