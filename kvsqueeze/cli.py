@@ -165,11 +165,9 @@ def _eval_fusion_workload(args, names, thresholds, sims) -> int:
 
     if names != ["fusion"]:
         raise bad_value("workload", args.workload, "to be used with --method fusion alone")
-    from kvsqueeze.methods.fusion import SIMILARITIES
+    from kvsqueeze.methods.fusion import check_similarity
 
-    for sim in sims:
-        if sim not in SIMILARITIES:
-            raise bad_value("similarity", sim, f"one of {', '.join(SIMILARITIES)}")
+    sims = [check_similarity(sim) for sim in sims]  # before the model loads
     if args.requests < 2:
         raise bad_value("requests", args.requests, "at least 2 requests per kind")
     kinds = _split([args.workload])

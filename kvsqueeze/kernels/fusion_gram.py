@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from kvsqueeze.kernels import use_triton
+
 EPS = 1e-12
 
 
@@ -105,10 +107,4 @@ def triton_cdiv(a: int, b: int) -> int:
 
 
 def block_gram(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if x.is_cuda:
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            return block_gram_reference(x)
-        return block_gram_triton(x)
-    return block_gram_reference(x)
+    return block_gram_triton(x) if use_triton(x) else block_gram_reference(x)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from kvsqueeze.errors import bad_value
+from kvsqueeze.kernels import use_triton
 
 SUPPORTED_PAGE_SIZES = (8, 16, 32, 64, 128)
 
@@ -137,10 +138,5 @@ def paged_decode_triton(q, k_pages, v_pages, page_table, lengths, scale=None):
 
 
 def paged_decode(q, k_pages, v_pages, page_table, lengths, scale=None):
-    if q.is_cuda:
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            return paged_decode_reference(q, k_pages, v_pages, page_table, lengths, scale)
-        return paged_decode_triton(q, k_pages, v_pages, page_table, lengths, scale)
-    return paged_decode_reference(q, k_pages, v_pages, page_table, lengths, scale)
+    impl = paged_decode_triton if use_triton(q) else paged_decode_reference
+    return impl(q, k_pages, v_pages, page_table, lengths, scale)

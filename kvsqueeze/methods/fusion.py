@@ -178,6 +178,12 @@ class FusionStats:
 SIMILARITIES = ("block", "token")
 
 
+def check_similarity(similarity) -> str:
+    if similarity not in SIMILARITIES:
+        raise bad_value("similarity", similarity, f"one of {', '.join(SIMILARITIES)}")
+    return similarity
+
+
 def similarity_matrix(kb: torch.Tensor, similarity: str = "block", heads: int = 1,
                       block: int = 1) -> torch.Tensor:
     """Pairwise similarity of key blocks ``kb [n, heads*block*dim]``.
@@ -187,10 +193,8 @@ def similarity_matrix(kb: torch.Tensor, similarity: str = "block", heads: int = 
     token that differs (a changed name or number) keeps its block from fusing, which a whole-block
     cosine over 16 tokens barely notices.
     """
-    if similarity == "block":
+    if check_similarity(similarity) == "block":
         return block_gram(kb)[1]
-    if similarity != "token":
-        raise bad_value("similarity", similarity, f"one of {', '.join(SIMILARITIES)}")
     n = kb.shape[0]
     per_tok = kb.reshape(n, heads, block, -1).permute(2, 0, 1, 3).reshape(block, n, -1)
     return torch.stack([block_gram(per_tok[t])[1] for t in range(block)]).amin(0)
@@ -223,9 +227,7 @@ class BlockFusion(CompressionMethod):
                  block_size: int = DEFAULT_BLOCK, layers=None, similarity: str = "block",
                  **options):
         super().__init__(1.0 if ratio is None else ratio, sinks, recent, **options)
-        if similarity not in SIMILARITIES:
-            raise bad_value("similarity", similarity, f"one of {', '.join(SIMILARITIES)}")
-        self.similarity = similarity
+        self.similarity = check_similarity(similarity)
         self.threshold = check_threshold(threshold)
         self.block_size = check_block_size(block_size)
         self.layers_spec = layers
