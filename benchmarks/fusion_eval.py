@@ -42,6 +42,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--shared-pages", action="store_true",
                     help="whole pages shared across all layers (what a stock token-slot pool holds)")
+    ap.add_argument("--online", action="store_true",
+                    help="with --shared-pages: the SGLang integration's decisions (arrival order, a new "
+                         "page reads the most similar earlier page unchanged)")
     ap.add_argument("--out", default=str(ROOT / "results" / "fusion" / "quality"))
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -59,7 +62,7 @@ def main() -> int:
     recs = evaluate_batch_fusion(model, tok, kinds, thresholds, sims, per_group=a.per_group,
                                  groups=a.groups, prefix_tokens=a.prefix_tokens,
                                  scored_tokens=a.scored_tokens, shared_pages=a.shared_pages,
-                                 progress=progress)
+                                 online=a.online, progress=progress)
     print(file=sys.stderr)
     records = [r.to_dict() for r in recs]
     for r in records:
@@ -72,13 +75,16 @@ def main() -> int:
     meta = {"command": "python benchmarks/fusion_eval.py " + " ".join(sys.argv[1:]),
             "model": "SmolLM2-135M-Instruct (embedded)", "block_size": 16,
             "layers": "2..L-3" + (" decide; every layer shared" if a.shared_pages else ""),
-            "shared_pages": a.shared_pages, "same_position": True, "prefix_tokens": a.prefix_tokens,
+            "shared_pages": a.shared_pages, "online": a.online, "same_position": True, "prefix_tokens": a.prefix_tokens,
             "scored_tokens": a.scored_tokens, "seconds": round(time.monotonic() - t0, 1)}
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "records": records}, indent=1))
     lines = ["# Block fusion across requests on near-duplicate traffic", "",
              f"`{meta['command']}`: {a.per_group} requests per kind, {a.prefix_tokens}-token prompts, "
              f"{a.scored_tokens} scored tokens each; 16-token pages; "
-             + ("whole pages shared in every layer (decided on layers 2..L-3, similarity = minimum "
+             + ("online, as inside SGLang: requests in arrival order, a new page fuses into the most "
+                "similar earlier unfused page at its index (similarity = minimum over layers 2..L-3) "
+                "and reads it unchanged in every layer; " if a.online else
+                "whole pages shared in every layer (decided on layers 2..L-3, similarity = minimum "
                 "over them; a fused page holds the members' mean direction x mean norm); "
                 if a.shared_pages else "fused layers 2..L-3; ")
              + "same-position candidates. KL = mean over requests of KL(dense || fused).", "",

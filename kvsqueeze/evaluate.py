@@ -346,11 +346,13 @@ class FusionRecord:
 def evaluate_batch_fusion(model, tokenizer, kinds: list[str], thresholds: list[float],
                           similarities: list[str], per_group: int = 8, groups: int = 1,
                           prefix_tokens: int = 384, scored_tokens: int = 32, block_size: int = 16,
-                          shared_pages: bool = False, progress=None) -> list[FusionRecord]:
+                          shared_pages: bool = False, online: bool = False,
+                          progress=None) -> list[FusionRecord]:
     """BFF on the near-duplicate workload (``kvsqueeze.workload``): each request's prompt is prefilled
     densely, pages are counted with exact prefix sharing (radix) and with radix + fusion
     (``fuse_batch``), and each request's scored tokens are teacher-forced on its fused cache against
-    its dense cache. ``shared_pages``: whole-page sharing across all layers (``fuse_batch``)."""
+    its dense cache. ``shared_pages``: whole-page sharing across all layers; ``online``: the SGLang
+    integration's arrival-order decisions (both: ``fuse_batch``)."""
     from kvsqueeze.methods.fusion import check_similarity, check_threshold, fuse_batch
     from kvsqueeze.workload import near_duplicate_workload
 
@@ -372,7 +374,8 @@ def evaluate_batch_fusion(model, tokenizer, kinds: list[str], thresholds: list[f
         for sim in similarities:
             for th in thresholds:
                 bf = fuse_batch(caches, [list(r.prompt_ids) for r in reqs], th,
-                                block_size=block_size, similarity=sim, shared_pages=shared_pages)
+                                block_size=block_size, similarity=sim, shared_pages=shared_pages,
+                                online=online)
                 kls, top1 = [], []
                 for i, r in enumerate(reqs):
                     ids = torch.tensor(r.scored_ids)

@@ -273,3 +273,28 @@ def test_shared_pages_fuse_whole_pages_in_every_layer():
     bf2 = fuse_batch([c, other], [toks_a, toks_b], threshold=0.99, block_size=16, shared_pages=True)
     assert bf2.pages_fused == 5  # page 1 still fuses, page 0 does not
     assert torch.equal(bf2.keys[1][0][:, :16], other.keys[0][:, :16])
+
+
+def test_online_pages_read_the_earlier_page_unchanged():
+    """Online mode (what runs inside SGLang): a later request's near-duplicate page reads the earlier
+    request's page as it is, in every layer (K and V); the earlier request is untouched; a page that
+    differs in one decision layer keeps its own data."""
+    c = _cache(n_layers=6, tokens=40)
+    g = torch.Generator().manual_seed(5)
+    near = PrefixCache([k + 1e-3 * torch.randn(k.shape, generator=g) for k in c.keys],
+                       [v + 1e-3 * torch.randn(v.shape, generator=g) for v in c.values])
+    near.keys[3][:, 16:32] = torch.randn(3, 16, 8, generator=g)  # page 1 differs in decision layer 3
+    toks_a, toks_b = list(range(40)), [7] + list(range(1, 40))
+    bf = fuse_batch([c, near], [toks_a, toks_b], threshold=0.99, block_size=16, shared_pages=True,
+                    online=True)
+    assert bf.pages_fused == 5 and bf.stats.fused_groups == 1  # page 0 of b fused into a's
+    for layer in range(6):
+        assert torch.equal(bf.keys[0][layer], c.keys[layer])  # the representative is never changed
+        assert torch.equal(bf.keys[1][layer][:, :16], c.keys[layer][:, :16])
+        assert torch.equal(bf.values[1][layer][:, :16], c.values[layer][:, :16])
+        assert torch.equal(bf.keys[1][layer][:, 16:], near.keys[layer][:, 16:])
+    nothing = fuse_batch([c, near], [toks_a, toks_b], threshold=1.0, block_size=16, shared_pages=True,
+                         online=True)
+    assert nothing.pages_fused == nothing.pages_radix
+    with pytest.raises(KvsqueezeError, match="online"):
+        fuse_batch([c, near], [toks_a, toks_b], 0.9, block_size=16, online=True)

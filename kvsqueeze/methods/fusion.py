@@ -362,7 +362,7 @@ def _batch(caches, token_lists, block_size, keep_first_blocks) -> _Batch:
 def fuse_batch(caches: list[PrefixCache], token_lists: list[list[int]], threshold: float,
                block_size: int = DEFAULT_BLOCK, layers=None, same_position: bool = True,
                keep_first_blocks: int = 0, similarity: str = "block",
-               shared_pages: bool = False) -> BatchFusion:
+               shared_pages: bool = False, online: bool = False) -> BatchFusion:
     """BFF over the distinct full pages of a batch (radix-shared pages are one copy already).
 
     ``same_position``: only pages at the same block index fuse (keeps RoPE positions consistent:
@@ -373,6 +373,10 @@ def fuse_batch(caches: list[PrefixCache], token_lists: list[list[int]], threshol
     minimum over those layers), and a fused page is one shared block in *every* layer (the members'
     mean direction times their mean norm: members do not keep their own norms, and the layers outside
     the fused range are shared too).
+    ``online`` (with ``shared_pages``): what the SGLang integration does
+    (``kvsqueeze.methods.fusion_online``): requests arrive in order; each new page fuses into the most
+    similar earlier unfused page at its block index (if at the threshold) and then *reads that page*,
+    unchanged, in every layer.
     """
     threshold = check_threshold(threshold)
     block_size = check_block_size(block_size)
@@ -386,6 +390,10 @@ def fuse_batch(caches: list[PrefixCache], token_lists: list[list[int]], threshol
     if len(b.full) < 2:
         return BatchFusion(keys, values, pages, b.distinct, [b.distinct] * n_layers, stats)
     partition = b.partition(same_position)
+    if online:
+        if not (shared_pages and same_position):
+            raise bad_value("online", online, "to be used with shared_pages=True and same_position=True")
+        return _fuse_online(b, keys, values, pages, layer_ids, threshold, similarity, stats)
     if shared_pages:
         sim = None
         for layer in layer_ids:
@@ -410,6 +418,32 @@ def fuse_batch(caches: list[PrefixCache], token_lists: list[list[int]], threshol
         if lf.saved:
             b.write(keys, values, layer, kf, vf)
     return BatchFusion(keys, values, pages, b.distinct, layer_pages, stats)
+
+
+def _fuse_online(b: _Batch, keys, values, pages, layer_ids, threshold, similarity, stats) -> BatchFusion:
+    from kvsqueeze.methods.fusion_online import OnlinePageFusion
+
+    c0 = b.caches[0]
+    h, d, blk = c0.kv_heads, c0.head_dim, b.block
+    kk = torch.stack([torch.stack([b.blocks(l, True)[i].reshape(h, blk, d).transpose(0, 1).reshape(blk, h * d)
+                                   for l in layer_ids]) for i in range(len(b.full))])
+    fus = OnlinePageFusion(len(b.full), threshold, similarity)
+    rep_of = list(range(len(b.full)))
+    for r in range(len(b.caches)):
+        own = [i for i, pid in enumerate(b.full) if b.owner[pid][0] == r]
+        for i, rep in fus.fuse(own, [b.owner[b.full[i]][1] for i in own], lambda ps: kk[ps]).items():
+            rep_of[i] = rep
+    groups: dict[int, list[int]] = {}
+    for i, rep in enumerate(rep_of):
+        groups.setdefault(rep, []).append(i)
+    lf = LayerFusion(-1, len(b.full), sorted(groups.values()))
+    stats.per_layer.append(lf)
+    if lf.saved:
+        idx = torch.tensor(rep_of)
+        for layer in range(c0.n_layers):
+            b.write(keys, values, layer, b.blocks(layer, True)[idx], b.blocks(layer, False)[idx])
+    n_layers = c0.n_layers
+    return BatchFusion(keys, values, pages, b.distinct, [b.distinct - lf.saved] * n_layers, stats)
 
 
 def _block(caches, where, layer, block, key: bool) -> torch.Tensor:
