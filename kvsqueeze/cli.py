@@ -108,6 +108,9 @@ def cmd_eval(args) -> int:
         raise bad_value("threshold", args.threshold, "to be used with --method fusion")
     if args.workload is not None:
         return _eval_fusion_workload(args, names, thresholds, sims)
+    for flag in ("shared_pages", "online"):
+        if getattr(args, flag):
+            raise bad_value(flag.replace("_", "-"), True, "to be used with --workload")
     methods = evaluate.build_methods([n for n in names if n != "fusion"], ratios, per_method,
                                      **options) if any(n != "fusion" for n in names) else []
     if "fusion" in names:
@@ -185,7 +188,8 @@ def _eval_fusion_workload(args, names, thresholds, sims) -> int:
 
     recs = evaluate.evaluate_batch_fusion(model, tok, kinds, thresholds, sims,
                                           per_group=args.requests, block_size=args.block_size,
-                                          shared_pages=args.shared_pages, progress=progress)
+                                          shared_pages=args.shared_pages or args.online,
+                                          online=args.online, progress=progress)
     head = (f"{'workload':9s} {'sim':6s} {'thresh':>6s} {'radix':>6s} {'fused':>7s} "
             f"{'fewer':>6s} {'KL mean':>8s} {'KL max':>8s} {'top-1':>6s}")
     print(head + "\n" + "-" * len(head))
@@ -219,13 +223,31 @@ def cmd_serve(args, extra: list[str]) -> int:
 
     if args.engine not in ENGINES:
         raise bad_value("engine", args.engine, f"one of {', '.join(ENGINES)} (TensorRT-LLM: see docs)")
-    if args.method not in (None, "dense", "none"):
+    env = {}
+    if args.method == "fusion":
+        from kvsqueeze.backends.sglang import fusion
+
+        if args.threshold is None:
+            raise bad_value("threshold", None, "a cosine similarity in (0, 1] with --method fusion")
+        if args.kv_store:
+            raise bad_value("kv-store", args.kv_store, "not given with --method fusion (fusion works on "
+                            "the plain radix cache's paged pool)")
+        page_size = fusion.check_server_args(extra)
+        if args.block_size is not None and args.block_size != page_size:
+            raise bad_value("block-size", args.block_size, f"the pool's page size ({page_size}): "
+                            "fusion shares whole pages, so a block is a page")
+        env = fusion.config_args(args.threshold, args.similarity, args.fusion_layers)
+    elif args.threshold is not None or args.similarity != "block" or args.fusion_layers or \
+            args.block_size is not None:
+        raise bad_value("threshold", args.threshold, "--threshold/--similarity/--fusion-layers/"
+                        "--block-size only with --method fusion")
+    elif args.method not in (None, "dense", "none"):
         from kvsqueeze.methods import get
 
         get(args.method)  # unknown names fail here with the list of known ones
         raise KvsqueezeError(
             f"--method={args.method!r}: this method has no SGLang integration yet; expected "
-            "'dense' (the methods that plug into SGLang are listed in docs/architecture.md)")
+            "'dense' or 'fusion' (the methods that plug into SGLang are listed in docs/architecture.md)")
     if not (0 <= args.port <= 65535):
         raise bad_value("port", args.port, "a TCP port between 0 and 65535")
     from kvsqueeze.backends.sglang.server import SGLangServer, free_port
@@ -234,7 +256,7 @@ def cmd_serve(args, extra: list[str]) -> int:
     model_path = resolve_model(args.model)
     if args.kv_store:
         extra = _kv_store_args(args, model_path, extra)
-    server = SGLangServer(model=model_path, host=args.host, port=port, extra_args=extra)
+    server = SGLangServer(model=model_path, host=args.host, port=port, extra_args=extra, env=env)
     print(f"starting SGLang: {' '.join(server.command())}", file=sys.stderr, flush=True)
     server.start()
 
@@ -409,6 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--shared-pages", action="store_true",
                    help="--workload: whole pages shared in every layer (a token-slot pool such as "
                         "SGLang's); decided on the fused layers jointly")
+    e.add_argument("--online", action="store_true",
+                   help="--workload: the SGLang integration's decisions (arrival order; a new page reads "
+                        "the most similar earlier page unchanged, in every layer)")
     e.add_argument("--text", nargs="+", default=None, help="held-out text file(s) (default: corpus on disk)")
     e.add_argument("--task", choices=("kl", "passkey"), default="kl")
     e.add_argument("--prefix-tokens", type=int, default=1024)
@@ -473,6 +498,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kv-store-ratio", type=float, default=8.0, help="KVTC ratio of the storage tier")
     s.add_argument("--calibration", default=None,
                    help="KVTC calibration for --kv-store (default: the model's, made once)")
+    s.add_argument("--threshold", type=float, default=None,
+                   help="fusion: cosine threshold in (0, 1] for fusing a new full page into a shared one")
+    s.add_argument("--similarity", default="block", choices=("block", "token"),
+                   help="fusion: whole-page key cosine (block) or the smallest per-token cosine (token)")
+    s.add_argument("--block-size", type=int, default=None,
+                   help="fusion: tokens per fused block; must equal SGLang's --page-size (the default)")
+    s.add_argument("--fusion-layers", default=None,
+                   help="fusion: layers whose similarity decides (a-b, list or all; default all but "
+                        "the first two and last two)")
     _add_bench_parsers(sub)
     return p
 
@@ -486,7 +520,8 @@ def _add_bench_parsers(sub) -> None:
                         "(generate, completions, chat); default W=1,4 L=32,64 mode=n "
                         "endpoint=generate")
     b.add_argument("--methods", default=None,
-                   help="servable methods, comma-separated: none, kvtc[:RATIO] (default none,kvtc:8)")
+                   help="servable methods, comma-separated: none, kvtc[:RATIO], fusion[:THRESHOLD] "
+                        "(default none,kvtc:8)")
     b.add_argument("--url", default=None, help="target this running server instead of starting one")
     b.add_argument("--model", default=None, help="a local Hugging Face checkpoint (default: embedded)")
     b.add_argument("--tasks", default="passkey,lookup,arithmetic")

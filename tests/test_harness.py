@@ -163,12 +163,26 @@ def test_bad_grid_is_named(grid, msg):
         sweep.parse_grid(grid)
 
 
-@pytest.mark.parametrize("methods,msg", [("dms:4", "issue 4"), ("fusion", "issue 6"),
+@pytest.mark.parametrize("methods,msg", [("dms:4", "issue 4"), ("fusion:1.5", "THRESHOLD in (0, 1]"),
+                                         ("fusion:0", "THRESHOLD in (0, 1]"),
+                                         ("fusion:0.9:cos", "fusion:THRESHOLD[:block|token]"),
                                          ("foo", "one of none, kvtc"), ("kvtc:0.5", ">= 1"),
                                          ("none:2", "without a ratio"), ("none,dense", "once")])
 def test_bad_methods_are_named(methods, msg):
     with pytest.raises(KvsqueezeError, match=re.escape(msg)):
         sweep.parse_methods(methods)
+
+
+def test_fusion_method_serves_with_pages_and_its_threshold():
+    (none, fus) = sweep.parse_methods("none,fusion:0.8")
+    assert fus.label == "fusion:0.8" and sweep.parse_methods("fusion")[0].ratio == 0.9
+    args = sweep.server_args_for(fus, None, Path("unused"))
+    assert args[args.index("--page-size") + 1] == str(sweep.FUSION_PAGE_SIZE)
+    assert json.loads(sweep.server_env_for(fus)["KVSQUEEZE_FUSION"])["threshold"] == 0.8
+    assert sweep.server_env_for(none) == {}
+    tok = sweep.parse_methods("fusion:0.9:token")[0]
+    assert tok.label == "fusion:0.9:token"
+    assert json.loads(sweep.server_env_for(tok)["KVSQUEEZE_FUSION"])["similarity"] == "token"
 
 
 def test_bad_bench_arguments_fail_before_anything_starts(tmp_path):

@@ -23,14 +23,7 @@ def post(url, payload, timeout=300):
 def server(tmp_path_factory):
     log = tmp_path_factory.mktemp("sglang") / "server.log"
     srv = SGLangServer(model=resolve_model(None), port=free_port(), log_path=log,
-                       extra_args=["--enable-metrics"])
-    srv.start()
-    try:
-        srv.wait_ready(timeout=400)
-    except Exception:
-        srv.stop()
-        print(log.read_text()[-5000:])
-        raise
+                       extra_args=["--enable-metrics"]).start_and_wait(timeout=400)
     yield srv
     pid = srv.proc.pid
     srv.stop()

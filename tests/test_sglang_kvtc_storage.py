@@ -31,14 +31,7 @@ def kvtc_server(tmp_path_factory, embedded):
     stats = d / "stats.json"
     srv = SGLangServer(model=resolve_model(None), port=free_port(), log_path=d / "server.log",
                        extra_args=kvtc_store_args(str(cal_path), 4.0, stats_file=str(stats))
-                       + ["--enable-metrics"])
-    srv.start()
-    try:
-        srv.wait_ready(timeout=400)
-    except Exception:
-        srv.stop()
-        print((d / "server.log").read_text()[-5000:])
-        raise
+                       + ["--enable-metrics"]).start_and_wait(timeout=400)
     yield srv, stats, d / "server.log"
     srv.stop()
 

@@ -112,6 +112,9 @@ def summarize(meta: dict, configs: list[dict], df):
         r["store_pages"] = srv.get("last kvsqueeze_kvtc_pages_held", float("nan"))
         r["store_ratio"] = float(before / after) if before and after else float("nan")
         r["store_hits"] = srv.get("delta kvsqueeze_kvtc_hits", float("nan"))
+        r["fused_pages"] = srv.get("delta kvsqueeze_fusion_pages_fused", float("nan"))
+        r["fused_share"] = (r["fused_pages"] / srv["delta kvsqueeze_fusion_pages_checked"]
+                            if srv.get("delta kvsqueeze_fusion_pages_checked") else float("nan"))
         r["wall_s"] = c.get("wall_s")
         r["reasons"] = "; ".join(c.get("reasons") or [])
         rows.append(r)
@@ -221,7 +224,8 @@ _COLUMNS = [("method", "method", "{}"), ("W", "W", "{}"), ("L", "L", "{}"), ("mo
             ("kv_reads_per_question", "KV reads/question", "{:.3g}"),
             ("peak_kv_tokens", "peak KV tokens", "{:.0f}"),
             ("cached_tokens_mean", "cached tok", "{:.0f}"),
-            ("store_ratio", "store ratio", "{:.2f}"), ("store_hits", "store hits", "{:.0f}")]
+            ("store_ratio", "store ratio", "{:.2f}"), ("store_hits", "store hits", "{:.0f}"),
+            ("fused_pages", "fused pages", "{:.0f}"), ("fused_share", "fused share", "{:.2f}")]
 
 
 def markdown_table(summary) -> str:
@@ -266,7 +270,13 @@ def write_report(metas: list[dict], summary, out_dir: Path, plots: list[Path]) -
                 "not reduced by it (its page size of 64 also rounds each sequence's slots up). "
                 "What it saves is the storage tier's bytes (store ratio), and what it can save in "
                 "time is prefill of a restored prefix (cached tokens, TTFT).",
-        "none": "`none`: stock SGLang (radix prefix cache, page size 1).",
+        "none": "`none`: stock SGLang (radix prefix cache; page size 1 unless the run's SGLang "
+                "arguments set one).",
+        "fusion": "`fusion:T[:token]`: new full pages that are near-duplicates (similarity >= T, "
+                  "block or per-token key cosine) of a page already held at the same position "
+                  "become one shared page of SGLang's pool; the freed pages are free for other "
+                  "requests (docs/fusion.md). Fused pages: pages fused during the configuration; "
+                  "fused share: of the new full pages compared.",
     }
     methods = {str(m).split(":")[0] for m in summary["method"]} if len(summary) else set()
     if methods & notes.keys():

@@ -28,20 +28,25 @@ DEFAULT_GRID = {"W": [1, 4], "L": [32, 64], "mode": ["n"], "endpoint": ["generat
 SERVABLE = {
     "none": "vanilla SGLang (radix cache, no compression)",
     "kvtc": "SGLang hierarchical cache with the KVTC-compressed storage tier (kvtc:RATIO, default 8)",
+    "fusion": "radix cache + block fusion into shared pages (fusion:THRESHOLD[:token], default 0.9 with "
+              "block similarity; page size 16)",
 }
+FUSION_PAGE_SIZE = 16
 ALIASES = {"dense": "none", "vanilla": "none"}
 # Registered methods whose SGLang integration is still open work (the issue that brings it).
-NOT_YET = {"dms": "issue 4 (DMS inside SGLang)", "fusion": "issue 6 (joint block encoding)"}
+NOT_YET = {"dms": "issue 4 (DMS inside SGLang)"}
 
 
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
-    ratio: float | None = None
+    ratio: float | None = None  # kvtc: the ratio; fusion: the threshold
+    variant: str | None = None  # fusion: the similarity when not the default (block)
 
     @property
     def label(self) -> str:
-        return self.name if self.ratio is None else f"{self.name}:{self.ratio:g}"
+        base = self.name if self.ratio is None else f"{self.name}:{self.ratio:g}"
+        return base if self.variant is None else f"{base}:{self.variant}"
 
 
 def parse_grid(items: list[str] | None) -> dict[str, list]:
@@ -80,6 +85,12 @@ def parse_methods(text: str | None) -> list[MethodSpec]:
             continue
         name, _, ratio = part.partition(":")
         name = ALIASES.get(name, name)
+        variant = None
+        if name == "fusion" and ratio.count(":") == 1:
+            ratio, variant = ratio.split(":")
+            if variant not in ("block", "token"):
+                raise bad_value("methods", part, "fusion:THRESHOLD[:block|token]")
+            variant = None if variant == "block" else variant
         if name in NOT_YET:
             raise KvsqueezeError(f"methods={part!r}: {name} has no SGLang integration yet "
                                  f"({NOT_YET[name]}); expected one of {', '.join(SERVABLE)}")
@@ -89,6 +100,13 @@ def parse_methods(text: str | None) -> list[MethodSpec]:
         if name == "none":
             if ratio:
                 raise bad_value("methods", part, "'none' without a ratio")
+        elif name == "fusion":
+            try:
+                r = float(ratio) if ratio else 0.9
+                if not 0 < r <= 1:
+                    raise ValueError
+            except ValueError:
+                raise bad_value("methods", part, "fusion:THRESHOLD[:block|token] with THRESHOLD in (0, 1]")
         else:
             try:
                 r = float(ratio) if ratio else 8.0
@@ -96,7 +114,7 @@ def parse_methods(text: str | None) -> list[MethodSpec]:
                 raise bad_value("methods", part, f"{name}:RATIO with RATIO a number >= 1")
             if not r >= 1:
                 raise bad_value("methods", part, f"{name}:RATIO with RATIO a number >= 1")
-        specs.append(MethodSpec(name, r))
+        specs.append(MethodSpec(name, r, variant))
     if not specs:
         raise bad_value("methods", text, "a comma-separated list such as none,kvtc:8")
     labels = [s.label for s in specs]
@@ -113,9 +131,11 @@ PEAK_GAUGES = ("sglang:num_used_tokens", "sglang:num_running_reqs", "sglang:toke
 COUNTERS = ("sglang:prompt_tokens_total", "sglang:generation_tokens_total",
             "sglang:num_requests_total", "kvsqueeze_kvtc_pages_stored", "kvsqueeze_kvtc_hits",
             "kvsqueeze_kvtc_misses", "kvsqueeze_kvtc_restore_seconds",
-            "kvsqueeze_kvtc_encode_seconds", "kvsqueeze_kv_token_reads_total")
+            "kvsqueeze_kvtc_encode_seconds", "kvsqueeze_kv_token_reads_total",
+            "kvsqueeze_fusion_pages_checked", "kvsqueeze_fusion_pages_fused")
 LAST_GAUGES = ("sglang:max_total_num_tokens", "kvsqueeze_kvtc_pages_held",
-               "kvsqueeze_kvtc_bytes_before", "kvsqueeze_kvtc_bytes_after")
+               "kvsqueeze_kvtc_bytes_before", "kvsqueeze_kvtc_bytes_after",
+               "kvsqueeze_fusion_pages_saved", "kvsqueeze_fusion_groups")
 
 
 def parse_prometheus(text: str) -> dict[str, float]:
@@ -363,7 +383,17 @@ def server_args_for(spec: MethodSpec, calibration: str | None, stats_file: Path)
         from kvsqueeze.backends.sglang.server import kvtc_store_args
 
         args += kvtc_store_args(calibration, spec.ratio, None, stats_file=str(stats_file))
+    if spec.name == "fusion":
+        args += ["--page-size", str(FUSION_PAGE_SIZE)]
     return args
+
+
+def server_env_for(spec: MethodSpec) -> dict[str, str]:
+    if spec.name == "fusion":
+        from kvsqueeze.backends.sglang import fusion
+
+        return fusion.config_args(spec.ratio, spec.variant or "block")
+    return {}
 
 
 def run_bench(spec: BenchSpec, log=print) -> Path:
@@ -480,8 +510,11 @@ def _start_server(m: MethodSpec, model_path: Path, calibration, out: Path, extra
 
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    args = server_args_for(m, calibration, logs / f"{_slug(m.label)}-kvtc-stats.json") + list(extra)
-    server = SGLangServer(model=model_path, port=free_port(), extra_args=args,
+    args = server_args_for(m, calibration, logs / f"{_slug(m.label)}-kvtc-stats.json")
+    if m.name == "fusion" and any(a.startswith("--page-size") for a in extra):
+        args = args[:-2]  # the page size given with --server-args wins
+    args += list(extra)
+    server = SGLangServer(model=model_path, port=free_port(), extra_args=args, env=server_env_for(m),
                           log_path=logs / f"server-{_slug(m.label)}.log")
     log(f"starting SGLang for {m.label} ({SERVABLE[m.name]}) ...")
     t0 = time.monotonic()

@@ -27,6 +27,7 @@ from typing import Any, List, Optional
 import torch
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig
 
+from kvsqueeze.backends.sglang.metrics import gauges
 from kvsqueeze.methods import kvtc_codec as codec
 from kvsqueeze.methods.kvtc_store import KVTCStore
 
@@ -44,19 +45,6 @@ METRICS = {  # store stat -> (Prometheus gauge name, help)
     "encode_seconds": ("kvsqueeze_kvtc_encode_seconds", "total time spent compressing pages"),
     "restore_seconds": ("kvsqueeze_kvtc_restore_seconds", "total time spent decompressing hits"),
 }
-_GAUGES: dict = {}
-
-
-def _gauges():
-    """Prometheus gauges in SGLang's multiprocess registry (present with --enable-metrics)."""
-    if not _GAUGES and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        try:
-            from prometheus_client import Gauge
-        except ImportError:
-            return {}
-        for key, (name, doc) in METRICS.items():
-            _GAUGES[key] = Gauge(name, doc, multiprocess_mode="livesum")
-    return _GAUGES
 
 
 class KVTCHiCacheStorage(HiCacheStorage):
@@ -179,7 +167,7 @@ class KVTCHiCacheStorage(HiCacheStorage):
     def _publish(self) -> None:
         """Export the store's stats: Prometheus gauges (``/metrics``) and, if set, a JSON file."""
         snap = self.store.snapshot()
-        for key, gauge in _gauges().items():
+        for key, gauge in gauges(METRICS).items():
             gauge.set(snap[key])
         if not self.stats_file:
             return

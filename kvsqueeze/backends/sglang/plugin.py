@@ -9,6 +9,7 @@ from __future__ import annotations
 
 
 def load() -> None:
-    from kvsqueeze.backends.sglang import cpu_shims
+    from kvsqueeze.backends.sglang import cpu_shims, fusion
 
     cpu_shims.apply_all()
+    fusion.install()  # only when KVSQUEEZE_FUSION is set (kvsqueeze serve --method fusion)

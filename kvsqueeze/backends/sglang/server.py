@@ -153,14 +153,21 @@ class SGLangServer:
                 time.sleep(0.2)
         self.proc = None
 
-    def __enter__(self) -> "SGLangServer":
+    def start_and_wait(self, timeout: float = 300.0, progress=None) -> "SGLangServer":
+        """Start and wait until it answers; on failure stop it and raise with the log's tail."""
         self.start()
         try:
-            self.wait_ready()
-        except BaseException:
+            self.wait_ready(timeout=timeout, progress=progress)
+        except BaseException as e:
             self.stop()
+            if self.log_path and Path(self.log_path).exists() and isinstance(e, KvsqueezeError):
+                tail = Path(self.log_path).read_text(errors="replace")[-3000:]
+                raise KvsqueezeError(f"{e}\n--- last lines of {self.log_path} ---\n{tail}") from e
             raise
         return self
+
+    def __enter__(self) -> "SGLangServer":
+        return self.start_and_wait()
 
     def __exit__(self, *exc) -> None:
         self.stop()
