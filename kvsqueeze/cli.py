@@ -521,7 +521,7 @@ def _add_bench_parsers(sub) -> None:
                         "endpoint=generate")
     b.add_argument("--methods", default=None,
                    help="servable methods, comma-separated: none, kvtc[:RATIO], fusion[:THRESHOLD] "
-                        "(default none,kvtc:8)")
+                        "(default none,kvtc:8,fusion:0.9:token)")
     b.add_argument("--url", default=None, help="target this running server instead of starting one")
     b.add_argument("--model", default=None, help="a local Hugging Face checkpoint (default: embedded)")
     b.add_argument("--tasks", default="passkey,lookup,arithmetic")

@@ -195,7 +195,8 @@ def test_bad_bench_arguments_fail_before_anything_starts(tmp_path):
 
 
 def test_defaults_parse():
-    assert sweep.parse_methods(None) == [sweep.MethodSpec("none"), sweep.MethodSpec("kvtc", 8.0)]
+    assert sweep.parse_methods(None) == [sweep.MethodSpec("none"), sweep.MethodSpec("kvtc", 8.0),
+                                         sweep.MethodSpec("fusion", 0.9, "token")]
     assert sweep.parse_grid(["W=1,2 L=8", "mode=n,concurrent"]) == {
         "W": [1, 2], "L": [8], "mode": ["n", "concurrent"], "endpoint": ["generate"]}
 

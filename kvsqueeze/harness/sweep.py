@@ -49,6 +49,10 @@ class MethodSpec:
         return base if self.variant is None else f"{base}:{self.variant}"
 
 
+# every method that plugs into SGLang, at its recommended setting (docs/kvtc.md, docs/fusion.md)
+DEFAULT_METHODS = (MethodSpec("none"), MethodSpec("kvtc", 8.0), MethodSpec("fusion", 0.9, "token"))
+
+
 def parse_grid(items: list[str] | None) -> dict[str, list]:
     """``["W=1,2,4", "L=128,256", "mode=n,concurrent"]`` -> lists per key (defaults for the rest)."""
     grid = {k: list(v) for k, v in DEFAULT_GRID.items()}
@@ -77,7 +81,7 @@ def parse_grid(items: list[str] | None) -> dict[str, list]:
 
 def parse_methods(text: str | None) -> list[MethodSpec]:
     if not text:
-        return [MethodSpec("none"), MethodSpec("kvtc", 8.0)]
+        return list(DEFAULT_METHODS)
     specs = []
     for part in text.split(","):
         part = part.strip()
