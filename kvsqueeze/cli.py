@@ -241,13 +241,38 @@ def cmd_serve(args, extra: list[str]) -> int:
             args.block_size is not None:
         raise bad_value("threshold", args.threshold, "--threshold/--similarity/--fusion-layers/"
                         "--block-size only with --method fusion")
-    elif args.method not in (None, "dense", "none"):
+    elif args.method == "dms":
+        from kvsqueeze.backends.sglang import dms as sg_dms
+        from kvsqueeze.methods.dms import load_config, shipped_gates_dir
+
+        if args.checkpoint:
+            ckpt = Path(args.checkpoint)
+        elif args.ratio is not None:
+            ckpt = shipped_gates_dir(args.ratio)
+            if not ckpt.is_dir():
+                raise bad_value("ratio", args.ratio, "4 or 8 (the shipped gates), or --checkpoint DIR")
+        else:
+            raise bad_value("ratio", None, "--ratio 4|8 (shipped gates) or --checkpoint DIR with --method dms")
+        load_config(ckpt)  # a directory without DMS parameters fails here, before SGLang starts
+        extra = list(extra)
+        for flag, value in (("--attention-backend", "dms"), ("--disable-radix-cache", None)):
+            if flag not in extra:
+                extra += [flag] + ([value] if value else [])
+        sg_dms.check_server_args(extra)
+        env = {sg_dms.ENV: str(ckpt)}
+        print("DMS in SGLang, first stage: gates and eviction-aware attention; evicted tokens still "
+              "occupy SGLang's token slots (no memory is freed yet; docs/dms.md)", file=sys.stderr)
+    if args.method != "dms" and (args.ratio is not None or args.checkpoint):
+        raise bad_value("ratio" if args.ratio is not None else "checkpoint",
+                        args.ratio if args.ratio is not None else args.checkpoint,
+                        "--ratio/--checkpoint only with --method dms")
+    if args.method not in (None, "dense", "none", "fusion", "dms"):
         from kvsqueeze.methods import get
 
         get(args.method)  # unknown names fail here with the list of known ones
         raise KvsqueezeError(
             f"--method={args.method!r}: this method has no SGLang integration yet; expected "
-            "'dense' or 'fusion' (the methods that plug into SGLang are listed in docs/architecture.md)")
+            "'dense', 'fusion' or 'dms' (the methods that plug into SGLang are listed in docs/architecture.md)")
     if not (0 <= args.port <= 65535):
         raise bad_value("port", args.port, "a TCP port between 0 and 65535")
     from kvsqueeze.backends.sglang.server import SGLangServer, free_port
@@ -502,6 +527,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fusion: cosine threshold in (0, 1] for fusing a new full page into a shared one")
     s.add_argument("--similarity", default="block", choices=("block", "token"),
                    help="fusion: whole-page key cosine (block) or the smallest per-token cosine (token)")
+    s.add_argument("--ratio", type=float, default=None, help="dms: the shipped gates' ratio (4 or 8)")
+    s.add_argument("--checkpoint", default=None, help="dms: a checkpoint from `kvsqueeze dms train`")
     s.add_argument("--block-size", type=int, default=None,
                    help="fusion: tokens per fused block; must equal SGLang's --page-size (the default)")
     s.add_argument("--fusion-layers", default=None,

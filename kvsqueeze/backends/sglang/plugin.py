@@ -9,7 +9,8 @@ from __future__ import annotations
 
 
 def load() -> None:
-    from kvsqueeze.backends.sglang import cpu_shims, fusion
+    from kvsqueeze.backends.sglang import cpu_shims, dms, fusion
 
     cpu_shims.apply_all()
     fusion.install()  # only when KVSQUEEZE_FUSION is set (kvsqueeze serve --method fusion)
+    dms.install()  # only when KVSQUEEZE_DMS is set (a DMS checkpoint; --attention-backend dms)
