@@ -101,9 +101,15 @@ def _backend_class():
             k_buf = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
             flags = self._flags(layer.layer_id, k_buf.shape[0], layer.tp_k_head_num)
             flags[fb.out_cache_loc] = False  # new tokens: undecided (kept)
-            lg = _LOGITS.get(layer.layer_id)
-            if lg is None or lg.shape[0] != fb.out_cache_loc.shape[0]:
+            lg = _LOGITS.pop(layer.layer_id, None)
+            if fb.out_cache_loc.shape[0] == 0:  # an empty batch: the norm (and the gate) did not run
                 return flags
+            if lg is None:
+                raise RuntimeError(f"{ENV} is set but no DMS gate ran for layer {layer.layer_id}: the "
+                                   "gates are wired into LlamaForCausalLM only")
+            if lg.shape[0] != fb.out_cache_loc.shape[0]:
+                raise RuntimeError(f"DMS gate logits for {lg.shape[0]} tokens, but the batch writes "
+                                   f"{fb.out_cache_loc.shape[0]}")
             bs = fb.req_pool_indices.shape[0]
             if extend:
                 req = torch.repeat_interleave(torch.arange(bs, device=lg.device), fb.extend_seq_lens)
