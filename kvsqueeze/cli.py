@@ -255,13 +255,11 @@ def cmd_serve(args, extra: list[str]) -> int:
             raise bad_value("ratio", None, "--ratio 4|8 (shipped gates) or --checkpoint DIR with --method dms")
         load_config(ckpt)  # a directory without DMS parameters fails here, before SGLang starts
         extra = list(extra)
-        for flag, value in (("--attention-backend", "dms"), ("--disable-radix-cache", None)):
+        for flag, value in sg_dms.SERVER_FLAGS + sg_dms.SERVER_DEFAULTS:
             if flag not in extra:
                 extra += [flag] + ([value] if value else [])
         sg_dms.check_server_args(extra)
         env = {sg_dms.ENV: str(ckpt)}
-        print("DMS in SGLang, first stage: gates and eviction-aware attention; evicted tokens still "
-              "occupy SGLang's token slots (no memory is freed yet; docs/dms.md)", file=sys.stderr)
     if args.method != "dms" and (args.ratio is not None or args.checkpoint):
         raise bad_value("ratio" if args.ratio is not None else "checkpoint",
                         args.ratio if args.ratio is not None else args.checkpoint,

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from kvsqueeze.errors import KvsqueezeError
-from kvsqueeze.kernels.paged_decode import paged_decode_reference, paged_decode_triton
+from kvsqueeze.kernels.paged_decode import (paged_decode_reference, paged_decode_torch,
+                                            paged_decode_triton)
 from kvsqueeze.methods.dms_pages import HeadPagePool, PagesExhausted
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,17 +34,38 @@ class DMSPoolMachine(RuleBasedStateMachine):
         self.pool = HeadPagePool(num_pages=40, page_size=PS, n_layers=L, kv_heads=H, window=W)
         self.flags: dict[int, torch.Tensor] = {}  # per sequence, flags of every position so far
         self.next_id = 0
+        self.left = self.left_evicted = 0  # expected eviction statistics
 
-    @rule(n=st.integers(1, 14), seed=st.integers(0, 10_000), p=st.floats(0, 1))
-    def admit(self, n, seed, p):
+    def _count_left(self, flags, upto):
+        self.left += flags[..., :upto].numel()
+        self.left_evicted += int(flags[..., :upto].sum())
+
+    @rule(n=st.integers(1, 14), seed=st.integers(0, 10_000), p=st.floats(0, 1), by_layer=st.booleans())
+    def admit(self, n, seed, p, by_layer):
         g = torch.Generator().manual_seed(seed)
         flags = torch.rand(L, H, n, generator=g) < p
         free = self.pool.free_pages
-        try:
-            self.pool.admit(self.next_id, flags)
-            self.flags[self.next_id] = flags
-        except PagesExhausted:
-            assert self.pool.free_pages == free
+        if not by_layer:
+            try:
+                self.pool.admit(self.next_id, flags)
+                self.flags[self.next_id] = flags
+                self._count_left(flags, max(0, n - 1 - W))
+            except PagesExhausted:
+                assert self.pool.free_pages == free
+        else:  # as an engine does: one layer at a time; a layer that does not fit aborts the sequence
+            self.pool.begin(self.next_id, n)
+            try:
+                for layer in range(L):
+                    before = self.pool.free_pages
+                    slots = self.pool.admit_layer(self.next_id, layer, flags[layer])
+                    keep = self.pool.prefill_keep(flags[layer])
+                    assert [len(x) for x in slots] == keep.sum(-1).tolist()
+                    assert before - self.pool.free_pages == sum(-(-len(x) // PS) for x in slots)
+                    self._count_left(flags[layer], max(0, n - 1 - W))
+                self.flags[self.next_id] = flags
+            except PagesExhausted:
+                assert self.pool.free_pages == before  # the failing layer took nothing
+                self.pool.release(self.next_id)
         self.next_id += 1
 
     @precondition(lambda self: self.flags)
@@ -56,10 +78,16 @@ class DMSPoolMachine(RuleBasedStateMachine):
         leaving = t - W - 1
         lf = self.flags[seq][:, :, leaving] if leaving >= 0 else None
         free = self.pool.free_pages
+        need = self.pool.pages_for_append(seq, lf)
         try:
             self.pool.append(seq, lf)
+            assert free - self.pool.free_pages == need  # the engine's capacity check is exact
             self.flags[seq] = torch.cat([self.flags[seq], new_flag], -1)
+            if lf is not None:
+                self.left += lf.numel()
+                self.left_evicted += int(lf.sum())
         except PagesExhausted:
+            assert need > free
             assert self.pool.free_pages == free and self.pool.seqs[seq].seen == t
 
     @precondition(lambda self: self.flags)
@@ -72,6 +100,7 @@ class DMSPoolMachine(RuleBasedStateMachine):
     @invariant()
     def pool_is_consistent_and_follows_the_eviction_rule(self):
         self.pool.check()
+        assert (self.pool.left, self.pool.left_evicted) == (self.left, self.left_evicted)
         for seq, flags in self.flags.items():
             t = self.pool.seqs[seq].seen - 1
             exp = expected_held(flags, t, W)
@@ -138,6 +167,9 @@ def test_pool_plus_paged_decode_equals_attention_over_the_held_tokens():
         pt[0, h, :len(pages)] = torch.tensor(pages)
         lengths[0, h] = len(pool.held_positions("s", 0, h))
     out = paged_decode_reference(q, k_pages, v_pages, pt, lengths)
+    pt2, ln2 = pool.page_tables(["s"])  # the tables an engine hands the kernel
+    assert torch.equal(ln2[0], lengths)
+    assert torch.allclose(paged_decode_torch(q, k_pages, v_pages, pt2[0], ln2[0]), out, atol=1e-5)
     t = n + 5
     for qh in range(hq):
         h = qh // (hq // H)
@@ -147,11 +179,28 @@ def test_pool_plus_paged_decode_equals_attention_over_the_held_tokens():
         assert torch.allclose(out[0, qh], p @ v_all[h, held], atol=1e-5)
 
 
+def test_batched_torch_paged_decode_equals_the_reference():
+    torch.manual_seed(1)
+    for (b, hq, hkv, d, ps, npages, maxp) in [(2, 9, 3, 64, 16, 40, 6), (3, 4, 4, 48, 8, 10, 3),
+                                             (1, 2, 1, 32, 32, 20, 4)]:
+        q = torch.randn(b, hq, d)
+        k, v = torch.randn(npages, ps, d), torch.randn(npages, ps, d)
+        pt = torch.randint(0, npages, (b, hkv, maxp))
+        ln = torch.randint(0, maxp * ps + 1, (b, hkv))
+        ln[0, 0] = 0  # a head holding nothing gives zeros, as in the reference
+        ref = paged_decode_reference(q, k, v, pt, ln)
+        assert torch.allclose(paged_decode_torch(q, k, v, pt, ln, 0.3), paged_decode_reference(
+            q, k, v, pt, ln, 0.3), atol=1e-5)
+        assert torch.allclose(paged_decode_torch(q, k, v, pt, ln), ref, atol=1e-5)
+        assert ref[0, : hq // hkv].abs().sum() == 0
+
+
 def test_paged_decode_triton_equals_the_reference_under_the_interpreter():
     pytest.importorskip("triton")
     code = r"""
 import torch
-from kvsqueeze.kernels.paged_decode import paged_decode_reference, paged_decode_triton
+from kvsqueeze.kernels.paged_decode import (paged_decode_reference, paged_decode_torch,
+                                            paged_decode_triton)
 torch.manual_seed(0)
 for (b, hq, hkv, d, ps, npages, maxp) in [(2, 9, 3, 64, 16, 40, 6), (1, 4, 4, 48, 8, 10, 3),
                                          (3, 2, 1, 32, 32, 20, 4), (2, 6, 3, 64, 64, 12, 2)]:

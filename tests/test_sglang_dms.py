@@ -19,6 +19,7 @@ from kvsqueeze.model import resolve_model
 
 pytestmark = pytest.mark.slow
 NEW = 16
+DMS_ARGS = ["--attention-backend", "dms", "--chunked-prefill-size", "-1", "--mem-fraction-static", "0.8"]
 
 
 def post(url, payload, timeout=300):
@@ -30,7 +31,7 @@ def post(url, payload, timeout=300):
 
 def serve_outputs(tmp_path_factory, name, prompts, env=None, dms=False):
     log = tmp_path_factory.mktemp(name) / "server.log"
-    args = ["--disable-radix-cache"] + (["--attention-backend", "dms"] if dms else [])
+    args = ["--disable-radix-cache"] + (DMS_ARGS if dms else [])
     srv = SGLangServer(model=resolve_model(None), port=free_port(), log_path=log, env=env or {},
                        extra_args=args).start_and_wait(timeout=400)
     try:

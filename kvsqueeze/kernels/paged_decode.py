@@ -12,7 +12,9 @@ Inputs, one layer:
 Returns ``[batch, q_heads, dim]``. Slots are attended in slot order; keys carry RoPE already, so the
 order of slots does not matter. A head with length 0 returns zeros.
 
-``paged_decode_reference`` is PyTorch (float32 accumulation) and the CPU path;
+``paged_decode_reference`` is PyTorch (float32 accumulation), one (sequence, head) at a time: the
+reference; ``paged_decode_torch`` is the same computation batched (one gather of every held slot,
+padded to the longest head, and a masked softmax): the CPU path of the SGLang backend;
 ``paged_decode_triton`` is one program per (sequence, query head) looping over its KV head's pages with
 an online softmax; tested against the reference under ``TRITON_INTERPRET=1``. Page sizes: powers of
 two from 8 to 128 (anything else is a clear error); head dims up to 256.
@@ -66,6 +68,27 @@ def paged_decode_reference(q, k_pages, v_pages, page_table, lengths, scale=None)
             p = torch.softmax(qs @ k.T * scale, dim=-1)
             out[i, h * group:(h + 1) * group] = p @ v
     return out.to(q.dtype)
+
+
+def paged_decode_torch(q, k_pages, v_pages, page_table, lengths, scale=None):
+    b, hq, hkv, d = _check(q, k_pages, v_pages, page_table, lengths)
+    ps = k_pages.shape[1]
+    scale = d ** -0.5 if scale is None else scale
+    n = int(lengths.max()) if lengths.numel() else 0
+    if n == 0:
+        return torch.zeros(b, hq, d, dtype=q.dtype, device=q.device)
+    j = torch.arange(n, device=q.device)
+    pages = page_table.long()[:, :, torch.div(j, ps, rounding_mode="floor")]  # [b, hkv, n]
+    slots = pages * ps + j % ps
+    valid = j < lengths.to(q.device).long()[..., None]  # [b, hkv, n]
+    slots = torch.where(valid, slots, torch.zeros_like(slots))
+    k = k_pages.reshape(-1, d)[slots].float()  # [b, hkv, n, d]
+    v = v_pages.reshape(-1, v_pages.shape[-1])[slots].float()
+    qs = q.float().reshape(b, hkv, hq // hkv, d)
+    s = torch.einsum("bhgd,bhnd->bhgn", qs, k) * scale
+    s = s.masked_fill(~valid[:, :, None, :], float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # a head holding nothing attends to nothing
+    return torch.einsum("bhgn,bhnd->bhgd", p, v).reshape(b, hq, -1).to(q.dtype)
 
 
 def _kernel():
@@ -138,5 +161,5 @@ def paged_decode_triton(q, k_pages, v_pages, page_table, lengths, scale=None):
 
 
 def paged_decode(q, k_pages, v_pages, page_table, lengths, scale=None):
-    impl = paged_decode_triton if use_triton(q) else paged_decode_reference
+    impl = paged_decode_triton if use_triton(q) else paged_decode_torch
     return impl(q, k_pages, v_pages, page_table, lengths, scale)

@@ -40,6 +40,7 @@ class _Head:
 class _Seq:
     heads: list[list[_Head]]
     seen: int = 0  # tokens processed (positions 0..seen-1)
+    prompt: int = 0  # tokens of the prefill
     peak_tokens: int = 0
     reads: int = 0  # KV token reads of decode steps, summed over layers and heads
 
@@ -56,6 +57,14 @@ class HeadPagePool:
         self.free_list = list(range(num_pages - 1, -1, -1))
         self.owner: dict[int, tuple] = {}
         self.seqs: dict[object, _Seq] = {}
+        # eviction statistics: (sequence, layer, head) positions that left the window, and how many of
+        # them were flagged (evicted); their ratio estimates how fast a sequence's holdings grow
+        self.left = 0
+        self.left_evicted = 0
+
+    def kept_fraction(self) -> float | None:
+        """Measured share of positions kept after leaving the window (None before any left it)."""
+        return None if self.left == 0 else 1.0 - self.left_evicted / self.left
 
     @property
     def free_pages(self) -> int:
@@ -80,9 +89,7 @@ class HeadPagePool:
 
     # ---- prefill -------------------------------------------------------------------------------
     def pages_for_prefill(self, flags: torch.Tensor) -> int:
-        n = flags.shape[-1]
-        keep = (~flags) | (torch.arange(n) >= n - 1 - self.window)
-        held = keep.sum(-1)
+        held = self.prefill_keep(torch.as_tensor(flags, dtype=torch.bool)).sum(-1)
         return int(((held + self.page_size - 1) // self.page_size).sum())
 
     def admit(self, seq, flags: torch.Tensor) -> list[list[torch.Tensor]]:
@@ -96,23 +103,56 @@ class HeadPagePool:
         need = self.pages_for_prefill(flags)
         if need > self.free_pages:
             raise PagesExhausted(f"pages: prefill of {n} tokens needs {need}, {self.free_pages} free")
-        keep = (~flags) | (torch.arange(n) >= n - 1 - self.window)
-        state = _Seq([[_Head() for _ in range(self.kv_heads)] for _ in range(self.n_layers)], seen=n)
-        out = []
-        for layer in range(self.n_layers):
-            row = []
-            for h in range(self.kv_heads):
-                head = state.heads[layer][h]
-                pos = keep[layer, h].nonzero()[:, 0].tolist()
-                head.pages = self._take(-(-len(pos) // self.page_size), (seq, layer, h))
-                head.slot_pos = list(pos)
-                head.ring = {p: i for i, p in enumerate(pos) if p >= n - 1 - self.window}
-                row.append(torch.tensor([self._slot_id(head, i) for i in range(len(pos))],
-                                        dtype=torch.long))
-            out.append(row)
-        self.seqs[seq] = state
-        state.peak_tokens = self.tokens_held(seq)
-        return out
+        self.begin(seq, n)
+        return [self.admit_layer(seq, layer, flags[layer]) for layer in range(self.n_layers)]
+
+    def begin(self, seq, n: int) -> None:
+        """Start the prefill of ``seq`` (``n`` prompt tokens), to be placed layer by layer with
+        :meth:`admit_layer`, as an engine computes the flags one layer at a time."""
+        if seq in self.seqs:
+            raise bad_value("seq", seq, "a sequence not already in the pool")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise bad_value("n", n, "a whole number of prompt tokens >= 1")
+        self.seqs[seq] = _Seq([[_Head() for _ in range(self.kv_heads)] for _ in range(self.n_layers)],
+                              seen=n, prompt=n)
+
+    def prefill_keep(self, flags: torch.Tensor) -> torch.Tensor:
+        """The positions a prefill of ``flags.shape[-1]`` tokens keeps: unflagged or in the window."""
+        n = flags.shape[-1]
+        return (~flags) | (torch.arange(n, device=flags.device) >= n - 1 - self.window)
+
+    def admit_layer(self, seq, layer: int, flags: torch.Tensor) -> list[torch.Tensor]:
+        """Place one layer of ``seq``'s prefill (``flags``: ``[kv_heads, n]``); returns per head the
+        slot ids of the kept positions. Raises PagesExhausted, with nothing allocated for this layer,
+        when the pool cannot hold them (the engine's admission must make room beforehand)."""
+        s = self.seqs.get(seq)
+        if s is None:
+            raise bad_value("seq", seq, "a sequence started with begin()")
+        n = s.seen
+        flags = torch.as_tensor(flags, dtype=torch.bool).cpu()
+        if tuple(flags.shape) != (self.kv_heads, n):
+            raise bad_value("flags", tuple(flags.shape), f"[kv_heads={self.kv_heads}, tokens={n}]")
+        if any(s.heads[layer][h].slot_pos for h in range(self.kv_heads)):
+            raise bad_value("layer", layer, f"a layer of {seq!r} not yet placed")
+        keep = self.prefill_keep(flags)
+        held = keep.sum(-1)
+        need = int(((held + self.page_size - 1) // self.page_size).sum())
+        if need > self.free_pages:
+            raise PagesExhausted(f"pages: prefill of {n} tokens (layer {layer}) needs {need}, "
+                                 f"{self.free_pages} free")
+        left = max(0, n - 1 - self.window)  # positions that already left the window
+        self.left += left * self.kv_heads
+        self.left_evicted += int(flags[:, :left].sum())
+        row = []
+        for h in range(self.kv_heads):
+            head = s.heads[layer][h]
+            pos = keep[h].nonzero()[:, 0].tolist()
+            head.pages = self._take(-(-len(pos) // self.page_size), (seq, layer, h))
+            head.slot_pos = list(pos)
+            head.ring = {p: i for i, p in enumerate(pos) if p >= n - 1 - self.window}
+            row.append(torch.tensor([self._slot_id(head, i) for i in range(len(pos))], dtype=torch.long))
+        s.peak_tokens = max(s.peak_tokens, self.tokens_held(seq))
+        return row
 
     # ---- decode --------------------------------------------------------------------------------
     def append(self, seq, leaving_flags: torch.Tensor | None) -> torch.Tensor:
@@ -132,15 +172,7 @@ class HeadPagePool:
             if tuple(lf.shape) != (self.n_layers, self.kv_heads):
                 raise bad_value("leaving_flags", tuple(lf.shape),
                                 f"[layers={self.n_layers}, kv_heads={self.kv_heads}]")
-        plan = []
-        new_pages = 0
-        for layer in range(self.n_layers):
-            for h in range(self.kv_heads):
-                head = s.heads[layer][h]
-                reuse = head.ring.get(leaving) if leaving >= 0 and bool(lf[layer, h]) else None
-                if reuse is None and len(head.slot_pos) % self.page_size == 0:
-                    new_pages += 1
-                plan.append((layer, h, reuse))
+        plan, new_pages = self._plan(s, leaving, lf if leaving >= 0 else None)
         if new_pages > self.free_pages:
             raise PagesExhausted(f"pages: decode step needs {new_pages}, {self.free_pages} free")
         out = torch.empty(self.n_layers, self.kv_heads, dtype=torch.long)
@@ -158,10 +190,44 @@ class HeadPagePool:
             head.ring[t] = slot
             out[layer, h] = self._slot_id(head, slot)
         s.seen = t + 1
+        if leaving >= 0:
+            self.left += self.n_layers * self.kv_heads
+            self.left_evicted += int(lf.sum())
         held = self.tokens_held(seq)
         s.reads += held
         s.peak_tokens = max(s.peak_tokens, held)
         return out
+
+    def _plan(self, s: _Seq, leaving: int, lf: torch.Tensor | None):
+        plan = []
+        new_pages = 0
+        lfl = lf.tolist() if lf is not None else None
+        for layer in range(self.n_layers):
+            for h in range(self.kv_heads):
+                head = s.heads[layer][h]
+                reuse = head.ring.get(leaving) if lfl is not None and lfl[layer][h] else None
+                if reuse is None and len(head.slot_pos) % self.page_size == 0:
+                    new_pages += 1
+                plan.append((layer, h, reuse))
+        return plan, new_pages
+
+    def pages_for_append(self, seq, leaving_flags: torch.Tensor | None) -> int:
+        """Exactly how many new pages :meth:`append` of ``seq``'s next token would take."""
+        s = self.seqs[seq]
+        leaving = s.seen - self.window - 1
+        lf = None if leaving < 0 else torch.as_tensor(leaving_flags, dtype=torch.bool)
+        return self._plan(s, leaving, lf)[1]
+
+    def seen(self, seq) -> int:
+        return self.seqs[seq].seen
+
+    def stats(self, seq) -> dict:
+        """Figures of one sequence: tokens seen, (layer, head) token slots held now and at peak, and
+        KV token reads of its decode steps (summed over layers and heads)."""
+        s = self.seqs[seq]
+        return {"seen": s.seen, "prompt": s.prompt, "held": self.tokens_held(seq), "peak": s.peak_tokens,
+                "reads": s.reads, "steps": s.seen - s.prompt,
+                "slots_per_token": self.n_layers * self.kv_heads}
 
     # ---- finish --------------------------------------------------------------------------------
     def release(self, seq) -> int:
@@ -187,6 +253,17 @@ class HeadPagePool:
 
     def page_table(self, seq, layer: int, head: int) -> list[int]:
         return list(self.seqs[seq].heads[layer][head].pages)
+
+    def page_tables(self, seqs: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """Page tables ``[layers, len(seqs), kv_heads, max pages]`` and lengths ``[layers, len(seqs),
+        kv_heads]`` of ``seqs``, the inputs of the paged-decode kernel (unused entries are page 0)."""
+        heads = [self.seqs[q].heads for q in seqs]
+        width = max((len(h.pages) for hs in heads for row in hs for h in row), default=0)
+        pt = [[[h.pages + [0] * (width - len(h.pages)) for h in hs[layer]] for hs in heads]
+              for layer in range(self.n_layers)]
+        ln = [[[len(h.slot_pos) for h in hs[layer]] for hs in heads] for layer in range(self.n_layers)]
+        return (torch.tensor(pt, dtype=torch.long).reshape(self.n_layers, len(seqs), self.kv_heads, width),
+                torch.tensor(ln, dtype=torch.long).reshape(self.n_layers, len(seqs), self.kv_heads))
 
     def check(self) -> None:
         free = set(self.free_list)

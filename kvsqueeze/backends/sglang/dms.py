@@ -1,28 +1,46 @@
-"""DMS inside SGLang, first stage: the gates run in SGLang's model and attention obeys their decisions.
+"""DMS inside SGLang: the gates run in SGLang's model, evicted tokens leave a per-head paged pool, and
+the scheduler admits requests into the room that eviction leaves.
 
 Turned on by ``KVSQUEEZE_DMS=<checkpoint dir>`` (a ``kvsqueeze dms train`` output or the shipped gates)
-with ``--attention-backend dms --disable-radix-cache``; installed by the kvsqueeze plugin:
+with ``--attention-backend dms --disable-radix-cache --chunked-prefill-size -1``
+(``kvsqueeze serve --method dms`` adds them); installed by the kvsqueeze plugin:
 
 - **Model.** ``LlamaForCausalLM`` is registered in SGLang's ``ModelRegistry`` as a subclass that, after
   SGLang loads the weights, loads the DMS gates (:func:`kvsqueeze.methods.dms.load_gates`) and hooks
   each layer's ``input_layernorm``: its input is the layer's residual stream (plus the previous
   output, which SGLang's stage boundary adds in the norm call), the gate input of
   :mod:`kvsqueeze.methods.dms`. The logits of the forward's tokens are kept for that layer's attention.
-- **Attention backend ``dms``** (the PyTorch reference path, a ``torch_native`` subclass): before a
-  layer attends, the logit of the token at position ``p`` flags position ``p - 1`` of the same
-  request (shift by one; the first ``sinks`` positions never), stored per (token slot, KV head); key
-  ``j`` is then visible to query ``i`` iff ``j <= i`` and (``i - j <= window`` or ``j`` is unflagged):
-  exactly the reference cache's rule (``kvsqueeze.methods.dms_cache``).
-
-What this stage does not do yet (issue 4): evicted tokens still occupy SGLang's token slots (its pool
-keeps one slot for all layers and heads), so no memory is freed and admission is unchanged; the
-per-head pool (``kvsqueeze.methods.dms_pages``) and the paged-decode kernel are the next stage. Prefix
-reuse is off (a radix hit would hand over another request's evicted heads).
+- **Storage.** The K/V live in a :class:`~kvsqueeze.methods.dms_pages.HeadPagePool`: every (request,
+  layer, KV head) owns its own pages of ``KVSQUEEZE_DMS_PAGE_SIZE`` (default 16) token slots, taken
+  from one shared free list, for the memory SGLang's pool would have had: ``--max-total-tokens B``
+  buys ``B x layers x KV heads`` slots. SGLang's own token pool keeps only its indices (its K/V
+  buffers are cut to one row); its allocator hands out indices from a range 16x larger, and what it
+  reports as available is the head pool's free room in dense-token equivalents (``B x free pages /
+  pages``), so admission, SGLang's decode-memory check and its idle leak check all see the head pool.
+- **Attention backend ``dms``** (a ``torch_native`` subclass). Prefill: the logit of the token at
+  position ``p`` flags ``p - 1`` (the first ``sinks`` never); the prompt attends to itself under the
+  DMS rule (key ``j`` visible to query ``i`` iff ``j <= i`` and (``i - j <= window`` or ``j``
+  unflagged)), then only its unflagged tokens and the last ``window + 1`` take slots, head by head.
+  Decode: before the forward, each request's next token takes, per layer and head, the slot of the
+  token leaving the window if that one is flagged, else a new slot; the token attends to exactly its
+  head's held slots (``kvsqueeze.kernels.paged_decode``: the batched PyTorch path on CPU, the Triton
+  kernel on a GPU). Flags of the positions still in the window are kept in a ring per request row.
+- **Admission.** The allocator's prefill budget charges a new request its prompt in full for the
+  pass (the gates decide during the prefill), its later footprint as the measured kept fraction of
+  the tokens that left the window (``HeadPagePool.kept_fraction``; 1 before any did), plus a page per
+  head for rounding; running requests' expected growth is scaled the same way. The decode-memory
+  check counts exactly the new pages the next step needs, so a shortfall retracts a request (SGLang's
+  path) instead of failing. Finished, aborted and retracted requests give their pages back when
+  SGLang frees their request row.
+- **Prefix reuse** is off: a radix hit would hand a request another request's evicted heads.
+  **Chunked prefill** is off: a chunk boundary would split the prompt's eviction decisions.
+- **Metrics.** ``meta_info["kvsqueeze_dms"]`` of each finished request; gauges on ``/metrics``.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -33,6 +51,20 @@ from kvsqueeze.errors import bad_value
 logger = logging.getLogger(__name__)
 
 ENV = "KVSQUEEZE_DMS"
+PAGE_ENV = "KVSQUEEZE_DMS_PAGE_SIZE"
+VIRTUAL_FACTOR = 16  # SGLang's token indices: this many times the dense budget
+META_KEY = "kvsqueeze_dms"
+METRICS = {
+    "held_tokens": ("kvsqueeze_dms_held_tokens", "KV held by running requests, in dense-token "
+                    "equivalents (per-head slots / (layers x KV heads))"),
+    "peak_held_tokens": ("kvsqueeze_dms_peak_held_tokens", "Peak of kvsqueeze_dms_held_tokens"),
+    "dense_tokens": ("kvsqueeze_dms_dense_tokens", "Tokens of running requests (what a dense cache holds)"),
+    "ratio": ("kvsqueeze_dms_ratio", "dense_tokens / held_tokens of running requests"),
+    "reads_per_step": ("kvsqueeze_dms_reads_per_step", "KV token reads of the last decode step, summed "
+                       "over layers and KV heads"),
+    "kept_fraction": ("kvsqueeze_dms_kept_fraction", "Share of tokens kept after leaving the window"),
+    "free_pages": ("kvsqueeze_dms_free_pages", "Free pages of the per-head pool"),
+}
 _LOGITS: dict[int, torch.Tensor] = {}  # layer -> [tokens, kv heads] gate logits of the current forward
 _installed = False
 
@@ -47,13 +79,31 @@ def checkpoint_dir() -> Path | None:
     return d
 
 
+def page_size() -> int:
+    from kvsqueeze.kernels.paged_decode import SUPPORTED_PAGE_SIZES
+
+    raw = os.environ.get(PAGE_ENV, "16")
+    if not raw.isdigit() or int(raw) not in SUPPORTED_PAGE_SIZES:
+        raise bad_value(PAGE_ENV, raw, f"one of {', '.join(map(str, SUPPORTED_PAGE_SIZES))} (the page "
+                        "sizes of the paged-decode kernel)")
+    return int(raw)
+
+
+SERVER_FLAGS = (("--attention-backend", "dms"), ("--disable-radix-cache", None),
+                ("--chunked-prefill-size", "-1"))
+# SGLang 0.5.23 derives a negative static memory fraction when chunked prefill is off; an explicit one
+SERVER_DEFAULTS = (("--mem-fraction-static", "0.8"),)
+
+
 def check_server_args(args: list[str]) -> None:
-    if "--disable-radix-cache" not in args:
-        raise bad_value("disable-radix-cache", None, "given with DMS (a radix hit would reuse another "
-                        "request's evicted heads)")
-    i = args.index("--attention-backend") if "--attention-backend" in args else -1
-    if i < 0 or i + 1 >= len(args) or args[i + 1] != "dms":
-        raise bad_value("attention-backend", args[i + 1] if 0 <= i < len(args) - 1 else None, "dms")
+    for flag, value in SERVER_FLAGS:
+        if flag not in args:
+            raise bad_value(flag.lstrip("-"), None, f"{flag} {value or ''}".strip() + " with DMS")
+        i = args.index(flag)
+        if value is not None and (i + 1 >= len(args) or args[i + 1] != value):
+            raise bad_value(flag.lstrip("-"), args[i + 1] if i + 1 < len(args) else None,
+                            f"{value} with DMS (a radix hit would reuse another request's evicted heads; "
+                            "a prefill chunk boundary would split the prompt's eviction decisions)")
 
 
 def _install_gates(model, directory: Path) -> None:
@@ -78,106 +128,328 @@ def _install_gates(model, directory: Path) -> None:
     logger.info("kvsqueeze DMS: gates from %s (window %d, sinks %d)", directory, cfg.window, cfg.sinks)
 
 
+# ---- the per-process state: the head pool, its storage, the flag rings -------------------------
+
+
+class _State:
+    def __init__(self, budget_tokens: int, n_layers: int, kv_heads: int, head_dim: int, v_head_dim: int,
+                 dtype, device, rows: int, window: int, sinks: int, ps: int):
+        from kvsqueeze.methods.dms_pages import HeadPagePool
+
+        self.budget = budget_tokens
+        self.n_layers, self.kv_heads, self.window, self.sinks, self.ps = n_layers, kv_heads, window, sinks, ps
+        self.num_pages = math.ceil(budget_tokens * n_layers * kv_heads / ps)
+        self.pool = HeadPagePool(self.num_pages, ps, n_layers, kv_heads, window)
+        self.k = torch.zeros(self.num_pages, ps, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros(self.num_pages, ps, v_head_dim, dtype=dtype, device=device)
+        self.ring = torch.zeros(rows, n_layers, kv_heads, window + 2, dtype=torch.bool)
+        self.per_request: dict[str, dict] = {}
+        self.peak_held = 0
+        self.last_reads = 0
+        self.kept_seen = None  # the kept fraction at the last admission pass that found no room
+        self.decode = None  # (slots [L, bs, H], page tables [L, bs, H, P], lengths [L, bs, H])
+
+    def reset(self) -> None:
+        from kvsqueeze.methods.dms_pages import HeadPagePool
+
+        self.pool = HeadPagePool(self.num_pages, self.ps, self.n_layers, self.kv_heads, self.window)
+        self.ring.zero_()
+        self.per_request.clear()
+        self.decode = None
+
+    def kept(self) -> float:
+        f = self.pool.kept_fraction()
+        return 1.0 if f is None else f
+
+    def available_tokens(self) -> int:
+        return self.budget * self.pool.free_pages // self.num_pages
+
+    def leaving_flags(self, row: int) -> torch.Tensor | None:
+        leaving = self.pool.seen(row) - self.window - 1
+        return None if leaving < 0 else self.ring[row, :, :, leaving % (self.window + 2)]
+
+    def pages_for_next_decode(self, rows) -> int:
+        need = 0
+        for row in rows:
+            if row in self.pool.seqs:
+                need += self.pool.pages_for_append(row, self.leaving_flags(row))
+            else:  # not placed yet: a page per (layer, head) at most
+                need += self.n_layers * self.kv_heads
+        return need
+
+    def release(self, row: int, rid: str | None = None) -> None:
+        if row not in self.pool.seqs:
+            return
+        if rid is not None:
+            st = self.pool.stats(row)
+            rec = self.per_request.setdefault(rid, {"peak": 0, "reads": 0, "steps": 0, "dense_reads": 0})
+            rec["peak"] = max(rec["peak"], st["peak"])
+            rec["reads"] += st["reads"]
+            rec["steps"] += st["steps"]
+            # a dense cache reads every token so far at each step: sum of (t + 1) over the steps
+            rec["dense_reads"] += (st["seen"] * (st["seen"] + 1) - st["prompt"] * (st["prompt"] + 1)) // 2 \
+                * st["slots_per_token"]
+            rec.update(held=st["held"], seen=st["seen"], slots_per_token=st["slots_per_token"])
+        self.pool.release(row)
+
+    def request_meta(self, rid: str) -> dict:
+        rec = self.per_request.pop(rid, None)
+        if rec is None:
+            return {}
+        lh = rec["slots_per_token"]
+        return {"held_tokens": round(rec["held"] / lh, 2), "peak_held_tokens": round(rec["peak"] / lh, 2),
+                "dense_tokens": rec["seen"], "ratio": round(rec["seen"] * lh / max(rec["held"], 1), 3),
+                "reads_per_step": round(rec["reads"] / rec["steps"], 1) if rec["steps"] else 0.0,
+                "dense_reads_per_step": round(rec["dense_reads"] / rec["steps"], 1) if rec["steps"] else 0.0}
+
+    def stats(self) -> dict:
+        held = sum(self.pool.tokens_held(q) for q in self.pool.seqs)
+        dense = sum(self.pool.seen(q) for q in self.pool.seqs)
+        lh = self.n_layers * self.kv_heads
+        self.peak_held = max(self.peak_held, held)
+        return {"held_tokens": held / lh, "peak_held_tokens": self.peak_held / lh, "dense_tokens": dense,
+                "ratio": dense * lh / held if held else 0.0, "reads_per_step": self.last_reads,
+                "kept_fraction": self.kept(), "free_pages": self.pool.free_pages}
+
+
+def _state_of(obj) -> _State | None:
+    return getattr(obj, "_kvsqueeze_dms", None)
+
+
+def _prefill_budget_class():
+    from sglang.srt.mem_cache.prefill_budget import PrefillBudget
+
+    class DMSPrefillBudget(PrefillBudget):
+        """Charges a new request its prompt in full for this pass (``current``), and for the long run
+        (``total``) what it is expected to hold: its prompt and new tokens at the kept fraction, plus
+        the window and a page per head for rounding."""
+
+        def __init__(self, allocator, tree_cache, *, num_mixed_decode_tokens=0):
+            super().__init__(allocator, tree_cache, num_mixed_decode_tokens=num_mixed_decode_tokens)
+            self.st = _state_of(allocator)
+            self.kept = self.st.kept()
+
+        def _long_run(self, extend: int, max_new: int) -> int:
+            w = self.st.window + 1
+            prompt = extend if extend <= w else w + math.ceil(self.kept * (extend - w))
+            return prompt + math.ceil(self.kept * max_new) + self.st.ps
+
+        def check_prefill(self, *, extend_input_len, total_tokens, max_new_tokens, **kw):
+            other = total_tokens - extend_input_len - max_new_tokens  # SGLang's per-request extras
+            ok = (other + self._long_run(extend_input_len, max_new_tokens) < self.remaining_total
+                  and extend_input_len + self.st.ps + other <= self.remaining_current)
+            return (True, kw.get("chunk_limit")) if ok else (False, None)
+
+        def can_allocate_prefill(self, *, paged_input, **kw):
+            return paged_input + self.st.ps <= self.remaining_current
+
+        def reserve(self, extend_input_len, max_new_tokens, *, extra_tokens=0, **kw):
+            self.current_offset += extend_input_len + self.st.ps + self.page_size + extra_tokens
+            self.total_offset += self._long_run(extend_input_len, max_new_tokens) + self.page_size + extra_tokens
+
+    return DMSPrefillBudget
+
+
+def _attach(model_runner, window: int, sinks: int) -> _State:
+    """Build the head pool for ``model_runner``'s budget and wire SGLang's pools to it (once)."""
+    alloc = model_runner.token_to_kv_pool_allocator
+    st = _state_of(alloc)
+    if st is not None:
+        return st
+    pool = model_runner.token_to_kv_pool
+    rtp = model_runner.req_to_token_pool
+    if getattr(pool, "start_layer", 0) not in (0, None):
+        raise bad_value("start_layer", pool.start_layer, "0 (DMS in SGLang runs without pipeline parallelism)")
+    if alloc.page_size != 1:
+        raise bad_value("page-size", alloc.page_size, "1 for SGLang's token indices with DMS (the per-head "
+                        f"pool has its own pages, {PAGE_ENV})")
+    k0 = pool.get_key_buffer(0)
+    v0 = pool.get_value_buffer(0)
+    st = _State(pool.size, pool.layer_num, pool.head_num, k0.shape[-1], v0.shape[-1], k0.dtype, k0.device,
+                rtp.req_to_token.shape[0], window, sinks, page_size())
+    # SGLang's K/V buffers are not used: keep one row each, so the memory is the head pool's
+    pool.k_buffer = [b[:1].clone() for b in pool.k_buffer]
+    pool.v_buffer = [b[:1].clone() for b in pool.v_buffer]
+    alloc.size = pool.size * VIRTUAL_FACTOR
+    alloc.clear()
+    budget_cls = _prefill_budget_class()
+    alloc.available_size = st.available_tokens
+
+    def check_decode_capacity(*, num_tokens, tree_cache, requests=None, spec_algorithm=None):
+        rows = [r.kv.req_pool_idx for r in requests or []]
+        return st.pages_for_next_decode(rows) <= st.pool.free_pages
+
+    alloc.check_decode_capacity = check_decode_capacity
+    alloc.create_prefill_budget = lambda tree_cache, *, num_mixed_decode_tokens=0: budget_cls(
+        alloc, tree_cache, num_mixed_decode_tokens=num_mixed_decode_tokens)
+    free_rows, free, clear = rtp.free_rows, rtp.free, rtp.clear
+
+    def _free_rows(indices):
+        for row in indices:
+            st.release(int(row))
+        free_rows(indices)
+
+    def _free(req):
+        if req.kv.req_pool_idx is not None:
+            st.release(int(req.kv.req_pool_idx), req.rid)
+        free(req)
+
+    def _clear():
+        clear()
+        st.reset()
+
+    rtp.free_rows, rtp.free, rtp.clear = _free_rows, _free, _clear
+    alloc._kvsqueeze_dms = st
+    logger.info("kvsqueeze DMS: per-head pool of %d pages x %d slots (%d dense tokens x %d layers x %d KV "
+                "heads), %.1f MB", st.num_pages, st.ps, st.budget, st.n_layers, st.kv_heads,
+                (st.k.numel() * st.k.element_size() + st.v.numel() * st.v.element_size()) / 1e6)
+    return st
+
+
 def _backend_class():
     from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
-    from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
+    from kvsqueeze.kernels.paged_decode import paged_decode
     from kvsqueeze.methods.dms import load_config
+    from kvsqueeze.methods.dms_pages import PagesExhausted
 
     class DMSAttnBackend(TorchNativeAttnBackend):
         def __init__(self, model_runner):
             super().__init__(model_runner)
             cfg = load_config(checkpoint_dir())
             self.window, self.sinks = cfg.window, cfg.sinks
-            self.flags: dict[int, torch.Tensor] = {}
+            self.st = _attach(model_runner, cfg.window, cfg.sinks)
 
-        def _flags(self, layer_id: int, rows: int, n_kv: int) -> torch.Tensor:
-            f = self.flags.get(layer_id)
-            if f is None:
-                f = self.flags[layer_id] = torch.zeros(rows, n_kv, dtype=torch.bool, device=self.device)
-            return f
+        # ---- placing the batch's tokens -------------------------------------------------------
+        def init_forward_metadata(self, forward_batch):
+            super().init_forward_metadata(forward_batch)
+            fb, st = forward_batch, self.st
+            st.decode = None
+            if fb.req_pool_indices is None or fb.req_pool_indices.numel() == 0:
+                return
+            rows = [int(r) for r in fb.req_pool_indices.tolist()]
+            if fb.forward_mode.is_decode():
+                slots = []
+                for row, n in zip(rows, fb.seq_lens.tolist()):
+                    if row not in st.pool.seqs or st.pool.seen(row) != n - 1:
+                        raise RuntimeError(f"DMS: request row {row} decodes token {n - 1} but the head "
+                                           "pool has not placed the tokens before it")
+                    try:
+                        slots.append(st.pool.append(row, st.leaving_flags(row)))
+                    except PagesExhausted as exc:  # the decode-memory check is exact; this is a bug
+                        raise RuntimeError(f"DMS: {exc} although SGLang's decode check passed") from exc
+                pt, ln = st.pool.page_tables(rows)
+                st.decode = (torch.stack(slots, 1), pt, ln)
+                st.last_reads = int(ln.sum())
+            elif fb.forward_mode.is_extend():
+                prefix = fb.extend_prefix_lens.tolist() if fb.extend_prefix_lens is not None else [0] * len(rows)
+                for row, n, pre in zip(rows, fb.extend_seq_lens.tolist(), prefix):
+                    if pre:
+                        raise RuntimeError(f"DMS: an extend with a {pre}-token prefix (a radix hit or a "
+                                           "prefill chunk); DMS needs --disable-radix-cache and "
+                                           "--chunked-prefill-size -1")
+                    if row in st.pool.seqs:  # a row SGLang reused without freeing through the pool
+                        raise RuntimeError(f"DMS: request row {row} starts a prefill but still holds pages")
+                    st.pool.begin(row, int(n))
+            else:
+                raise RuntimeError(f"DMS: forward mode {fb.forward_mode} is not supported")
 
-        def _write_flags(self, layer, fb, extend: bool) -> torch.Tensor:
-            k_buf = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
-            flags = self._flags(layer.layer_id, k_buf.shape[0], layer.tp_k_head_num)
-            flags[fb.out_cache_loc] = False  # new tokens: undecided (kept)
-            lg = _LOGITS.pop(layer.layer_id, None)
-            if fb.out_cache_loc.shape[0] == 0:  # an empty batch: the norm (and the gate) did not run
-                return flags
+        def _logits(self, layer_id: int, n: int) -> torch.Tensor:
+            lg = _LOGITS.pop(layer_id, None)
             if lg is None:
-                raise RuntimeError(f"{ENV} is set but no DMS gate ran for layer {layer.layer_id}: the "
-                                   "gates are wired into LlamaForCausalLM only")
-            if lg.shape[0] != fb.out_cache_loc.shape[0]:
-                raise RuntimeError(f"DMS gate logits for {lg.shape[0]} tokens, but the batch writes "
-                                   f"{fb.out_cache_loc.shape[0]}")
-            bs = fb.req_pool_indices.shape[0]
-            if extend:
-                req = torch.repeat_interleave(torch.arange(bs, device=lg.device), fb.extend_seq_lens)
-            else:
-                req = torch.arange(bs, device=lg.device)
-            target = fb.positions.long() - 1  # the logit at p decides p - 1
-            ok = target >= self.sinks
-            rows = fb.req_pool_indices[req[ok]]
-            slots = self.req_to_token_pool.req_to_token[rows, target[ok]].long()
-            flags[slots] = lg[ok] > 0
-            return flags
+                raise RuntimeError(f"{ENV} is set but no DMS gate ran for layer {layer_id}: the gates are "
+                                   "wired into LlamaForCausalLM only")
+            if lg.shape[0] != n:
+                raise RuntimeError(f"DMS gate logits for {lg.shape[0]} tokens, but the batch has {n}")
+            return lg
 
-        def _attend(self, q, o, layer, fb, flags, q_starts, q_lens, kv_lens):
-            k_buf = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
-            v_buf = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
-            group = layer.tp_q_head_num // layer.tp_k_head_num
-            rtt = self.req_to_token_pool.req_to_token
-            for b in range(len(q_lens)):
-                s, n, kv = int(q_starts[b]), int(q_lens[b]), int(kv_lens[b])
-                slots = rtt[fb.req_pool_indices[b], :kv].long()
-                keys = k_buf[slots].transpose(0, 1)  # [kv heads, kv, d]
-                vals = v_buf[slots].transpose(0, 1)
-                fl = flags[slots].transpose(0, 1)  # [kv heads, kv]
-                qpos = torch.arange(kv - n, kv, device=q.device)[:, None]
-                kpos = torch.arange(kv, device=q.device)[None, :]
-                vis = (kpos <= qpos)[None] & (((qpos - kpos) <= self.window)[None] | ~fl[:, None, :])
-                vis = vis.repeat_interleave(group, 0)  # [q heads, n, kv]
-                qq = q[s:s + n].transpose(0, 1)  # [q heads, n, d]
-                out = torch.nn.functional.scaled_dot_product_attention(
-                    qq, keys.repeat_interleave(group, 0).to(qq.dtype),
-                    vals.repeat_interleave(group, 0).to(qq.dtype), attn_mask=vis, scale=layer.scaling)
-                o[s:s + n] = out.transpose(0, 1)
-
-        def _forward(self, q, k, v, layer, fb, save_kv_cache, extend: bool):
-            if save_kv_cache and k is not None and v is not None:
-                self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(fb.out_cache_loc, None), k, v)
-            flags = self._write_flags(layer, fb, extend)
-            q_ = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
-            o = q_.new_empty((q_.shape[0], layer.tp_q_head_num, layer.v_head_dim))
-            if extend:
-                q_lens = fb.extend_seq_lens.tolist()
-            else:
-                q_lens = [1] * fb.req_pool_indices.shape[0]
-            starts = [0]
-            for n in q_lens[:-1]:
-                starts.append(starts[-1] + n)
-            self._attend(q_, o, layer, fb, flags, starts, q_lens, fb.seq_lens.tolist())
-            return o.reshape(-1, layer.tp_q_head_num * layer.v_head_dim)
-
+        # ---- prefill ------------------------------------------------------------------------------
         def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
-            return self._forward(q, k, v, layer, forward_batch, save_kv_cache, True)
+            fb, st, lid = forward_batch, self.st, layer.layer_id
+            hq, hk, d, vd = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim, layer.v_head_dim
+            q_ = q.reshape(-1, hq, d)
+            k_ = k.reshape(-1, hk, d)
+            v_ = v.reshape(-1, hk, vd)
+            o = q_.new_empty((q_.shape[0], hq, vd))
+            if q_.shape[0] == 0:
+                return o.reshape(-1, hq * vd)
+            lg = self._logits(lid, q_.shape[0])
+            group = hq // hk
+            ring = self.window + 2
+            s = 0
+            for row, n in zip(fb.req_pool_indices.tolist(), fb.extend_seq_lens.tolist()):
+                flags = torch.zeros(hk, n, dtype=torch.bool)
+                if n > 1:
+                    flags[:, :n - 1] = (lg[s + 1:s + n] > 0).T.cpu()  # the logit at p decides p - 1
+                flags[:, :self.sinks] = False
+                pos = torch.arange(n, device=q.device)
+                fl = flags.to(q.device)
+                vis = (pos[None, :] <= pos[:, None])[None] & (
+                    ((pos[:, None] - pos[None, :]) <= self.window)[None] | ~fl[:, None, :])
+                qq = q_[s:s + n].transpose(0, 1)
+                out = torch.nn.functional.scaled_dot_product_attention(
+                    qq, k_[s:s + n].transpose(0, 1).repeat_interleave(group, 0).to(qq.dtype),
+                    v_[s:s + n].transpose(0, 1).repeat_interleave(group, 0).to(qq.dtype),
+                    attn_mask=vis.repeat_interleave(group, 0), scale=layer.scaling)
+                o[s:s + n] = out.transpose(0, 1)
+                if save_kv_cache:
+                    slots = st.pool.admit_layer(int(row), lid, flags)
+                    keep = st.pool.prefill_keep(flags)
+                    kf, vf = st.k.view(-1, d), st.v.view(-1, vd)
+                    for h in range(hk):
+                        kp = keep[h].nonzero()[:, 0].to(q.device) + s
+                        kf[slots[h].to(kf.device)] = k_[kp, h].to(kf.dtype)
+                        vf[slots[h].to(vf.device)] = v_[kp, h].to(vf.dtype)
+                    lo = max(0, n - ring)
+                    st.ring[int(row), lid, :, torch.arange(lo, n) % ring] = flags[:, lo:]
+                s += n
+            return o.reshape(-1, hq * vd)
 
+        # ---- decode -------------------------------------------------------------------------------
         def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
-            return self._forward(q, k, v, layer, forward_batch, save_kv_cache, False)
+            fb, st, lid = forward_batch, self.st, layer.layer_id
+            hq, hk, d, vd = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim, layer.v_head_dim
+            bs = fb.req_pool_indices.shape[0]
+            if bs == 0:
+                return q.new_empty((0, hq * vd))
+            if st.decode is None:
+                raise RuntimeError("DMS: a decode forward without its placement (init_forward_metadata)")
+            slots, pt, ln = st.decode
+            lg = self._logits(lid, bs)
+            rows = fb.req_pool_indices.long().cpu()
+            t = fb.positions.long().cpu()
+            ring = self.window + 2
+            decided = ((lg > 0).cpu() & (t - 1 >= self.sinks)[:, None])
+            st.ring[rows, lid, :, (t - 1) % ring] = decided  # the logit of t decides t - 1
+            st.ring[rows, lid, :, t % ring] = False  # t itself: undecided
+            if save_kv_cache:
+                idx = slots[lid].reshape(-1).to(st.k.device)
+                st.k.view(-1, d)[idx] = k.reshape(-1, d).to(st.k.dtype)
+                st.v.view(-1, vd)[idx] = v.reshape(-1, vd).to(st.v.dtype)
+            out = paged_decode(q.reshape(bs, hq, d), st.k, st.v, pt[lid].to(q.device), ln[lid].to(q.device),
+                               layer.scaling)
+            return out.reshape(-1, hq * vd).to(q.dtype)
 
     return DMSAttnBackend
 
 
 def install() -> bool:
-    """Register the DMS model subclass and the ``dms`` attention backend (once per process)."""
+    """Register the DMS model subclass and the ``dms`` attention backend, and wrap SGLang's admission
+    and output streamer (once per process)."""
     global _installed
     directory = checkpoint_dir()
     if directory is None or _installed:
         return _installed
+    page_size()  # a bad KVSQUEEZE_DMS_PAGE_SIZE fails here, before the server starts
     from sglang.srt.arg_groups.choices import add_attention_backend_choices
     from sglang.srt.layers.attention.attention_registry import register_attention_backend
+    from sglang.srt.managers.schedule_policy import PrefillAdder
+    from sglang.srt.managers.scheduler import Scheduler
+    from sglang.srt.managers.scheduler_components.output_streamer import SchedulerOutputStreamer
     from sglang.srt.models.llama import LlamaForCausalLM
     from sglang.srt.models.registry import ModelRegistry
+
+    from kvsqueeze.backends.sglang.metrics import gauges
 
     add_attention_backend_choices(["dms"])
     register_attention_backend("dms")(lambda runner: _backend_class()(runner))
@@ -189,5 +461,40 @@ def install() -> bool:
             return out
 
     ModelRegistry.models["LlamaForCausalLM"] = DMSLlamaForCausalLM
+
+    running_offset = PrefillAdder._get_running_request_total_token_offset
+
+    def _running_offset(self, req):
+        # a running request grows by the kept fraction of the tokens leaving its window
+        st = _state_of(self.token_to_kv_pool_allocator)
+        out = running_offset(self, req)
+        return out if st is None else out * st.kept()
+
+    get_new_batch_prefill = Scheduler.get_new_batch_prefill
+
+    def _get_new_batch_prefill(self, running_batch):
+        # SGLang stops admitting after a pass that found no room until a request leaves; a new
+        # measurement of the kept fraction changes what fits, so the next step tries again
+        st = _state_of(self.token_to_kv_pool_allocator)
+        if st is not None and running_batch is not None and running_batch.batch_is_full:
+            kept = round(st.kept(), 3)
+            if kept != st.kept_seen:
+                st.kept_seen = kept
+                running_batch.batch_is_full = False
+        return get_new_batch_prefill(self, running_batch)
+
+    def build_additional_customized_info(self, reqs):
+        st = _state_of(self.tree_cache.token_to_kv_pool_allocator)
+        if st is None:
+            return {}
+        stats = st.stats()
+        for key, g in gauges(METRICS).items():
+            g.set(stats[key])
+        return {META_KEY: [[st.request_meta(r.rid)] if r.finished() else [] for r in reqs]}
+
+    PrefillAdder._get_running_request_total_token_offset = _running_offset
+    Scheduler.get_new_batch_prefill = _get_new_batch_prefill
+    SchedulerOutputStreamer.has_additional_customized_info = True
+    SchedulerOutputStreamer.build_additional_customized_info = build_additional_customized_info
     _installed = True
     return True
