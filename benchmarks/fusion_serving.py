@@ -19,25 +19,17 @@ import argparse
 import json
 import sys
 import time
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from kvsqueeze.backends.sglang import fusion as sg_fusion  # noqa: E402
-from kvsqueeze.backends.sglang.server import SGLangServer, free_port  # noqa: E402
+from kvsqueeze.backends.sglang.server import (SGLangServer, free_port, generate_burst,  # noqa: E402
+                                               post_json)
 from kvsqueeze.harness.sweep import MetricsScraper  # noqa: E402
 from kvsqueeze.model import resolve_model  # noqa: E402
 from kvsqueeze.workload import near_duplicate_workload  # noqa: E402
-
-
-def post(url, payload, timeout=1800):
-    req = urllib.request.Request(url, data=json.dumps(payload).encode(),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return json.loads(r.read())
 
 
 def build_prompts(tok, n: int, prompt_tokens: int, page: int) -> list[list[int]]:
@@ -59,25 +51,9 @@ def run_server(name, model, args, env, prompts, max_new, log_dir: Path, log=None
     log(f"[{name}] starting SGLang {' '.join(args)}")
     srv.start_and_wait(timeout=400)
     try:
-        post(srv.url + "/generate", {"text": "Hello", "sampling_params": {"max_new_tokens": 2}})
+        post_json(srv.url + "/generate", {"text": "Hello", "sampling_params": {"max_new_tokens": 2}})
         scraper = MetricsScraper(srv.url, interval=0.2).start()
-        t0 = time.monotonic()
-        done = [0]
-
-        def one(ids):
-            try:
-                out = post(srv.url + "/generate", {"input_ids": ids, "sampling_params": {
-                    "max_new_tokens": max_new, "temperature": 0, "ignore_eos": True}})
-            except Exception as e:  # a failed request is a result, not a crash of the benchmark
-                return {"error": repr(e)}
-            done[0] += 1
-            if done[0] % 8 == 0:
-                log(f"[{name}] {done[0]}/{len(prompts)} done after {time.monotonic() - t0:.0f}s")
-            return out
-
-        with ThreadPoolExecutor(len(prompts)) as ex:
-            outs = list(ex.map(one, prompts))
-        wall = time.monotonic() - t0
+        outs, wall = generate_burst(srv.url, prompts, max_new, name, every=8, log=log)
         server = scraper.stop()
     finally:
         srv.stop()

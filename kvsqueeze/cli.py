@@ -260,6 +260,14 @@ def cmd_serve(args, extra: list[str]) -> int:
                 extra += [flag] + ([value] if value else [])
         sg_dms.check_server_args(extra)
         env = {sg_dms.ENV: str(ckpt)}
+        if args.dms_page_size is not None:
+            env[sg_dms.PAGE_ENV] = str(args.dms_page_size)
+            sg_dms.page_size(str(args.dms_page_size), what="dms-page-size")
+        print("DMS: prefix reuse (radix cache) and chunked prefill are off: a radix hit would hand a "
+              "request another request's evicted heads, a prefill chunk would split the prompt's "
+              "eviction decisions (docs/dms.md)", file=sys.stderr)
+    if args.method != "dms" and args.dms_page_size is not None:
+        raise bad_value("dms-page-size", args.dms_page_size, "--dms-page-size only with --method dms")
     if args.method != "dms" and (args.ratio is not None or args.checkpoint):
         raise bad_value("ratio" if args.ratio is not None else "checkpoint",
                         args.ratio if args.ratio is not None else args.checkpoint,
@@ -527,6 +535,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fusion: whole-page key cosine (block) or the smallest per-token cosine (token)")
     s.add_argument("--ratio", type=float, default=None, help="dms: the shipped gates' ratio (4 or 8)")
     s.add_argument("--checkpoint", default=None, help="dms: a checkpoint from `kvsqueeze dms train`")
+    s.add_argument("--dms-page-size", type=int, default=None,
+                   help="dms: token slots per page of the per-head pool (8, 16, 32, 64 or 128; default 16)")
     s.add_argument("--block-size", type=int, default=None,
                    help="fusion: tokens per fused block; must equal SGLang's --page-size (the default)")
     s.add_argument("--fusion-layers", default=None,

@@ -242,3 +242,45 @@ def test_paged_decode_on_gpu():  # pragma: no cover - GPU only
     ln = torch.randint(0, 128, (4, 3), device="cuda")
     ref = paged_decode_reference(q.cpu(), k.cpu(), v.cpu(), pt.cpu(), ln.cpu())
     assert torch.allclose(paged_decode_triton(q, k, v, pt, ln).cpu(), ref, atol=1e-4)
+
+
+def test_sglang_admission_charges_the_measured_kept_fraction():
+    """The DMS prefill budget inside SGLang (closed-form case): before anything left a window it
+    charges like a dense pool; once the pool has measured a kept fraction f, a request costs its
+    window plus f of the rest of its prompt and of its new tokens (and a page per head); its whole
+    prompt must still fit now. The decode check counts exactly the pages the next step takes."""
+    pytest.importorskip("sglang")
+    from types import SimpleNamespace
+
+    from kvsqueeze.backends.sglang import dms as sg_dms
+
+    budget, layers, heads, w, ps = 1024, 2, 2, 7, 8
+    st = sg_dms._State(budget, layers, heads, 4, 4, torch.float32, "cpu", rows=4, window=w, sinks=0, ps=ps)
+    alloc = SimpleNamespace(page_size=1, available_size=st.available_tokens, _kvsqueeze_dms=st)
+    tree = SimpleNamespace(supports_mamba=lambda: False, evictable_size=lambda: 0)
+    budget_cls = sg_dms._prefill_budget_class()
+    b = budget_cls(alloc, tree)
+    assert b.remaining_total == budget and b.kept == 1.0
+    ok, _ = b.check_prefill(extend_input_len=600, total_tokens=600 + 500 + 1, max_new_tokens=500, chunk_limit=None)
+    assert not ok  # dense: 1100 tokens do not fit 1024
+    # one sequence of 2 x 2 heads x 200 tokens, 3 in 4 flagged: kept fraction 1/4 measured
+    flags = torch.ones(layers, heads, 200, dtype=torch.bool)
+    flags[..., ::4] = False
+    st.pool.admit(0, flags)
+    assert abs(st.kept() - 0.25) < 1e-9
+    b = budget_cls(alloc, tree)
+    held_now = budget - st.available_tokens()
+    assert b.remaining_total == budget - held_now
+    long_run = (w + 1) + -(-(600 - w - 1) // 4) + -(-500 // 4) + ps
+    assert b._long_run(600, 500) == long_run
+    ok, _ = b.check_prefill(extend_input_len=600, total_tokens=600 + 500 + 1, max_new_tokens=500, chunk_limit=None)
+    assert ok  # 1 + long_run < remaining, and the whole prompt (+ a page per head) fits now
+    b.reserve(600, 500, extra_tokens=0)
+    assert b.total_offset == long_run + 1 and b.current_offset == 600 + ps + 1
+    ok, _ = b.check_prefill(extend_input_len=400, total_tokens=400 + 10 + 1, max_new_tokens=10, chunk_limit=None)
+    assert not ok  # its prompt does not fit beside the first one's in this pass
+    # the decode check: exactly the new pages the next step takes
+    lf = st.leaving_flags(0)
+    assert torch.equal(lf, torch.zeros(layers, heads, dtype=torch.bool))  # the ring was not written here
+    assert st.pages_for_next_decode([0]) == st.pool.pages_for_append(0, lf)
+    assert st.pages_for_next_decode([3]) == layers * heads  # a row not placed yet: a page per head

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
+import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -44,7 +47,7 @@ def serve_outputs(tmp_path_factory, name, prompts, env=None, dms=False):
 @pytest.fixture(scope="module")
 def prompts(embedded):
     _, tok, _ = embedded
-    segs = corpus.token_segments(corpus.heldout_documents(), tok, 400, 10, what="held-out text")
+    segs = corpus.token_segments(corpus.heldout_documents(), tok, 400, 20, what="held-out text")
     return [list(w) for _, w in segs]  # 400 tokens: far past the 64-token window
 
 
@@ -53,25 +56,114 @@ def vanilla(tmp_path_factory, prompts):
     return serve_outputs(tmp_path_factory, "vanilla", prompts)
 
 
+_REF: dict[int, tuple[list[str], list[list[int]], list[list[float]]]] = {}
+
+
+def reference(embedded, prompts, ratio):
+    """Greedy continuations, tokens and top-2 logit margins of the reference DMS inference."""
+    if ratio not in _REF:
+        _, tok, model = embedded
+        method = DMSMethod(checkpoint=str(shipped_gates_dir(ratio)))
+        texts, toks, margins = [], [], []
+        for p in prompts:
+            m: list[float] = []
+            t, _ = method.greedy(model, torch.tensor(p), NEW, margins=m)
+            texts.append(tok.decode(t))
+            toks.append(t)
+            margins.append(m)
+        method.unbind(model)
+        _REF[ratio] = (texts, toks, margins)
+    return _REF[ratio]
+
+
+def divergence_margin(tok, ref_toks, margins, got_text) -> tuple[int, float]:
+    """The first step whose reference token the server's text does not continue, and the reference's
+    top-2 logit margin there."""
+    for i in range(len(ref_toks)):
+        if not got_text.startswith(tok.decode(ref_toks[: i + 1])):
+            return i, margins[i]
+    return len(ref_toks), float("inf")
+
+
 @pytest.mark.parametrize("ratio", [4, 8])
 def test_sglang_dms_matches_the_reference_dms_inference(tmp_path_factory, embedded, prompts, vanilla,
                                                         ratio):
-    _, tok, model = embedded
-    d = shipped_gates_dir(ratio)
-    method = DMSMethod(checkpoint=str(d))
-    ref = []
-    for p in prompts:
-        toks, _ = method.greedy(model, torch.tensor(p), NEW)
-        ref.append(tok.decode(toks))
-    method.unbind(model)
-    got = serve_outputs(tmp_path_factory, f"dms{ratio}", prompts, {"KVSQUEEZE_DMS": str(d)}, dms=True)
+    _, tok, _ = embedded
+    ref, ref_toks, margins = reference(embedded, prompts, ratio)
+    got = serve_outputs(tmp_path_factory, f"dms{ratio}", prompts,
+                        {"KVSQUEEZE_DMS": str(shipped_gates_dir(ratio))}, dms=True)
     same = sum(a == b for a, b in zip(got, ref))
     differ = sum(a != b for a, b in zip(got, vanilla))
+    gaps = [divergence_margin(tok, t, m, g) for g, r, t, m in zip(got, ref, ref_toks, margins) if g != r]
     print(f"DMS {ratio}x in SGLang: {same}/{len(got)} greedy outputs identical to the reference DMS "
-          f"inference, {differ}/{len(got)} differ from vanilla SGLang")
-    assert same >= 9, list(zip(got, ref))  # >= 90% token-identical
+          f"inference (divergences at step, top-2 logit margin: {gaps}), {differ}/{len(got)} differ "
+          "from vanilla SGLang")
+    assert same >= 0.9 * len(prompts), list(zip(got, ref))  # >= 90% token-identical
+    # the rest diverge only where the reference itself was at a near-tie
+    assert all(m < 0.5 for _, m in gaps), gaps
     # eviction is really applied: the dense model's continuations differ
-    assert differ >= 5, list(zip(got, vanilla))
+    assert differ >= len(prompts) // 2, list(zip(got, vanilla))
+
+
+def test_dms_server_frees_memory_admits_more_and_returns_every_page(tmp_path_factory, embedded, prompts):
+    """A burst at a budget a dense pool fills with two of these requests: DMS runs more at once,
+    outputs still equal the reference inference, an aborted request and every finished one give
+    their pages back (SGLang's strict idle check and the pool's free-page gauge), and a prompt
+    longer than the budget is refused with a clear error."""
+    from kvsqueeze.harness.sweep import MetricsScraper, parse_prometheus
+
+    _, tok, _ = embedded
+    budget, burst = 1024, prompts[:8]
+    ref = reference(embedded, prompts, 4)[0][:8]
+    log = tmp_path_factory.mktemp("dms-load") / "server.log"
+    env = {"KVSQUEEZE_DMS": str(shipped_gates_dir(4)), "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1"}
+    srv = SGLangServer(model=resolve_model(None), port=free_port(), log_path=log, env=env,
+                       extra_args=["--disable-radix-cache", "--enable-metrics", "--max-total-tokens",
+                                   str(budget)] + DMS_ARGS).start_and_wait(timeout=400)
+    try:
+        scraper = MetricsScraper(srv.url, interval=0.1).start()
+        with ThreadPoolExecutor(len(burst)) as ex:
+            outs = list(ex.map(lambda p: post(srv.url + "/generate", {"input_ids": p, "sampling_params": {
+                "max_new_tokens": NEW, "temperature": 0, "ignore_eos": True}}), burst))
+        peak = scraper.stop()["peak sglang:num_running_reqs"]
+        with ThreadPoolExecutor(1) as ex:  # an abort mid-generation
+            pending = ex.submit(post, srv.url + "/generate", {"input_ids": prompts[9], "rid": "kvsq-abort",
+                                "sampling_params": {"max_new_tokens": 600, "ignore_eos": True}})
+            time.sleep(3.0)
+            urllib.request.urlopen(urllib.request.Request(  # answers with an empty body
+                srv.url + "/abort_request", data=json.dumps({"rid": "kvsq-abort"}).encode(),
+                headers={"Content-Type": "application/json"}), timeout=60).read()
+            aborted = pending.result(timeout=300)
+        try:  # SGLang refuses it (HTTP 400, or an abort with the reason)
+            r = post(srv.url + "/generate", {"input_ids": prompts[0] * 3, "sampling_params": {"max_new_tokens": 4}})
+            message = json.dumps(r["meta_info"]["finish_reason"])
+        except urllib.error.HTTPError as e:
+            message = e.read().decode()
+        time.sleep(3)  # idle: SGLang checks available == total (strict), the pool's gauges settle
+        with urllib.request.urlopen(srv.url + "/metrics", timeout=30) as r:
+            m = parse_prometheus(r.read().decode())
+        running = log.read_text()
+        assert srv.proc.poll() is None, running[-4000:]
+    finally:
+        srv.stop()
+    assert "leak detected" not in running.lower() and "Traceback" not in running, running[-4000:]
+    meta = [o["meta_info"]["kvsqueeze_dms"][0] for o in outs]
+    got = [o["text"] for o in outs]
+    dense_fit = budget // (len(burst[0]) + NEW)  # requests a dense pool of this budget holds at once
+    peak = max(peak, m["kvsqueeze_dms_peak_sequences"])  # the pool's own count misses no step
+    print(f"DMS 4x at a {budget}-token budget: peak running {peak} (a dense pool holds {dense_fit}), "
+          f"ratios {[x['ratio'] for x in meta]}, {sum(a == b for a, b in zip(got, ref))}/8 outputs = reference")
+    assert peak > dense_fit  # more requests at once than a dense pool of this budget could hold
+    assert sum(a == b for a, b in zip(got, ref)) >= 7
+    for x in meta:
+        assert x["dense_tokens"] == len(burst[0]) + NEW - 1  # the last token is sampled, never stored
+        assert x["ratio"] > 2 and x["held_tokens"] < x["dense_tokens"] / 2
+        assert x["reads_per_step"] < x["dense_reads_per_step"] / 2
+    assert aborted["meta_info"]["finish_reason"]["type"] == "abort"
+    assert "exceeds the maximum allowed length" in message, message
+    total_pages = -(-budget * 30 * 3 // 16)
+    assert m["kvsqueeze_dms_free_pages"] == total_pages  # every page back
+    assert m["kvsqueeze_dms_held_tokens"] == 0
 
 
 def test_gates_that_never_evict_give_the_vanilla_outputs(tmp_path_factory, embedded, prompts, vanilla):

@@ -131,13 +131,15 @@ def parse_methods(text: str | None) -> list[MethodSpec]:
 # Server-side figures
 # ---------------------------------------------------------------------------------------------
 PEAK_GAUGES = ("sglang:num_used_tokens", "sglang:num_running_reqs", "sglang:token_usage",
-               "sglang:num_queue_reqs", "kvsqueeze_kv_tokens_held")
+               "sglang:num_queue_reqs", "kvsqueeze_kv_tokens_held", "kvsqueeze_dms_held_tokens",
+               "kvsqueeze_dms_dense_tokens")
 COUNTERS = ("sglang:prompt_tokens_total", "sglang:generation_tokens_total",
             "sglang:num_requests_total", "kvsqueeze_kvtc_pages_stored", "kvsqueeze_kvtc_hits",
             "kvsqueeze_kvtc_misses", "kvsqueeze_kvtc_restore_seconds",
             "kvsqueeze_kvtc_encode_seconds", "kvsqueeze_kv_token_reads_total",
             "kvsqueeze_fusion_pages_checked", "kvsqueeze_fusion_pages_fused")
-LAST_GAUGES = ("sglang:max_total_num_tokens", "kvsqueeze_kvtc_pages_held",
+LAST_GAUGES = ("sglang:max_total_num_tokens", "kvsqueeze_dms_kept_fraction", "kvsqueeze_dms_peak_sequences",
+               "kvsqueeze_kvtc_pages_held",
                "kvsqueeze_kvtc_bytes_before", "kvsqueeze_kvtc_bytes_after",
                "kvsqueeze_fusion_pages_saved", "kvsqueeze_fusion_groups")
 

@@ -445,8 +445,10 @@ class DMSMethod(CompressionMethod):
         return logits, kept / total, total / max(kept, 1)
 
     @torch.inference_mode()
-    def greedy(self, model, ids: torch.Tensor, max_new: int, eos: int | None = None):
-        """Greedy decoding on the reference DMS cache (tokens really dropped per head)."""
+    def greedy(self, model, ids: torch.Tensor, max_new: int, eos: int | None = None,
+               margins: list | None = None):
+        """Greedy decoding on the reference DMS cache (tokens really dropped per head). ``margins``, if
+        given, receives each step's gap between the top two logits (how close a tie it was)."""
         from kvsqueeze.attention import AttentionState, attention_state
         from kvsqueeze.methods.dms_cache import DMSCache
 
@@ -457,13 +459,20 @@ class DMSMethod(CompressionMethod):
         with attention_state(AttentionState(dms=run)):
             out = model(ids[None], past_key_values=cache, use_cache=True)
             held = int(cache.held().sum())
-            tok = int(out.logits[0, -1].argmax())
+
+            def pick(logits):
+                if margins is not None:
+                    top = logits.float().topk(2).values
+                    margins.append(float(top[0] - top[1]))
+                return int(logits.argmax())
+
+            tok = pick(out.logits[0, -1])
             toks = [tok]
             for _ in range(max_new - 1):
                 if eos is not None and tok == eos:
                     break
                 out = model(torch.tensor([[tok]]), past_key_values=cache, use_cache=True)
-                tok = int(out.logits[0, -1].argmax())
+                tok = pick(out.logits[0, -1])
                 toks.append(tok)
         total = len(ids) * c.num_key_value_heads * c.num_hidden_layers
         return toks, total / max(held, 1)

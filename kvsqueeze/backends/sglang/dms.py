@@ -64,6 +64,7 @@ METRICS = {
                        "over layers and KV heads"),
     "kept_fraction": ("kvsqueeze_dms_kept_fraction", "Share of tokens kept after leaving the window"),
     "free_pages": ("kvsqueeze_dms_free_pages", "Free pages of the per-head pool"),
+    "peak_sequences": ("kvsqueeze_dms_peak_sequences", "Most requests holding pages at once since start"),
 }
 _LOGITS: dict[int, torch.Tensor] = {}  # layer -> [tokens, kv heads] gate logits of the current forward
 _installed = False
@@ -79,12 +80,13 @@ def checkpoint_dir() -> Path | None:
     return d
 
 
-def page_size() -> int:
+def page_size(raw: str | None = None, what: str = PAGE_ENV) -> int:
+    """The per-head pool's page size (``KVSQUEEZE_DMS_PAGE_SIZE``, default 16), checked."""
     from kvsqueeze.kernels.paged_decode import SUPPORTED_PAGE_SIZES
 
-    raw = os.environ.get(PAGE_ENV, "16")
+    raw = os.environ.get(PAGE_ENV, "16") if raw is None else raw
     if not raw.isdigit() or int(raw) not in SUPPORTED_PAGE_SIZES:
-        raise bad_value(PAGE_ENV, raw, f"one of {', '.join(map(str, SUPPORTED_PAGE_SIZES))} (the page "
+        raise bad_value(what, raw, f"one of {', '.join(map(str, SUPPORTED_PAGE_SIZES))} (the page "
                         "sizes of the paged-decode kernel)")
     return int(raw)
 
@@ -145,6 +147,7 @@ class _State:
         self.ring = torch.zeros(rows, n_layers, kv_heads, window + 2, dtype=torch.bool)
         self.per_request: dict[str, dict] = {}
         self.peak_held = 0
+        self.peak_sequences = 0  # most requests holding pages at once
         self.last_reads = 0
         self.kept_seen = None  # the kept fraction at the last admission pass that found no room
         self.decode = None  # (slots [L, bs, H], page tables [L, bs, H, P], lengths [L, bs, H])
@@ -209,7 +212,8 @@ class _State:
         self.peak_held = max(self.peak_held, held)
         return {"held_tokens": held / lh, "peak_held_tokens": self.peak_held / lh, "dense_tokens": dense,
                 "ratio": dense * lh / held if held else 0.0, "reads_per_step": self.last_reads,
-                "kept_fraction": self.kept(), "free_pages": self.pool.free_pages}
+                "kept_fraction": self.kept(), "free_pages": self.pool.free_pages,
+                "peak_sequences": self.peak_sequences}
 
 
 def _state_of(obj) -> _State | None:
@@ -300,6 +304,9 @@ def _attach(model_runner, window: int, sinks: int) -> _State:
 
     rtp.free_rows, rtp.free, rtp.clear = _free_rows, _free, _clear
     alloc._kvsqueeze_dms = st
+    logger.warning("kvsqueeze DMS: prefix reuse (radix cache) and chunked prefill are off: a radix hit "
+                   "would hand a request another request's evicted heads, a prefill chunk would split "
+                   "the prompt's eviction decisions")
     logger.info("kvsqueeze DMS: per-head pool of %d pages x %d slots (%d dense tokens x %d layers x %d KV "
                 "heads), %.1f MB", st.num_pages, st.ps, st.budget, st.n_layers, st.kv_heads,
                 (st.k.numel() * st.k.element_size() + st.v.numel() * st.v.element_size()) / 1e6)
@@ -338,6 +345,7 @@ def _backend_class():
                         slots.append(st.pool.append(row, st.leaving_flags(row)))
                     except PagesExhausted as exc:  # the decode-memory check is exact; this is a bug
                         raise RuntimeError(f"DMS: {exc} although SGLang's decode check passed") from exc
+                st.peak_sequences = max(st.peak_sequences, len(st.pool.seqs))
                 pt, ln = st.pool.page_tables(rows)
                 st.decode = (torch.stack(slots, 1), pt, ln)
                 st.last_reads = int(ln.sum())

@@ -181,3 +181,41 @@ def _group_alive(pgid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def post_json(url: str, payload: dict, timeout: float = 3600) -> dict:
+    """POST ``payload`` as JSON to a server endpoint and return the decoded JSON answer."""
+    import json
+    import urllib.request
+
+    req = urllib.request.Request(url, data=json.dumps(payload).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def generate_burst(url: str, prompts: list[list[int]], max_new: int, name: str = "", every: int = 8,
+                   log=None) -> tuple[list[dict], float]:
+    """Send every prompt to ``/generate`` at once (greedy, ``ignore_eos``), one thread each; returns
+    the answers in prompt order (``{"error": ...}`` for a failed request: a result, not a crash) and
+    the wall time. Progress is logged every ``every`` answers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    log = log or (lambda msg: print(msg, flush=True))
+    t0 = time.monotonic()
+    done = [0]
+
+    def one(ids):
+        try:
+            out = post_json(url.rstrip("/") + "/generate", {"input_ids": ids, "sampling_params": {
+                "max_new_tokens": max_new, "temperature": 0, "ignore_eos": True}})
+        except Exception as e:  # noqa: BLE001 - reported per request
+            return {"error": repr(e)}
+        done[0] += 1
+        if done[0] % every == 0:
+            log(f"[{name}] {done[0]}/{len(prompts)} done after {time.monotonic() - t0:.0f}s")
+        return out
+
+    with ThreadPoolExecutor(max(1, len(prompts))) as ex:
+        outs = list(ex.map(one, prompts))
+    return outs, time.monotonic() - t0
