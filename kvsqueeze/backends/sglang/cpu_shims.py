@@ -33,12 +33,23 @@ _applied: set[str] = set()
 
 
 def _torchvision_needs_shim() -> bool:
+    """Whether torchvision's compiled ops cannot load beside this torch (the registry's torchvision
+    beside the CPU torch): then its Python side needs the op schemas declared. Loading its library is
+    what ``import torchvision`` does first; where that works (a matching GPU build), no shim."""
     import importlib.util
+    from pathlib import Path
 
-    if importlib.util.find_spec("torchvision") is None:
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None or not spec.submodule_search_locations:
         return False
     import torch
 
+    libs = sorted(Path(spec.submodule_search_locations[0]).glob("_C*.so"))
+    if libs:
+        try:
+            torch.ops.load_library(str(libs[0]))
+        except (OSError, RuntimeError):
+            pass
     try:
         return not torch._C._dispatch_has_kernel_for_dispatch_key("torchvision::nms", "CPU")
     except RuntimeError:  # op unknown to the dispatcher: the C++ part never loaded
