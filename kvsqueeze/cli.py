@@ -320,7 +320,12 @@ def cmd_dms_train(args) -> int:
                       seq_len=args.seq_len, batch=args.batch, lr=args.lr, mode=args.mode,
                       window=args.window, sinks=args.sinks, forward=args.forward, gate=args.gate, granularity=args.granularity,
                       seed=args.seed, save_every=args.save_every, threads=args.threads)
-    summary = train(resolve_model(args.model), Path(args.out), cfg)
+    if args.device != "cpu":
+        import torch
+
+        if not args.device.startswith("cuda") or not torch.cuda.is_available():
+            raise bad_value("device", args.device, "cpu, or cuda[:N] on a machine with a CUDA GPU")
+    summary = train(resolve_model(args.model), Path(args.out), cfg, device=args.device)
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1))
     return 0
 
@@ -498,6 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--granularity", choices=("head", "layer"), default="head")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--save-every", type=int, default=50)
+    t.add_argument("--device", default="cpu", help="cpu, or cuda where a GPU is present")
     t.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
 
     k = sub.add_parser("kvtc", help="KVTC: calibration of the transform codec")

@@ -167,9 +167,10 @@ class DMSRun:
         """
         lg = self.logits[layer][..., 1:n_keys]  # decides keys 0..n_keys-2
         if self.mode == "train":
-            u1 = torch.rand(lg.shape, generator=self.generator).clamp(1e-9, 1 - 1e-9)
-            u2 = torch.rand(lg.shape, generator=self.generator).clamp(1e-9, 1 - 1e-9)
-            gumbel = -torch.log(-torch.log(u1)) + torch.log(-torch.log(u2))
+            dev = self.generator.device if self.generator is not None else lg.device
+            u1 = torch.rand(lg.shape, generator=self.generator, device=dev).clamp(1e-9, 1 - 1e-9)
+            u2 = torch.rand(lg.shape, generator=self.generator, device=dev).clamp(1e-9, 1 - 1e-9)
+            gumbel = (-torch.log(-torch.log(u1)) + torch.log(-torch.log(u2))).to(lg.device)
             if not self.noise:
                 gumbel = torch.zeros_like(gumbel)
             x = (lg + gumbel.to(lg.dtype)) / self.config.tau
@@ -199,8 +200,8 @@ class DMSRun:
     def additive_mask(self, layer: int, q_len: int, k_len: int, n_kv: int) -> torch.Tensor:
         """``[b, n_kv, q_len, k_len]`` additive mask for the queries of this call."""
         hard, alpha = self.eviction(layer, k_len, n_kv)
-        q_pos = torch.arange(k_len - q_len, k_len)[:, None]
-        k_pos = torch.arange(k_len)[None, :]
+        q_pos = torch.arange(k_len - q_len, k_len, device=hard.device)[:, None]
+        k_pos = torch.arange(k_len, device=hard.device)[None, :]
         outside = (q_pos - k_pos) > self.config.window  # [q, k]
         if alpha is None:
             m = torch.where(hard[:, :, None, :] & outside, HARD_MASK, 0.0)
@@ -218,7 +219,7 @@ class DMSRun:
             soft = torch.log((1 - alpha).clamp_min(1e-6))  # ST: forward log(eps) where evicted
             hard_val = torch.where(alpha.detach() > 0.5, HARD_MASK, 0.0)
             val = hard_val + soft - soft.detach()
-        return torch.where(outside, val[:, :, None, :], torch.zeros((), dtype=val.dtype))
+        return torch.where(outside, val[:, :, None, :], torch.zeros((), dtype=val.dtype, device=val.device))
 
     def evicted_fraction(self) -> torch.Tensor:
         """Mean straight-through alpha over layers, heads and decided tokens (training)."""

@@ -103,7 +103,7 @@ def _trainable(model, gates: DMSGates, cfg: TrainConfig) -> list[torch.nn.Parame
         for layer in model.model.layers:
             w = layer.self_attn.q_proj.weight
             w.requires_grad_(True)
-            mask = torch.zeros(w.shape[0], 1, dtype=w.dtype)
+            mask = torch.zeros(w.shape[0], 1, dtype=w.dtype, device=w.device)
             mask[idx] = 1.0
             w.register_hook(lambda g, mask=mask: g * mask)  # only the repurposed rows learn
             params.append(w)
@@ -112,7 +112,10 @@ def _trainable(model, gates: DMSGates, cfg: TrainConfig) -> list[torch.nn.Parame
     return params
 
 
-def train(model_path: Path, out_dir: Path, cfg: TrainConfig, progress: bool = True) -> dict:
+def train(model_path: Path, out_dir: Path, cfg: TrainConfig, progress: bool = True,
+          device: str = "cpu") -> dict:
+    """Train; ``device`` (not part of the configuration: a run resumes on any device) places the
+    model, gates, data and Gumbel noise. A CUDA run draws other noise than a CPU run of the same seed."""
     from safetensors.torch import save_file
 
     from kvsqueeze.model import load_hf
@@ -122,17 +125,18 @@ def train(model_path: Path, out_dir: Path, cfg: TrainConfig, progress: bool = Tr
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tok, model = load_hf(model_path)
+    model.to(device)
     dms_cfg = cfg.dms()
-    gates = DMSGates.for_model(model, dms_cfg)
+    gates = DMSGates.for_model(model, dms_cfg).to(device)
     install(model, gates)
     params = _trainable(model, gates, cfg)
     # weight_decay 0: rows masked to zero gradient must stay exactly as they were
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
     step, history = 0, []
     ckpt = out_dir / "train_state.pt"
     if ckpt.is_file():
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, weights_only=False, map_location=device)
         if state["config"] != asdict(cfg):
             raise KvsqueezeError(f"{ckpt} was written with another configuration; expected the same "
                                  f"flags to resume, or a new --out directory ({state['config']})")
@@ -140,7 +144,7 @@ def train(model_path: Path, out_dir: Path, cfg: TrainConfig, progress: bool = Tr
         if cfg.mode == "full" or cfg.gate == "query_neuron":
             model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
-        gen.set_state(state["gen"])
+        gen.set_state(state["gen"].cpu())
         step, history = state["step"], state["history"]
         print(f"resuming from step {step} ({ckpt})")
     data = _batches(tok, cfg.seq_len, cfg.batch, cfg.seed)
@@ -163,7 +167,7 @@ def train(model_path: Path, out_dir: Path, cfg: TrainConfig, progress: bool = Tr
     t0 = time.monotonic()
     model.train()
     while step < cfg.steps:
-        ids = next(data)
+        ids = next(data).to(device)
         with torch.no_grad(), attention_state(AttentionState()):
             teacher = model(ids).logits
         run = DMSRun(dms_cfg, mode="train", generator=gen, forward=cfg.forward)
@@ -192,12 +196,12 @@ def train(model_path: Path, out_dir: Path, cfg: TrainConfig, progress: bool = Tr
         bar.close()
     model.eval()
     seconds = time.monotonic() - t0
-    save_file({k: v.contiguous() for k, v in gates.state_dict().items()} or
+    save_file({k: v.detach().cpu().contiguous() for k, v in gates.state_dict().items()} or
               {"_empty": torch.zeros(0)}, str(out_dir / GATES_FILE))
     dms_cfg.save(out_dir)
     # The directory loads as a normal Hugging Face model (the trained weights in full mode, the
     # unchanged base in adapter mode) plus dms_config.json and dms_gates.safetensors.
-    model.save_pretrained(out_dir)
+    model.to("cpu").save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
     (out_dir / "base_model.txt").write_text(str(model_path) + "\n")
     last = history[-min(20, len(history)):]
