@@ -23,6 +23,9 @@ CPU_DEFAULTS = {
 }
 
 
+READY_LINE = "The server is fired up and ready to roll!"
+
+
 def cpu_defaults() -> dict[str, str]:
     """The CPU defaults where no CUDA device is present; none on a GPU machine (SGLang's own apply)."""
     import torch
@@ -106,6 +109,7 @@ class SGLangServer:
         env.setdefault("SGLANG_PLUGINS", "kvsqueeze")
         env.update(self.env)
         out = open(self.log_path, "ab") if self.log_path else None
+        self._log_start = out.tell() if out else 0  # the log may hold earlier runs: read past them
         self.proc = subprocess.Popen(
             self.command(), env=env, stdout=out or None, stderr=subprocess.STDOUT if out else None,
             start_new_session=True,
@@ -125,7 +129,7 @@ class SGLangServer:
                                      f"while starting{where}")
             try:
                 with urllib.request.urlopen(self.url + "/model_info", timeout=2) as r:
-                    if r.status == 200:
+                    if r.status == 200 and self._warmed_up():
                         return
             except (urllib.error.URLError, OSError):
                 pass
@@ -134,6 +138,19 @@ class SGLangServer:
             time.sleep(1.0)
         self.stop()
         raise KvsqueezeError(f"the SGLang server did not answer at {self.url} within {timeout:.0f} s")
+
+    def _warmed_up(self) -> bool:
+        """SGLang answers ``/model_info`` before its own warmup request is served; a burst sent then
+        queues that request behind it, and SGLang kills itself when it waits 600 s. With a log, wait
+        for the line SGLang prints after its warmup."""
+        if not self.log_path:
+            return True
+        try:
+            with open(self.log_path, "rb") as fh:
+                fh.seek(getattr(self, "_log_start", 0))
+                return READY_LINE.encode() in fh.read()
+        except OSError:
+            return False
 
     def stop(self, grace: float = 15.0) -> None:
         """SIGINT to the whole process group, then SIGKILL to whatever is left after ``grace``."""
