@@ -51,6 +51,8 @@ def run(*args, timeout=300):
     (["serve", "--method", "dms", "--ratio", "4", "--dms-page-size", "12"],
      "dms-page-size='12': expected one of 8, 16, 32, 64, 128 (the page sizes of the paged-decode kernel)"),
     (["serve", "--dms-page-size", "16"], "dms-page-size=16: expected --dms-page-size only with --method dms"),
+    (["dms", "train", "--target-ratio", "4", "--out", "/tmp/kvsq-never", "--device", "tpu"],
+     "device='tpu': expected cpu, or cuda[:N] on a machine with a CUDA GPU"),
     (["serve", "--method", "fusion", "--threshold", "0.9", "--ratio", "4", "--", "--page-size", "16"],
      "ratio=4.0: expected --ratio/--checkpoint only with --method dms"),
     (["serve", "--method", "fusion"], "threshold=None: expected a cosine similarity in (0, 1] with --method fusion"),

@@ -93,8 +93,11 @@ def page_size(raw: str | None = None, what: str = PAGE_ENV) -> int:
 
 SERVER_FLAGS = (("--attention-backend", "dms"), ("--disable-radix-cache", None),
                 ("--chunked-prefill-size", "-1"))
-# SGLang 0.5.23 derives a negative static memory fraction when chunked prefill is off; an explicit one
-SERVER_DEFAULTS = (("--mem-fraction-static", "0.8"),)
+# SGLang 0.5.23 derives a negative static memory fraction when chunked prefill is off: an explicit one.
+# On a GPU: the head pool is placed in Python before each forward, so no overlapped scheduling (the CPU
+# turns it off anyway) and no CUDA-graph capture (the backend has no graph metadata path yet).
+SERVER_DEFAULTS = (("--mem-fraction-static", "0.8"), ("--disable-overlap-schedule", None),
+                   ("--disable-cuda-graph", None))
 
 
 def check_server_args(args: list[str]) -> None:
