@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from kvsqueeze import corpus
-from kvsqueeze.backends.sglang.server import SGLangServer, free_port
+from kvsqueeze.backends.sglang.server import SGLangServer, free_port, post_json
 from kvsqueeze.methods.dms import GATES_FILE, DMSMethod, load_gates, shipped_gates_dir
 from kvsqueeze.model import resolve_model
 
@@ -26,10 +26,7 @@ DMS_ARGS = ["--attention-backend", "dms", "--chunked-prefill-size", "-1", "--mem
 
 
 def post(url, payload, timeout=300):
-    req = urllib.request.Request(url, data=json.dumps(payload).encode(),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return json.loads(r.read())
+    return post_json(url, payload, timeout)
 
 
 def serve_outputs(tmp_path_factory, name, prompts, env=None, dms=False):

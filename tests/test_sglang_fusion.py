@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from kvsqueeze.backends.sglang import fusion as sg_fusion
-from kvsqueeze.backends.sglang.server import SGLangServer, free_port
+from kvsqueeze.backends.sglang.server import SGLangServer, free_port, post_json
 from kvsqueeze.harness.sweep import parse_prometheus
 from kvsqueeze.methods.fusion import default_layers
 from kvsqueeze.methods.fusion_online import OnlinePageFusion
@@ -25,10 +25,7 @@ NEW = 8  # new tokens: prompts are whole pages, so the output stays in a partial
 
 
 def post(url, payload=None, timeout=300):
-    req = urllib.request.Request(url, data=json.dumps(payload or {}).encode(),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return json.loads(r.read())
+    return post_json(url, payload or {}, timeout)
 
 
 def metrics(url) -> dict:

@@ -134,15 +134,14 @@ class HeadPagePool:
             raise bad_value("flags", tuple(flags.shape), f"[kv_heads={self.kv_heads}, tokens={n}]")
         if any(s.heads[layer][h].slot_pos for h in range(self.kv_heads)):
             raise bad_value("layer", layer, f"a layer of {seq!r} not yet placed")
-        keep = self.prefill_keep(flags)
-        held = keep.sum(-1)
-        need = int(((held + self.page_size - 1) // self.page_size).sum())
+        need = self.pages_for_prefill(flags)
         if need > self.free_pages:
             raise PagesExhausted(f"pages: prefill of {n} tokens (layer {layer}) needs {need}, "
                                  f"{self.free_pages} free")
         left = max(0, n - 1 - self.window)  # positions that already left the window
         self.left += left * self.kv_heads
         self.left_evicted += int(flags[:, :left].sum())
+        keep = self.prefill_keep(flags)
         row = []
         for h in range(self.kv_heads):
             head = s.heads[layer][h]

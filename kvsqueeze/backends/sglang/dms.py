@@ -138,11 +138,11 @@ def _install_gates(model, directory: Path) -> None:
 
 class _State:
     def __init__(self, budget_tokens: int, n_layers: int, kv_heads: int, head_dim: int, v_head_dim: int,
-                 dtype, device, rows: int, window: int, sinks: int, ps: int):
+                 dtype, device, rows: int, window: int, ps: int):
         from kvsqueeze.methods.dms_pages import HeadPagePool
 
         self.budget = budget_tokens
-        self.n_layers, self.kv_heads, self.window, self.sinks, self.ps = n_layers, kv_heads, window, sinks, ps
+        self.n_layers, self.kv_heads, self.window, self.ps = n_layers, kv_heads, window, ps
         self.num_pages = math.ceil(budget_tokens * n_layers * kv_heads / ps)
         self.pool = HeadPagePool(self.num_pages, ps, n_layers, kv_heads, window)
         self.k = torch.zeros(self.num_pages, ps, head_dim, dtype=dtype, device=device)
@@ -257,7 +257,7 @@ def _prefill_budget_class():
     return DMSPrefillBudget
 
 
-def _attach(model_runner, window: int, sinks: int) -> _State:
+def _attach(model_runner, window: int) -> _State:
     """Build the head pool for ``model_runner``'s budget and wire SGLang's pools to it (once)."""
     alloc = model_runner.token_to_kv_pool_allocator
     st = _state_of(alloc)
@@ -273,7 +273,7 @@ def _attach(model_runner, window: int, sinks: int) -> _State:
     k0 = pool.get_key_buffer(0)
     v0 = pool.get_value_buffer(0)
     st = _State(pool.size, pool.layer_num, pool.head_num, k0.shape[-1], v0.shape[-1], k0.dtype, k0.device,
-                rtp.req_to_token.shape[0], window, sinks, page_size())
+                rtp.req_to_token.shape[0], window, page_size())
     # SGLang's K/V buffers are not used: keep one row each, so the memory is the head pool's
     pool.k_buffer = [b[:1].clone() for b in pool.k_buffer]
     pool.v_buffer = [b[:1].clone() for b in pool.v_buffer]
@@ -328,7 +328,7 @@ def _backend_class():
             super().__init__(model_runner)
             cfg = load_config(checkpoint_dir())
             self.window, self.sinks = cfg.window, cfg.sinks
-            self.st = _attach(model_runner, cfg.window, cfg.sinks)
+            self.st = _attach(model_runner, cfg.window)
 
         # ---- placing the batch's tokens -------------------------------------------------------
         def init_forward_metadata(self, forward_batch):
