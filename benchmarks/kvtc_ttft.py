@@ -98,7 +98,9 @@ def main() -> int:
     out.with_suffix(".json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=1) + "\n")
     lines = ["# TTFT: prefix restored from KVTC storage vs recomputed (SGLang CPU server)", "",
              f"Embedded model, {args.prompt_tokens}-token held-out prompts, KVTC {args.ratio:g}x pages of "
-             f"{args.page_size} tokens, max_new_tokens=1; cold then restored, same server, same run.", "",
+             f"{args.page_size} tokens, max_new_tokens=1; cold then restored, same server, same run. "
+             "Server with kvsqueeze's plugin (CPU shims: prefix-aware extend attention, storage-wait "
+             "yield); the codec in the storage tier's worker processes (default 2).", "",
              "| trial | prompt tokens | recompute s | restore s | restore/recompute | restored tokens | decode s | same token |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -424,6 +424,109 @@ def test_store_drops_a_corrupted_page_and_bounds_its_size(tiny_cal, tmp_path):
     assert small.exists("p4") and not small.exists("p0")
 
 
+def test_store_workers_code_what_the_store_codes_in_process_and_survive_their_death(tiny_cal, tmp_path):
+    """Pages put and got through two codec processes: the records are the in-process records byte for
+    byte, the decoded pages the in-process pages exactly; a corrupted record is a miss, never
+    garbage; with the workers killed the store codes in its own process and loses nothing."""
+    import os
+    import signal
+
+    from kvsqueeze.methods.kvtc_store import KVTCStore
+
+    path = tiny_cal.save(tmp_path / "cal.safetensors")
+    pages = [(f"p{i}", *_page(i), 24 * i) for i in range(6)]
+    local = KVTCStore(tiny_cal, 4.0)
+    assert local.put_many(pages) == [True] * 6
+    want = local.get_many([p[0] for p in pages])
+    store = KVTCStore(codec.Calibration.load(path), 4.0, workers=2, calibration_path=path,
+                      allocation_dir=tmp_path / "alloc")
+    try:
+        assert store.workers == 2
+        assert store.put_many(pages) == [True] * 6
+        for key, *_ in pages:
+            assert store._index[key][2] == local._index[key][2]
+        got = store.get_many([p[0] for p in pages] + ["absent"])
+        assert got[-1] is None
+        for g, w in zip(got, want):
+            assert g[2] == w[2] and all(torch.equal(a, b) for a, b in zip(g[0] + g[1], w[0] + w[1]))
+        before, after, record = store._index["p3"]
+        bad = bytearray(record)
+        bad[len(bad) // 2] ^= 0x10
+        store._index["p3"] = (before, after, bytes(bad))
+        got = store.get_many(["p2", "p3", "p4"])
+        assert got[1] is None and got[0] is not None and got[2] is not None
+        s = store.snapshot()
+        assert s["corrupt"] == 1 and s["hits"] == 6 + 2 and s["misses"] == 2 and not store.exists("p3")
+        for pid in list(store._pool._processes):
+            os.kill(pid, signal.SIGKILL)
+        got = store.get_many(["p1", "p5"])  # the pool is found dead: decoded here instead
+        assert store.workers == 0
+        assert all(torch.equal(a, b) for a, b in zip(got[1][0], want[5][0]))
+        assert store.put_many([pages[3]]) == [True] and store.get("p3") is not None
+    finally:
+        store.close()
+    with pytest.raises(KvsqueezeError, match="calibration_path"):
+        KVTCStore(tiny_cal, 4.0, workers=1)
+    with pytest.raises(KvsqueezeError, match="workers"):
+        KVTCStore(tiny_cal, 4.0, workers=-1)
+
+
+def test_allocation_cache_reuses_plans_and_ignores_a_damaged_file(tiny_cal, tmp_path):
+    """A plan is solved once and loaded by another process's calibration; a cache file that does not
+    verify (damaged) is solved again, giving the same plan as solving from scratch."""
+    fresh = _same_calibration(tiny_cal, tmp_path)
+    fresh.use_allocation_cache(tmp_path / "alloc")
+    plan = fresh.allocation(4.3)
+    (file,) = list((tmp_path / "alloc").rglob("*.npz"))
+    other = _same_calibration(tiny_cal, tmp_path)
+    other.use_allocation_cache(tmp_path / "alloc")
+    assert other._load_allocation(4.3) is not None
+    assert codec.allocation_id(other.allocation(4.3)) == codec.allocation_id(plan)
+    with np.load(file) as f:
+        arrays = {n: f[n] for n in f.files}
+    name = next(n for n in arrays if n != "id")
+    arrays[name] = (arrays[name] + 1) % codec.N_OPTIONS  # a different plan under the old id
+    np.savez(file, **arrays)
+    third = _same_calibration(tiny_cal, tmp_path)
+    third.use_allocation_cache(tmp_path / "alloc")
+    assert third._load_allocation(4.3) is None
+    assert codec.allocation_id(third.allocation(4.3)) == codec.allocation_id(plan)
+    file.write_bytes(b"not an npz")
+    fourth = _same_calibration(tiny_cal, tmp_path)
+    fourth.use_allocation_cache(tmp_path / "alloc")
+    assert fourth._load_allocation(4.3) is None
+    assert codec.allocation_id(fourth.allocation(4.3)) == codec.allocation_id(plan)
+
+
+def _same_calibration(cal, tmp_path):
+    """A new Calibration object with the same content (nothing planned yet)."""
+    return codec.Calibration.load(cal.save(tmp_path / "same.safetensors"))
+
+
+def test_batched_float32_synthesis_equals_the_per_layer_float64_path(tiny_cal):
+    """decode's one batched float32 product over all layers gives what from_coefficients gives
+    layer by layer in float64 (to float32 rounding), keys with their RoPE back."""
+    assert codec._stacked_synthesis(tiny_cal) is not None  # one PCA group per (layer, kind)
+    k, v = _page(3, n=40)
+    blob = codec.encode(tiny_cal, k, v, 17, 4.0)
+    keys, values = codec.decode(tiny_cal, blob)
+    header, offset = codec._parse(blob.data)
+    alloc = tiny_cal.allocation(header["ratio"])
+    cos, sin = codec.rope_cos_sin(tiny_cal.rope_inv_freq, tiny_cal.rope_scaling, torch.arange(17, 57))
+    words = np.frombuffer(blob.data, dtype="<u4", offset=offset, count=sum(header["streams"]))
+    at, idx = 0, 0
+    for layer in range(tiny_cal.n_layers):
+        for kind, got in (("k", keys[layer]), ("v", values[layer])):
+            n = header["streams"][idx]
+            q = codec.decode_codes(words[at:at + n].astype(np.uint32), 40, tiny_cal, layer, kind,
+                                   alloc[(layer, kind)])
+            at, idx = at + n, idx + 1
+            want = codec.from_coefficients(tiny_cal, layer, kind, codec.dequantize(q, alloc[(layer, kind)]),
+                                           cos, sin)
+            assert got.shape == want.shape and got.dtype == torch.float32
+            torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
+
+
 def test_encoding_is_deterministic_whatever_was_encoded_before(tiny_cal):
     k, v = _page(7)
     first = codec.encode(tiny_cal, k, v, 3, 5.0).data

@@ -31,7 +31,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import struct
+import threading
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -238,6 +240,8 @@ class Calibration:
     # it between keys and values ("share" split).
     weights: dict[tuple[int, str], float] | None = None
     _alloc_cache: dict = field(default_factory=dict, repr=False)
+    # where planned allocations are kept between processes (see use_allocation_cache); None: memory only
+    _alloc_dir: Path | None = field(default=None, repr=False)
     _model_cache: dict = field(default_factory=dict, repr=False)
     _fingerprint: str | None = field(default=None, repr=False)
 
@@ -371,10 +375,52 @@ class Calibration:
         dist = s.dist.double() * s.sigma.double()[:, None] ** 2  # in (metric) feature units
         return dist.numpy(), cost
 
+    def use_allocation_cache(self, directory: str | Path) -> None:
+        """Keep planned allocations as files in ``directory`` (a subfolder per calibration), so that
+        other processes (codec workers, a restarted server) load a plan instead of solving it again
+        (about 2 s each for the embedded model). A file that does not verify is solved again."""
+        self._alloc_dir = Path(directory) / self.fingerprint()
+
+    def _alloc_file(self, key: float) -> Path | None:
+        return None if self._alloc_dir is None else self._alloc_dir / f"{key:.6f}.npz"
+
+    def _load_allocation(self, key: float) -> dict | None:
+        path = self._alloc_file(key)
+        if path is None or not path.is_file():
+            return None
+        try:
+            with np.load(path) as f:
+                alloc = {(int(n.split(".")[0]), n.split(".")[1]): f[n].astype(np.int64)
+                         for n in f.files if n != "id"}
+                want = str(f["id"])
+        except (OSError, ValueError, KeyError, IndexError):
+            return None
+        ok = (set(alloc) == set(self.stats) and allocation_id(alloc) == want
+              and all(a.shape == (self.stats[k].dist.shape[0],) and a.min(initial=0) >= 0
+                      and a.max(initial=0) < N_OPTIONS for k, a in alloc.items()))
+        return alloc if ok else None
+
+    def _save_allocation(self, key: float, alloc: dict) -> None:
+        path = self._alloc_file(key)
+        if path is None:
+            return
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp.npz")
+            np.savez(tmp, id=np.array(allocation_id(alloc)),
+                     **{f"{l}.{k}": np.asarray(a, dtype=np.int16) for (l, k), a in alloc.items()})
+            os.replace(tmp, path)
+        except OSError:  # a cache that cannot be written only costs time
+            pass
+
     def allocation(self, ratio: float) -> dict[tuple[int, str], np.ndarray]:
         """Options per component for every (layer, kind), cached per ratio."""
         key = round(float(ratio), 6)
         if key not in self._alloc_cache:
+            loaded = self._load_allocation(key)
+            if loaded is not None:
+                self._alloc_cache[key] = loaded
+                return loaded
             tables = {k: self._tables(k) for k in sorted(self.stats)}
             if self.weights is None:
                 budgets = {(l, k): int(self.budget_bits(ratio, k) * RATE_UNIT) for (l, k) in tables}
@@ -384,6 +430,7 @@ class Calibration:
                 budgets = split_budget(weighted, total)
                 tables = weighted
             self._alloc_cache[key] = {k: allocate(d, c, budgets[k]) for k, (d, c) in tables.items()}
+            self._save_allocation(key, self._alloc_cache[key])
         return self._alloc_cache[key]
 
 
@@ -492,18 +539,27 @@ def dequantize(q: torch.Tensor, options: np.ndarray) -> torch.Tensor:
     return q.double() * steps
 
 
+def _coding_plan(cal: "Calibration", layer: int, kind: str, options: np.ndarray) -> list:
+    """``(component, entropy model, code offset)`` of each coded component, built once per allocation."""
+    key = ("plan", layer, kind, np.asarray(options, dtype=np.int16).tobytes())
+    plan = cal._model_cache.get(key)
+    if plan is None:
+        lims = cal.stats[(layer, kind)].limits().tolist()
+        plan = [(i, cal.coder_model(layer, kind, i, int(options[i])), int(lims[int(options[i])]))
+                for i in np.flatnonzero(options).tolist()]
+        cal._model_cache[key] = plan
+    return plan
+
+
 def encode_codes(q: torch.Tensor, cal: "Calibration", layer: int, kind: str,
                  options: np.ndarray) -> np.ndarray:
     """Range-code the codes column by column; returns the coder's uint32 words."""
     import constriction
 
-    lims = cal.stats[(layer, kind)].limits().tolist()
     enc = constriction.stream.queue.RangeEncoder()
-    qn = q.numpy()
-    for i in np.flatnonzero(options).tolist():
-        j = int(options[i])
-        lim = int(lims[j])
-        enc.encode(np.ascontiguousarray(qn[:, i] + lim, dtype=np.int32), cal.coder_model(layer, kind, i, int(j)))
+    qt = np.ascontiguousarray(q.numpy().T, dtype=np.int32)  # one contiguous row per component
+    for i, model, lim in _coding_plan(cal, layer, kind, options):
+        enc.encode(qt[i] + lim, model)
     return enc.get_compressed()
 
 
@@ -511,14 +567,13 @@ def decode_codes(words: np.ndarray, m: int, cal: "Calibration", layer: int, kind
                  options: np.ndarray) -> torch.Tensor:
     import constriction
 
-    lims = cal.stats[(layer, kind)].limits().tolist()
     dec = constriction.stream.queue.RangeDecoder(words)
-    q = np.zeros((m, len(options)), dtype=np.int32)
-    for i in np.flatnonzero(options).tolist():
-        j = int(options[i])
-        lim = int(lims[j])
-        q[:, i] = dec.decode(cal.coder_model(layer, kind, i, int(j)), m) - lim
-    return torch.from_numpy(q)
+    plan = _coding_plan(cal, layer, kind, options)
+    q = np.zeros((len(options), m), dtype=np.int32)
+    if plan:
+        idx, models, lims = zip(*plan)
+        q[list(idx)] = np.stack([dec.decode(model, m) for model in models]) - np.array(lims, np.int32)[:, None]
+    return torch.from_numpy(q.T)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -679,17 +734,57 @@ def decode(cal: Calibration, blob: Blob | bytes, dtype: torch.dtype | None = Non
     out_dtype = dtype or _DTYPES[header["dtype"]]
     cos, sin = rope_cos_sin(cal.rope_inv_freq, cal.rope_scaling, torch.arange(pos, pos + m))
     words = np.frombuffer(bytes(data), dtype="<u4", offset=offset, count=sum(header["streams"]))
-    keys, values, at, idx = [], [], 0, 0
+    codes, at, idx = {}, 0, 0
     for layer in range(cal.n_layers):
         for kind in KINDS:
             n_words = header["streams"][idx]
-            opts = alloc[(layer, kind)]
             try:
-                q = decode_codes(words[at:at + n_words].astype(np.uint32), m, cal, layer, kind, opts)
+                codes[(layer, kind)] = decode_codes(words[at:at + n_words].astype(np.uint32), m, cal, layer,
+                                                    kind, alloc[(layer, kind)])
             except Exception as exc:  # the coder's own error on inconsistent streams
                 raise BlobError(f"blob: stream {idx} does not decode ({exc})") from exc
             at += n_words
             idx += 1
-            x = from_coefficients(cal, layer, kind, dequantize(q, opts), cos, sin).to(out_dtype)
+    stacked = _stacked_synthesis(cal)
+    if stacked is not None:  # one group per (layer, kind): all layers in one batched product
+        return _synthesise_stacked(cal, stacked, codes, alloc, cos, sin, out_dtype)
+    keys, values = [], []
+    for layer in range(cal.n_layers):
+        for kind in KINDS:
+            z = dequantize(codes[(layer, kind)], alloc[(layer, kind)])
+            x = from_coefficients(cal, layer, kind, z, cos, sin).to(out_dtype)
             (keys if kind == "k" else values).append(x)
     return keys, values
+
+
+def _stacked_synthesis(cal: Calibration):
+    """Synthesis of every (layer, kind) stacked, float32 (``None`` unless each has one PCA group)."""
+    if "stacked" not in cal._model_cache:
+        order = [(layer, kind) for layer in range(cal.n_layers) for kind in KINDS]
+        if all(len(cal.stats[k].groups) == 1 for k in order):
+            st = [cal.stats[k] for k in order]
+            sigma = torch.stack([s.sigma.double().clamp_min(1e-12) for s in st])      # [LK, D]
+            synth = torch.stack([s.synths[0].double().T for s in st])                   # [LK, D, D]
+            cal._model_cache["stacked"] = ((sigma[:, :, None] * synth).float(),        # rows scaled
+                                           torch.stack([s.means[0].double() for s in st]).float())
+        else:
+            cal._model_cache["stacked"] = None
+    return cal._model_cache["stacked"]
+
+
+def _synthesise_stacked(cal: Calibration, stacked, codes: dict, alloc: dict, cos, sin, out_dtype):
+    """:func:`from_coefficients` for all (layer, kind) at once: ``f = (q * step) @ (sigma * synth.T) + mean``
+    as one batched float32 product (the coefficients are quantized far coarser than float32 rounds)."""
+    synth, mean = stacked
+    order = [(layer, kind) for layer in range(cal.n_layers) for kind in KINDS]
+    steps = torch.stack([_option_arrays(alloc[k], (1.0, 1.0))[0] for k in order]).float()  # [LK, D]
+    q = torch.stack([codes[k] for k in order]).float()                                       # [LK, m, D]
+    q.mul_(steps[:, None, :])
+    f = torch.baddbmm(mean[:, None, :], q, synth)                                          # [LK, m, D]
+    m = f.shape[1]
+    x = f.view(cal.n_layers, 2, m, cal.kv_heads, cal.head_dim)
+    k = x[:, 0]                                                                             # [L, m, H, hd]
+    k = k * cos.float()[:, None, :] + _rotate_half(k) * sin.float()[:, None, :]
+    k = k.transpose(1, 2).contiguous().to(out_dtype)                                        # [L, H, m, hd]
+    v = x[:, 1].transpose(1, 2).contiguous().to(out_dtype)
+    return list(k.unbind(0)), list(v.unbind(0))

@@ -20,6 +20,20 @@ Why each one exists (see ../shared/SGLANG-ON-CPU.md in the project notes):
   accelerator) and moves pages with ``sgl_kernel.kvcacheio.transfer_kv_direct``, which is only
   imported on CUDA/ROCm/XPU. On CPU the pool is made unpinned and ``transfer_kv_direct`` becomes the
   same indexed copy written in PyTorch (``--hicache-io-backend direct``, ``layer_first`` layout).
+* ``prefix_extend``: the ``torch_native`` attention backend (the one that runs on CPU) computes an
+  extend as if the whole sequence were new: it pads the new queries to the full sequence length
+  (``per_req_query_redudant``) and runs causal attention over all of it, so a request whose prefix
+  came from the radix cache or from storage pays the full prefill's attention again (profiled: ~1.7 s
+  of a 4.5 s restore of a 2048-token prompt, 64 new tokens after a 1984-token cached prefix). The shim attends the new queries only, with the causal mask shifted by the prefix
+  (query ``i`` sees keys ``0 .. prefix + i``); sequences without a prefix, with a sliding window or
+  with an encoder take SGLang's own path. Same result up to float rounding (tested against
+  SGLang's function).
+* ``storage_wait_yield``: while a request waits for its prefix from a HiCache storage tier, SGLang's
+  scheduler loop spins (``on_idle`` ends in ``time.sleep(0)`` so that the storage threads get the
+  interpreter lock); on a GPU server that spin burns a spare host core, on a 2-core CPU server it
+  takes one of the two cores the storage codec runs on. The shim sleeps 0.5 ms at the end of such an
+  idle turn (CPU device, storage tier on, requests pending, nothing to run); a running batch is
+  never delayed, since ``on_idle`` runs only when there is no batch.
 """
 
 from __future__ import annotations
@@ -136,6 +150,90 @@ def hicache_host_pool() -> None:
         mha.MHATokenToKVPoolHost.__init__ = unpinned_init
 
 
+def _prefix_extend(original):
+    import torch
+    from torch.nn.functional import scaled_dot_product_attention
+
+    def run_sdpa_forward_extend(self, query, output, k_cache, v_cache, req_to_token, req_pool_indices,
+                                seq_lens, extend_prefix_lens, extend_seq_lens, encoder_lens=None,
+                                scaling=None, enable_gqa=False, causal=False, is_cross_attn=False,
+                                sliding_window_size=None):
+        if (encoder_lens is not None or not causal or is_cross_attn
+                or (sliding_window_size is not None and sliding_window_size > -1)
+                or int(extend_prefix_lens.max()) == 0):
+            return original(self, query, output, k_cache, v_cache, req_to_token, req_pool_indices,
+                            seq_lens, extend_prefix_lens, extend_seq_lens, encoder_lens, scaling=scaling,
+                            enable_gqa=enable_gqa, causal=causal, is_cross_attn=is_cross_attn,
+                            sliding_window_size=sliding_window_size)
+        q_all = query.movedim(0, query.dim() - 2)  # [heads, tokens, dim]
+        start_q = 0
+        for i in range(seq_lens.shape[0]):
+            n_new, prefix, n_kv = int(extend_seq_lens[i]), int(extend_prefix_lens[i]), int(seq_lens[i])
+            end_q = start_q + n_new
+            rows = req_to_token[req_pool_indices[i], :n_kv]
+            q = q_all[:, start_q:end_q, :]
+            k = k_cache[rows].movedim(0, query.dim() - 2)
+            v = v_cache[rows].movedim(0, query.dim() - 2)
+            if not (q.dtype == k.dtype == v.dtype):
+                k, v = k.to(q.dtype), v.to(q.dtype)
+            if prefix == 0:
+                mask, is_causal = None, True
+            else:  # query j (absolute prefix + j) sees keys 0 .. prefix + j
+                mask = (torch.arange(n_kv, device=q.device)[None, :]
+                        <= prefix + torch.arange(n_new, device=q.device)[:, None])
+                is_causal = False
+            out = scaled_dot_product_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
+                                               attn_mask=mask, enable_gqa=enable_gqa, scale=scaling,
+                                               is_causal=is_causal)
+            output[start_q:end_q] = out.squeeze(0).movedim(query.dim() - 2, 0)
+            start_q = end_q
+        return output
+
+    run_sdpa_forward_extend._kvsqueeze_prefix_extend = True
+    run_sdpa_forward_extend._kvsqueeze_original = original
+    return run_sdpa_forward_extend
+
+
+def prefix_extend() -> None:
+    """Extend attention over the new tokens only, not the cached prefix again (``torch_native``)."""
+    if "prefix_extend" in _applied:
+        return
+    _applied.add("prefix_extend")
+    try:
+        from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+    except ImportError:  # an SGLang without this backend: nothing to patch
+        return
+    original = TorchNativeAttnBackend._run_sdpa_forward_extend
+    if not getattr(original, "_kvsqueeze_prefix_extend", False):
+        TorchNativeAttnBackend._run_sdpa_forward_extend = _prefix_extend(original)
+
+
+def _yielding_on_idle(original, pause: float = 0.0005):
+    import time
+
+    def on_idle(self):
+        original(self)
+        if (getattr(self, "enable_hicache_storage", False)
+                and getattr(self.server_args, "device", None) == "cpu" and not self.is_fully_idle()):
+            time.sleep(pause)
+
+    on_idle._kvsqueeze_storage_wait_yield = True
+    return on_idle
+
+
+def storage_wait_yield() -> None:
+    """Sleep 0.5 ms per idle scheduler turn while requests wait for storage (CPU servers only)."""
+    if "storage_wait_yield" in _applied:
+        return
+    _applied.add("storage_wait_yield")
+    try:
+        from sglang.srt.managers.scheduler import Scheduler
+    except ImportError:
+        return
+    if not getattr(Scheduler.on_idle, "_kvsqueeze_storage_wait_yield", False):
+        Scheduler.on_idle = _yielding_on_idle(Scheduler.on_idle)
+
+
 def apply_pre_import() -> None:
     """Shims that must run before sglang or transformers are imported."""
     torchvision_ops()
@@ -145,3 +243,5 @@ def apply_all() -> None:
     apply_pre_import()
     native_rope()
     hicache_host_pool()
+    prefix_extend()
+    storage_wait_yield()

@@ -7,7 +7,8 @@ Loaded by SGLang's dynamic storage-backend option (``kvsqueeze serve --kv-store 
         "backend_name": "kvtc", "module_path": "kvsqueeze.backends.sglang.kvtc_storage",
         "class_name": "KVTCHiCacheStorage", "interface_v1": 1,
         "hicache_storage_pass_prefix_keys": true,
-        "kvtc_calibration": FILE, "kvtc_ratio": 8, "kvtc_dir": DIR or null}'
+        "kvtc_calibration": FILE, "kvtc_ratio": 8, "kvtc_dir": DIR or null,
+        "kvtc_workers": N (codec processes; default min(2, cores); 0 codes on SGLang's thread)}'
 
 ``interface_v1`` makes SGLang hand over host-pool indices (zero copy): a page is read from the host
 pool, encoded with :class:`kvsqueeze.methods.kvtc_store.KVTCStore` and restored into the host pool on
@@ -30,6 +31,7 @@ from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageC
 from kvsqueeze.backends.sglang.metrics import gauges
 from kvsqueeze.methods import kvtc_codec as codec
 from kvsqueeze.methods.kvtc_store import KVTCStore
+from kvsqueeze.model import home
 
 logger = logging.getLogger(__name__)
 
@@ -58,14 +60,22 @@ class KVTCHiCacheStorage(HiCacheStorage):
         directory = extra.get("kvtc_dir")
         if directory and storage_config.tp_size > 1:
             directory = os.path.join(directory, f"tp{storage_config.tp_rank}")
+        workers = extra.get("kvtc_workers")
+        if workers is None:
+            workers = min(2, os.cpu_count() or 1)
+        if not (isinstance(workers, int) and workers >= 0):
+            raise ValueError(f"kvtc storage: extra_config kvtc_workers={workers!r}; expected a number of "
+                             "codec processes >= 0 (0: code in the storage thread)")
         self.store = KVTCStore(self.cal, self.ratio, directory=directory,
-                               capacity_bytes=extra.get("kvtc_capacity_bytes"))
+                               capacity_bytes=extra.get("kvtc_capacity_bytes"), workers=workers,
+                               calibration_path=path, allocation_dir=home() / "kvtc" / "allocations")
         self.stats_file = extra.get("kvtc_stats_file") or os.environ.get(STATS_ENV)
         self.mem_pool_host = None
         self._warned_no_position = False
-        logger.info("kvsqueeze KVTC storage: ratio %.3g, %s, calibration %s", self.ratio,
-                    directory or "host memory", self.cal.fingerprint())
-        self.cal.allocation(codec._grid_ratio(self.ratio))  # plan once now, not on the first page
+        logger.info("kvsqueeze KVTC storage: ratio %.3g, %s, calibration %s, %d codec processes",
+                    self.ratio, directory or "host memory", self.cal.fingerprint(), workers)
+        if not workers:  # plan once now, not on the first page (workers plan as they start)
+            self.cal.allocation(codec._grid_ratio(self.ratio))
 
     # -- host pool pages ------------------------------------------------------------------------
 
@@ -108,22 +118,20 @@ class KVTCHiCacheStorage(HiCacheStorage):
         positions = self._positions(len(keys), extra_info)
         if positions is None:
             return [False] * len(keys)
-        out = []
-        for i, key in enumerate(keys):
-            try:
-                k, v = self._page(host_indices[i * ps:(i + 1) * ps].long())
-                out.append(self.store.put(key, k, v, positions[i]))
-            except Exception:  # a page that cannot be stored is recomputed, never half-stored
-                logger.exception("kvtc storage: storing page %s failed", key)
-                out.append(False)
+        try:
+            pages = [(key, *self._page(host_indices[i * ps:(i + 1) * ps].long()), positions[i])
+                     for i, key in enumerate(keys)]
+            out = self.store.put_many(pages)
+        except Exception:  # a page that cannot be stored is recomputed, never half-stored
+            logger.exception("kvtc storage: storing pages %s..%s failed", keys[0], keys[-1])
+            out = [self.store.exists(key) for key in keys]
         self._publish()
         return out
 
     def batch_get_v1(self, keys: List[str], host_indices: torch.Tensor, extra_info=None) -> List[bool]:
         ps = self.mem_pool_host.page_size
         out = []
-        for i, key in enumerate(keys):
-            got = self.store.get(key)
+        for i, (key, got) in enumerate(zip(keys, self.store.get_many(keys))):
             if got is None or got[0][0].shape[1] != ps:
                 out.append(False)
                 continue
