@@ -140,7 +140,10 @@ def gate_logits(gates: DMSGates, layer: int, layer_input: torch.Tensor) -> torch
     cfg = gates.config
     if cfg.gate != "projection":
         raise bad_value("gate", cfg.gate, "'projection' (query-neuron gates are not wired for TensorRT-LLM)")
-    lg = gates.layers[layer](layer_input.to(gates.layers[layer].dms_proj_alpha.weight.dtype))
+    weight = gates.layers[layer].dms_proj_alpha.weight
+    if weight.device != layer_input.device:  # the engine may build the model before placing it
+        gates.to(layer_input.device)
+    lg = gates.layers[layer](layer_input.to(weight.dtype))
     lg = lg.float() * cfg.logit_scale + cfg.logit_bias
     return lg[:, :1] if cfg.granularity == "layer" else lg
 
@@ -241,8 +244,18 @@ def _build():  # pragma: no cover - needs TensorRT-LLM
             self.dms_flags, self.dms_layer, self.dms_logits, self._dms_at = flags, layer, None, 0
 
         def forward(self, q, k, v, metadata, **kwargs):
+            if self.dms_logits is None or self.dms_logits.shape[0] != q.shape[0]:
+                # the layer's input norm did not run this step (a fused norm path): never reuse
+                # another step's decisions
+                raise KvsqueezeError(
+                    f"DMS on TensorRT-LLM: layer {self.dms_layer} got no gate logits for its "
+                    f"{q.shape[0]} tokens; the decoder layer must call its input_layernorm (fused "
+                    "norm/all-reduce paths, as with tensor parallelism, are not supported)")
             self._dms_at = 0
-            return super().forward(q, k, v, metadata, **kwargs)
+            try:
+                return super().forward(q, k, v, metadata, **kwargs)
+            finally:
+                self.dms_logits = None
 
         def _single_request_forward(self, q, k, v, attention_mask, kv_cache_tensor, past_seen_token,
                                     cache_idx):
