@@ -53,7 +53,8 @@ def _format_kl_table(records) -> str:
             f"{'top-1':>6s} {'PPL Δ%':>7s} {'held':>6s}")
     rows = [head, "-" * len(head)]
     for r in records:
-        label = f"{r.method}@{r.details['threshold']:g}" if "threshold" in r.details else r.method
+        details = getattr(r, "details", None) or {}
+        label = f"{r.method}@{details['threshold']:g}" if "threshold" in details else r.method
         rows.append(f"{label:10s} {r.ratio_target:6.2f} {r.ratio_achieved:8.2f} {r.kl_mean:9.4f} "
                     f"{r.kl_se:8.4f} {r.top1:6.3f} {r.ppl_delta_pct:7.2f} "
                     f"{r.tokens_held_fraction:6.3f}")
@@ -82,7 +83,8 @@ def _format_passkey_table(records) -> str:
     head = f"{'method':10s} {'target':>6s} {'achieved':>8s} {'accuracy':>8s} {'trials':>6s}"
     rows = [head, "-" * len(head)]
     for r in records:
-        label = f"{r.method}@{r.details['threshold']:g}" if "threshold" in r.details else r.method
+        details = getattr(r, "details", None) or {}
+        label = f"{r.method}@{details['threshold']:g}" if "threshold" in details else r.method
         rows.append(f"{label:10s} {r.ratio_target:6.2f} {r.ratio_achieved:8.2f} "
                     f"{r.accuracy:8.3f} {r.trials:6d}")
     return "\n".join(rows)

@@ -128,6 +128,20 @@ def test_eval_writes_json_records(tmp_path):
     assert "KL mean" in r.stdout
 
 
+def test_eval_passkey_prints_its_table_and_writes_records(tmp_path):
+    """The passkey task end to end (it once computed every trial and then failed printing)."""
+    out = tmp_path / "passkey.json"
+    r = run("eval", "--task", "passkey", "--method", "dense,window", "--ratio", "4", "--trials", "2",
+            "--context-tokens", "512", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    recs = json.loads(out.read_text())
+    assert [x["method"] for x in recs] == ["dense", "window"]
+    assert all(x["trials"] == 2 and len(x["hits"]) == 2 for x in recs)
+    lines = [ln.split() for ln in r.stdout.splitlines() if ln.startswith(("dense", "window"))]
+    assert [ln[0] for ln in lines] == ["dense", "window"]
+    assert [float(ln[3]) for ln in lines] == [x["accuracy"] for x in recs]
+
+
 def test_dms_window_larger_than_prefix(tmp_path):
     (tmp_path / "dms_config.json").write_text(json.dumps({"window": 64, "target_ratio": 4}))
     r = run("eval", "--method", "dms", "--checkpoint", str(tmp_path), "--prefix-tokens", "32",
