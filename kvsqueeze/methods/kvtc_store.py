@@ -350,15 +350,22 @@ class KVTCStore:
         slot, data = self._lookup(key)
         if slot is None:
             return None
-        try:
-            k, v, position = unpack_page(self.cal, data)
-        except codec.BlobError:
+        got = self._unpack(data)
+        if isinstance(got, codec.BlobError):
             self._undecodable(slot, key)
             return None
+        k, v, position = got
         with self._lock:
             self.stats.hits += 1
             self.stats.restore_seconds += time.perf_counter() - t0
         return k, v, position
+
+    def _unpack(self, data: bytes):
+        """``(keys, values, position)`` of a record, or the :class:`codec.BlobError` it raised."""
+        try:
+            return unpack_page(self.cal, data)
+        except codec.BlobError as exc:
+            return exc
 
     def get_many(self, keys: list[str]) -> list[tuple[list[torch.Tensor], list[torch.Tensor], int] | None]:
         """:meth:`get` for several pages, decoded in parallel by the workers."""
@@ -367,13 +374,6 @@ class KVTCStore:
             return [self.get(key) for key in keys]
         t0 = time.perf_counter()
         found = [self._lookup(key) for key in keys]
-
-        def local(data):
-            try:
-                return unpack_page(self.cal, data)
-            except codec.BlobError as exc:
-                return exc
-
         try:
             futures = [pool.submit(_worker_unpack, data) if slot is not None else None
                        for slot, data in found]
@@ -386,7 +386,7 @@ class KVTCStore:
                     done.append(exc)
         except (concurrent.futures.process.BrokenProcessPool, RuntimeError) as exc:  # dead or shut down
             self._pool_failed(exc)
-            done = [local(data) if slot is not None else None for slot, data in found]
+            done = [self._unpack(data) if slot is not None else None for slot, data in found]
         out, hits = [], 0
         for key, (slot, _), got in zip(keys, found, done):
             if isinstance(got, codec.BlobError):

@@ -87,7 +87,7 @@ class EvictionFlags:
         hard = (logits > 0).expand(n, self.kv_heads)
         # token start + i decides token start + i - 1; the newest token is undecided
         lo = max(start - 1, 0)
-        decided = hard[lo - (start - 1):] if start >= 1 else hard[1:]
+        decided = hard if start >= 1 else hard[1:]  # token 0 decides nothing
         buf[lo:lo + decided.shape[0]] = decided
         buf[start + n - 1] = False
         buf[:min(self.config.sinks, start + n)] = False
