@@ -4,6 +4,11 @@ For each checkpoint: DMS is scored on the held-out segments, then SnapKV and the
 the same segments at DMS's achieved ratio, and the paired KL differences are reported. Used for the
 window ablation and for the final 4x / 8x gates. Output: a JSON list and a markdown table.
 
+``--scored keep`` (the like-for-like protocol): DMS evicts prefix tokens only and holds the scored
+tokens, as SnapKV and the window do; ``evict``: DMS's gates also evict scored tokens leaving the
+window (as in generation), a harder setting than the baselines' at the same prefix ratio. Default:
+both, one row each.
+
     python benchmarks/dms_eval.py --label w16=/tmp/dms/abl-w16 --label w64=/tmp/dms/abl-w64 \
         --segments 8 --out results/dms/window-ablation
 """
@@ -26,8 +31,13 @@ def main(argv=None) -> int:
     p.add_argument("--segments", type=int, default=12)
     p.add_argument("--prefix-tokens", type=int, default=1024)
     p.add_argument("--scored-tokens", type=int, default=256)
+    p.add_argument("--scored", default="keep,evict",
+                   help="DMS protocol(s) for the scored tokens: keep, evict or keep,evict")
     p.add_argument("--out", required=True, help="output path without extension")
     args = p.parse_args(argv)
+    protocols = [x.strip() for x in args.scored.split(",") if x.strip()]
+    if not protocols or any(x not in ("keep", "evict") for x in protocols):
+        p.error(f"--scored={args.scored!r}: expected keep, evict or keep,evict")
 
     path = resolve_model(None)
     tok, model = load_hf(path)
@@ -36,36 +46,54 @@ def main(argv=None) -> int:
     rows, records = [], []
     for item in args.label:
         name, ckpt = item.split("=", 1)
-        dms = create("dms", None, checkpoint=ckpt)
-        [rd] = evaluate.evaluate_kl(model, segs, [dms], args.prefix_tokens, args.scored_tokens, path.name)
-        ratio = rd.ratio_achieved
-        base = [create("snapkv", ratio), create("window", ratio)]
-        rs, rw = evaluate.evaluate_kl(model, segs, base, args.prefix_tokens, args.scored_tokens, path.name)
-        ds, ses = evaluate.paired_difference(rd, rs)
-        dw, sew = evaluate.paired_difference(rd, rw)
+        if not Path(ckpt).is_dir():
+            p.error(f"--label {item!r}: {ckpt!r} is not a directory; expected NAME=CHECKPOINT_DIR")
         summary = {}
         summary_path = Path(ckpt) / "train_summary.json"
         if summary_path.is_file():
             summary = json.loads(summary_path.read_text())
-        for r in (rd, rs, rw):
-            d = r.to_dict()
+        base = None
+        for scored in protocols:
+            dms = create("dms", None, checkpoint=ckpt, scored=scored)
+            try:
+                [rd] = evaluate.evaluate_kl(model, segs, [dms], args.prefix_tokens, args.scored_tokens,
+                                            path.name)
+            finally:
+                dms.unbind(model)
+            ratio = rd.ratio_achieved  # the prefix's: the same under both protocols
+            if base is None:
+                base = evaluate.evaluate_kl(model, segs, [create("snapkv", ratio), create("window", ratio)],
+                                            args.prefix_tokens, args.scored_tokens, path.name)
+                for r in base:
+                    d = r.to_dict()
+                    d["label"] = name
+                    records.append(d)
+            rs, rw = base
+            ds, ses = evaluate.paired_difference(rd, rs)
+            dw, sew = evaluate.paired_difference(rd, rw)
+            d = rd.to_dict()
             d["label"] = name
+            d["scored"] = scored
             records.append(d)
-        rows.append((name, dms.config.window, dms.config.target_ratio, summary.get("steps"), ratio,
-                     rd.kl_mean, rs.kl_mean, rw.kl_mean, ds, ses, dw, sew, rd.top1))
-        print(f"{name}: ratio {ratio:.2f}x  KL dms {rd.kl_mean:.4f}  snapkv {rs.kl_mean:.4f}  "
-              f"window {rw.kl_mean:.4f}  dms-snapkv {ds:+.4f} ± {ses:.4f}", file=sys.stderr, flush=True)
+            rows.append((name, scored, dms.config.window, dms.config.target_ratio, summary.get("steps"), ratio,
+                         rd.kl_mean, rs.kl_mean, rw.kl_mean, ds, ses, dw, sew, rd.top1))
+            print(f"{name} ({scored} scored): ratio {ratio:.2f}x  KL dms {rd.kl_mean:.4f}  snapkv "
+                  f"{rs.kl_mean:.4f}  window {rw.kl_mean:.4f}  dms-snapkv {ds:+.4f} ± {ses:.4f}",
+                  file=sys.stderr, flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(records, indent=1) + "\n")
-    head = ("| run | window | train CR | steps | achieved ratio | KL dms | KL snapkv | KL window | "
-            "dms - snapkv (paired SE) | dms - window (paired SE) | top-1 dms |")
+    head = ("| run | scored tokens | window | train CR | steps | achieved ratio | KL dms | KL snapkv | "
+            "KL window | dms - snapkv (paired SE) | dms - window (paired SE) | top-1 dms |")
     lines = [f"Held-out: {len(segs)} segments of {args.prefix_tokens}+{args.scored_tokens} tokens; "
-             "SnapKV and window evaluated at DMS's achieved ratio on the same segments.", "",
-             head, "|" + "---|" * 11]
-    for (name, w, cr, steps, ratio, kd, ks, kw, ds, ses, dw, sew, t1) in rows:
-        lines.append(f"| {name} | {w} | {cr:g} | {steps} | {ratio:.2f} | {kd:.4f} | {ks:.4f} | {kw:.4f} | "
-                     f"{ds:+.4f} ({ses:.4f}) | {dw:+.4f} ({sew:.4f}) | {t1:.3f} |")
+             "SnapKV and window evaluated at DMS's achieved ratio on the same segments. Scored tokens: "
+             "`keep` = DMS evicts prefix tokens only and holds the scored ones, as SnapKV and the window "
+             "do (like for like); `evict` = DMS also evicts scored tokens leaving its window (as in "
+             "generation; harder than the baselines' setting).", "",
+             head, "|" + "---|" * 12]
+    for (name, scored, w, cr, steps, ratio, kd, ks, kw, ds, ses, dw, sew, t1) in rows:
+        lines.append(f"| {name} | {scored} | {w} | {cr:g} | {steps} | {ratio:.2f} | {kd:.4f} | {ks:.4f} | "
+                     f"{kw:.4f} | {ds:+.4f} ({ses:.4f}) | {dw:+.4f} ({sew:.4f}) | {t1:.3f} |")
     text = "\n".join(lines) + "\n"
     out.with_suffix(".md").write_text(text)
     print(text)

@@ -100,6 +100,10 @@ def cmd_eval(args) -> int:
     per_method = {"dms": {"checkpoint": args.checkpoint}} if args.checkpoint else {}
     if args.checkpoint and "dms" not in names:
         raise bad_value("checkpoint", args.checkpoint, "to be used with --method dms")
+    if args.dms_scored is not None:
+        if "dms" not in names:
+            raise bad_value("dms-scored", args.dms_scored, "to be used with --method dms")
+        per_method.setdefault("dms", {})["scored"] = args.dms_scored
     if args.calibration:
         if "kvtc" not in names:
             raise bad_value("calibration", args.calibration, "to be used with --method kvtc")
@@ -321,7 +325,8 @@ def cmd_dms_train(args) -> int:
     cfg = TrainConfig(target_ratio=args.target_ratio, steps=args.steps, ramp_steps=args.ramp_steps,
                       seq_len=args.seq_len, batch=args.batch, lr=args.lr, mode=args.mode,
                       window=args.window, sinks=args.sinks, forward=args.forward, gate=args.gate, granularity=args.granularity,
-                      seed=args.seed, save_every=args.save_every, threads=args.threads)
+                      seed=args.seed, save_every=args.save_every, threads=args.threads,
+                      precision=args.precision)
     if args.device != "cpu":
         import torch
 
@@ -455,6 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ratio", default=None, help="target ratio(s), e.g. 4 or 2,4,8")
     e.add_argument("--model", default=None, help="a local Hugging Face checkpoint (default: embedded)")
     e.add_argument("--checkpoint", default=None, help="DMS checkpoint directory (for --method dms)")
+    e.add_argument("--dms-scored", choices=("keep", "evict"), default=None,
+                   help="DMS and the scored tokens: keep (default; prefix-only eviction, as every other "
+                        "method) or evict (the gates evict scored tokens too, as in generation)")
     e.add_argument("--calibration", default=None,
                    help="KVTC calibration file (for --method kvtc; default: made once per model)")
     e.add_argument("--threshold", default=None,
@@ -507,6 +515,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--save-every", type=int, default=50)
     t.add_argument("--device", default="cpu", help="cpu, or cuda where a GPU is present")
     t.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    t.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
+                   help="bfloat16: forwards under bf16 autocast (faster on CPUs with AVX512-BF16/AMX "
+                        "and on GPUs); gates, optimiser and losses stay float32")
 
     k = sub.add_parser("kvtc", help="KVTC: calibration of the transform codec")
     ksub = k.add_subparsers(dest="kvtc_command", required=True)

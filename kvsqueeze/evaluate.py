@@ -153,6 +153,8 @@ def evaluate_kl(model, segments: list[list[int]], methods: list[CompressionMetho
                 logits, held, ratio = m.run_segment(model, prefix, cont)
                 a["ratio"].append(ratio)
                 a["held"].append(held)
+                for k, v in getattr(m, "segment_details", dict)().items():
+                    a["details"].setdefault(k, []).append(v)
             else:
                 comp = m.compress(cache)
                 logits = continue_with(model, comp, cont)

@@ -27,6 +27,8 @@ def run(*args, timeout=300):
     (["eval", "--method", "dms", "--ratio", "3"], "ratio=3: no DMS gates are shipped for this ratio"),
     (["eval", "--method", "window", "--ratio", "4", "--checkpoint", "/tmp"],
      "checkpoint='/tmp': expected to be used with --method dms"),
+    (["eval", "--method", "window", "--ratio", "4", "--dms-scored", "evict"],
+     "dms-scored='evict': expected to be used with --method dms"),
     (["eval", "--method", "window", "--ratio", "4", "--calibration", "/tmp/x"],
      "calibration='/tmp/x': expected to be used with --method kvtc"),
     (["eval", "--method", "kvtc", "--ratio", "8", "--calibration", "/no/such.safetensors"],
@@ -126,6 +128,24 @@ def test_eval_writes_json_records(tmp_path):
     assert need <= set(recs[0])
     assert recs[0]["kl_mean"] == 0.0 and recs[1]["kl_mean"] > 0.0
     assert "KL mean" in r.stdout
+
+
+def test_eval_dms_scored_protocols(tmp_path):
+    """--dms-scored picks the protocol; both run on the shipped gates, at the same prefix ratio, and the
+    records say which one ran. (Both DMS methods share one model in one run: a regression check of
+    gate sets feeding each other's runs.)"""
+    ratios = {}
+    for scored in ("keep", "evict"):
+        out = tmp_path / f"{scored}.json"
+        r = run("eval", "--method", "dms", "--ratio", "4,8", "--prefix-tokens", "256",
+                "--scored-tokens", "64", "--segments", "1", "--dms-scored", scored, "--json", str(out))
+        assert r.returncode == 0, r.stderr
+        recs = json.loads(out.read_text())
+        assert [x["method"] for x in recs] == ["dms", "dms"]
+        assert all(x["details"]["evict_scored"] == float(scored == "evict") for x in recs)
+        ratios[scored] = [x["ratio_achieved"] for x in recs]
+    assert ratios["keep"] == ratios["evict"]
+    assert ratios["keep"][1] > ratios["keep"][0] * 1.3  # the 8x gates really ran as the second method
 
 
 def test_eval_passkey_prints_its_table_and_writes_records(tmp_path):

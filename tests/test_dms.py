@@ -42,6 +42,17 @@ def _random_gates(model, cfg, seed, std=0.02):
     return gates
 
 
+def _save_checkpoint(model, directory, cfg, seed, std=0.05):
+    """A DMS checkpoint directory with random gates; returns the gates."""
+    from safetensors.torch import save_file
+
+    gates = _random_gates(model, cfg, seed=seed, std=std)
+    cfg.save(directory)
+    save_file({k: v.contiguous() for k, v in gates.state_dict().items()},
+              str(directory / "dms_gates.safetensors"))
+    return gates
+
+
 def _masked_logits(model, cfg, ids):
     """One teacher-forced pass under the DMS eviction mask (the reference for cache paths)."""
     with torch.no_grad(), attention_state(AttentionState(dms=DMSRun(cfg))):
@@ -317,15 +328,10 @@ def test_released_query_neuron_config_maps(tmp_path):
 
 def test_greedy_on_reference_cache_equals_greedy_by_full_recompute(tiny, tmp_path):
     """The dms method's decoding (DMSCache) == argmax of full masked passes over the growing text."""
-    from safetensors.torch import save_file
-
     from kvsqueeze.methods import create
 
     cfg = DMSConfig(window=4, target_ratio=2)
-    gates = _random_gates(tiny, cfg, seed=5, std=0.05)
-    cfg.save(tmp_path)
-    save_file({k: v.contiguous() for k, v in gates.state_dict().items()},
-              str(tmp_path / "dms_gates.safetensors"))
+    _save_checkpoint(tiny, tmp_path, cfg, seed=5)
     method = create("dms", None, checkpoint=str(tmp_path))
     ids = torch.randint(0, 97, (24,))
     try:
@@ -340,3 +346,96 @@ def test_greedy_on_reference_cache_equals_greedy_by_full_recompute(tiny, tmp_pat
         method.unbind(tiny)
     assert toks == expected
     assert ratio > 1.0
+
+
+def test_prefix_only_protocol_holds_scored_tokens(tiny, tmp_path):
+    """scored='keep': the prefix is evicted by its gates, the scored tokens are all held (as the other
+    methods hold them) == a full pass through a fixed mask built from the prefix's flags alone;
+    scored='evict' == the full DMS mask over prefix and scored tokens."""
+    from kvsqueeze.methods import create
+
+    cfg = DMSConfig(window=4, target_ratio=2)
+    gates = _save_checkpoint(tiny, tmp_path, cfg, seed=6)
+    keep = create("dms", None, checkpoint=str(tmp_path))
+    evict = create("dms", None, checkpoint=str(tmp_path), scored="evict")
+    assert keep.scored == "keep" and keep.segment_details() == {"evict_scored": 0.0}
+    torch.manual_seed(7)
+    ids = torch.randint(0, 97, (40,))
+    P = 24
+    handles = install(tiny, gates)
+    try:
+        full_evict = _masked_logits(tiny, cfg, ids[None])
+        probe = DMSRun(cfg)  # flags of every key under the full DMS rule
+        with torch.no_grad(), attention_state(AttentionState(dms=probe)):
+            tiny(ids[None])
+        flags = {layer: probe.eviction(layer, len(ids), 2)[0].clone() for layer in range(2)}
+        assert any(f[..., P:-1].any() for f in flags.values())  # scored tokens would be evicted
+        assert any(f[..., :P].any() for f in flags.values())  # and prefix tokens are
+
+        class PrefixFlags(DMSRun):  # the reference: fixed flags, none on the scored tokens
+            def eviction(self, layer, n_keys, n_kv):
+                f = flags[layer][..., :n_keys].clone()
+                f[..., P:] = False
+                return f, None
+
+        with torch.no_grad(), attention_state(AttentionState(dms=PrefixFlags(cfg))):
+            full_keep = tiny(ids[None]).logits[0]
+    finally:
+        for h in handles:
+            h.remove()
+    try:  # one method's gates on the model at a time
+        lk, held_k, ratio_k = keep.run_segment(tiny, ids[:P], ids[P:])
+    finally:
+        keep.unbind(tiny)
+    try:
+        le, held_e, ratio_e = evict.run_segment(tiny, ids[:P], ids[P:])
+    finally:
+        evict.unbind(tiny)
+    torch.testing.assert_close(lk, full_keep[P:], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(le, full_evict[P:], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(lk, le, atol=1e-3)  # the two protocols really differ
+    assert (held_k, ratio_k) == (held_e, ratio_e)  # the ratio is the prefix's either way
+    with pytest.raises(KvsqueezeError, match="scored='drop'"):
+        create("dms", None, checkpoint=str(tmp_path), scored="drop")
+    with pytest.raises(KvsqueezeError, match="keep_from=3"):
+        DMSRun(cfg, mode="train", keep_from=3)
+
+
+def test_two_gate_sets_on_one_model_do_not_mix(tiny, tmp_path):
+    """Two DMS checkpoints bound to one model (as when evaluated side by side): each one's segment
+    equals its result alone. (Before gate-owned runs, both sets of hooks fed every run and the
+    second checkpoint was scored with the first one's decisions.)"""
+    from kvsqueeze.methods import create
+
+    dirs = []
+    for seed in (8, 9):
+        d = tmp_path / f"g{seed}"
+        d.mkdir()
+        _save_checkpoint(tiny, d, DMSConfig(window=4, target_ratio=2), seed=seed)
+        dirs.append(d)
+    torch.manual_seed(10)
+    ids = torch.randint(0, 97, (40,))
+    alone = []
+    for d in dirs:
+        m = create("dms", None, checkpoint=str(d), scored="evict")
+        try:
+            alone.append(m.run_segment(tiny, ids[:24], ids[24:]))
+        finally:
+            m.unbind(tiny)
+    assert alone[0][2] != alone[1][2]  # the two gate sets really decide differently
+    a, b = (create("dms", None, checkpoint=str(d), scored="evict") for d in dirs)
+    try:
+        got = [a.run_segment(tiny, ids[:24], ids[24:]), b.run_segment(tiny, ids[:24], ids[24:]),
+               a.run_segment(tiny, ids[:24], ids[24:])]
+        toks = b.greedy(tiny, ids[:24], max_new=4)[0]
+    finally:
+        a.unbind(tiny)
+        b.unbind(tiny)
+    for (lg, held, ratio), (lg0, held0, ratio0) in zip(got, [alone[0], alone[1], alone[0]]):
+        torch.testing.assert_close(lg, lg0)
+        assert (held, ratio) == (held0, ratio0)
+    b2 = create("dms", None, checkpoint=str(dirs[1]))
+    try:
+        assert toks == b2.greedy(tiny, ids[:24], max_new=4)[0]
+    finally:
+        b2.unbind(tiny)

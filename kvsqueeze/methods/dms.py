@@ -133,11 +133,15 @@ class DMSRun:
 
     ``mode``: ``"hard"`` (inference: evict when logit > 0) or ``"train"`` (Gumbel-sigmoid,
     straight-through). Logits accumulate across calls, so prefill followed by decode steps on the
-    same run sees the whole history.
+    same run sees the whole history. ``keep_from``: keys at this position and later are never
+    evicted (the evaluation's prefix-only protocol: the scored tokens are held, as every other
+    method holds them); ``None``: every key is subject to the gates. ``gates``: the gate set whose
+    hooks feed this run (others installed on the same model stay silent); ``None``: any installed.
     """
 
     def __init__(self, config: DMSConfig, mode: str = "hard", generator: torch.Generator | None = None,
-                 noise: bool = True, forward: str = "soft"):
+                 noise: bool = True, forward: str = "soft", keep_from: int | None = None,
+                 gates: "DMSGates | None" = None):
         if mode not in ("hard", "train"):
             raise bad_value("mode", mode, "'hard' or 'train'")
         if forward not in ("soft", "straight_through"):
@@ -148,6 +152,12 @@ class DMSRun:
         # released training code does); "straight_through" = the hard decision forward, the soft
         # gradient backward (the forward then equals inference exactly).
         self.forward = forward
+        if keep_from is not None and (not isinstance(keep_from, int) or keep_from < 0):
+            raise bad_value("keep_from", keep_from, "a token position >= 0 or None")
+        if keep_from is not None and mode == "train":
+            raise bad_value("keep_from", keep_from, "None in training (every decided key is trained)")
+        self.keep_from = keep_from
+        self.gates = gates
         self.soft_logits: dict[int, torch.Tensor] = {}
         self.generator = generator
         self.noise = noise  # Gumbel noise in training (off only to compare with hard decisions)
@@ -187,6 +197,8 @@ class DMSRun:
         sinks = min(self.config.sinks, n_keys)
         if sinks:
             hard[..., :sinks] = False
+        if self.keep_from is not None and self.keep_from < n_keys:
+            hard[..., self.keep_from:] = False
         if hard.shape[1] == 1:
             hard = hard.expand(-1, n_kv, -1)
         if alpha is not None:
@@ -230,7 +242,9 @@ def install(model, gates: DMSGates) -> list:
     """Register the hooks that compute gate logits into the active :class:`DMSRun`.
 
     Returns the hook handles. Outside a DMS run the hooks do nothing, so the same model object
-    serves as the teacher (original model, repurposed neurons intact) and as the student.
+    serves as the teacher (original model, repurposed neurons intact) and as the student. A run
+    naming other gates (``DMSRun(gates=...)``) is left alone, so several gate sets can be installed
+    on one model (e.g. two checkpoints evaluated side by side) without both feeding one run.
     """
     from kvsqueeze.attention import current_state
 
@@ -242,7 +256,7 @@ def install(model, gates: DMSGates) -> list:
         for i, layer in enumerate(layers):
             def pre_hook(module, args, kwargs, i=i):
                 st = current_state()
-                if st is not None and st.dms is not None:
+                if st is not None and st.dms is not None and st.dms.gates in (None, gates):
                     residual = kwargs.get("hidden_states", args[0] if args else None)
                     lg = gates.layers[i](residual) * cfg.logit_scale + cfg.logit_bias
                     st.dms.add_logits(i, lg[..., :1] if per_layer else lg)
@@ -256,8 +270,8 @@ def install(model, gates: DMSGates) -> list:
 
             def q_hook(module, args, out, i=i, has_norm=target is not attn.q_proj):
                 st = current_state()
-                if st is None or st.dms is None:
-                    return None  # no DMS run: the original model (the teacher)
+                if st is None or st.dms is None or st.dms.gates not in (None, gates):
+                    return None  # no DMS run (the original model: the teacher) or another gate set's
                 if has_norm:  # [b, T, heads, d] after q_norm
                     flat = out.reshape(*out.shape[:-2], -1)
                 else:
@@ -385,13 +399,24 @@ class DMSMethod(CompressionMethod):
     0 in the released checkpoints), the window of the ``window`` most recent tokens, and the tokens
     its gates keep. The achieved ratio is the
     prefix tokens over the tokens actually held after prefill, summed over layers and KV heads.
+
+    ``scored``: what happens to the scored continuation. ``"keep"`` (default): DMS compresses the
+    prefix only and holds every scored token, as every other method of ``kvsqueeze eval`` does
+    (their ratio is the prefix's, and so is DMS's); flagged prefix tokens still leave as the window
+    moves on. ``"evict"``: the gates also evict scored tokens that leave the window, as DMS does while
+    it generates (a harder setting than the baselines', at the same prefix ratio).
     """
 
     name = "dms"
     summary = "Dynamic Memory Sparsification: learned per-head eviction, delayed by a window"
     ratio_unit = "prefix tokens / tokens held after prefill (layers x KV heads)"
 
-    def __init__(self, ratio=None, sinks=4, recent=64, checkpoint: str | None = None, **options):
+    def __init__(self, ratio=None, sinks=4, recent=64, checkpoint: str | None = None, scored: str = "keep",
+                 **options):
+        if scored not in ("keep", "evict"):
+            raise bad_value("scored", scored, "'keep' (prefix-only eviction) or 'evict' (scored "
+                            "tokens evicted too)")
+        self.scored = scored
         if checkpoint is None:
             if ratio is None:
                 raise KvsqueezeError("method 'dms' needs --ratio (shipped gates) or --checkpoint DIR")
@@ -420,6 +445,13 @@ class DMSMethod(CompressionMethod):
             for h in gates_handles[1]:
                 h.remove()
 
+    def describe(self) -> str:
+        return f"{self.name}@{self.ratio:g}x" + ("" if self.scored == "keep" else "(evict-scored)")
+
+    def segment_details(self) -> dict:
+        """Recorded with each evaluation: 1 where the scored tokens were evicted too, 0 where kept."""
+        return {"evict_scored": float(self.scored == "evict")}
+
     def validate_prefix(self, n: int) -> None:
         if self.config.window >= n:
             raise bad_value("prefix_tokens", n, f"more tokens than the DMS window of "
@@ -436,7 +468,8 @@ class DMSMethod(CompressionMethod):
 
         self.bind(model)
         n_kv = model.config.num_key_value_heads
-        run = DMSRun(self.config, mode="hard")
+        run = DMSRun(self.config, mode="hard", keep_from=len(prefix) if self.scored == "keep" else None,
+                     gates=self._bound[id(model)][0])
         with attention_state(AttentionState(dms=run)):
             out = model(prefix[None], use_cache=True)
             held = held_after(run, len(prefix), n_kv)
@@ -455,7 +488,7 @@ class DMSMethod(CompressionMethod):
 
         self.bind(model)
         c = model.config
-        run = DMSRun(self.config, mode="hard")
+        run = DMSRun(self.config, mode="hard", gates=self._bound[id(model)][0])
         cache = DMSCache(run, c.num_hidden_layers, c.num_key_value_heads)
         with attention_state(AttentionState(dms=run)):
             out = model(ids[None], past_key_values=cache, use_cache=True)

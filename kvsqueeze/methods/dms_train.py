@@ -41,6 +41,7 @@ class TrainConfig:
     seed: int = 0
     save_every: int = 50
     threads: int = 0
+    precision: str = "float32"  # "bfloat16": teacher and student forwards under bf16 autocast
 
     def __post_init__(self):
         if not self.target_ratio >= 1:
@@ -57,6 +58,8 @@ class TrainConfig:
             raise bad_value("seq_len/batch", (self.seq_len, self.batch), "seq_len >= 2, batch >= 1")
         if not self.lr > 0:
             raise bad_value("lr", self.lr, "a learning rate > 0")
+        if self.precision not in ("float32", "bfloat16"):
+            raise bad_value("precision", self.precision, "float32 or bfloat16 (autocast)")
 
     def dms(self) -> DMSConfig:
         return DMSConfig(window=self.window, sinks=self.sinks, gate=self.gate, granularity=self.granularity,
@@ -137,7 +140,8 @@ def train(model_path: Path, out_dir: Path, cfg: TrainConfig, progress: bool = Tr
     ckpt = out_dir / "train_state.pt"
     if ckpt.is_file():
         state = torch.load(ckpt, weights_only=False, map_location=device)
-        if state["config"] != asdict(cfg):
+        # fields added since a checkpoint was written take their defaults
+        if {**asdict(TrainConfig()), **state["config"]} != asdict(cfg):
             raise KvsqueezeError(f"{ckpt} was written with another configuration; expected the same "
                                  f"flags to resume, or a new --out directory ({state['config']})")
         gates.load_state_dict(state["gates"])
@@ -166,12 +170,17 @@ def train(model_path: Path, out_dir: Path, cfg: TrainConfig, progress: bool = Tr
         bar = tqdm(total=cfg.steps, initial=step, desc=f"DMS {cfg.target_ratio:g}x", dynamic_ncols=True)
     t0 = time.monotonic()
     model.train()
+    dev_type = torch.device(device).type
+
+    def autocast():  # bf16 matrix products (CPUs with AVX512-BF16/AMX, GPUs); losses stay float32
+        return torch.autocast(dev_type, dtype=torch.bfloat16, enabled=cfg.precision == "bfloat16")
+
     while step < cfg.steps:
         ids = next(data).to(device)
-        with torch.no_grad(), attention_state(AttentionState()):
+        with torch.no_grad(), attention_state(AttentionState()), autocast():
             teacher = model(ids).logits
         run = DMSRun(dms_cfg, mode="train", generator=gen, forward=cfg.forward)
-        with attention_state(AttentionState(dms=run)):
+        with attention_state(AttentionState(dms=run)), autocast():
             student = model(ids).logits
         target = cfg.target_at(step + 1)
         kl = kl_student_teacher(student, teacher)
