@@ -433,11 +433,13 @@ class DMSMethod(CompressionMethod):
         super().__init__(self.config.target_ratio if ratio is None else ratio, sinks, recent, **options)
         self._bound: dict[int, tuple[DMSGates, list]] = {}
 
-    def bind(self, model) -> None:
-        """Install this method's gates on ``model`` (once); inert outside a DMS run."""
+    def bind(self, model) -> DMSGates:
+        """Install this method's gates on ``model`` (once) and return them (inert outside a run naming
+        them)."""
         if id(model) not in self._bound:
             gates = load_gates(self.checkpoint, model)
             self._bound[id(model)] = (gates, install(model, gates))
+        return self._bound[id(model)][0]
 
     def unbind(self, model) -> None:
         gates_handles = self._bound.pop(id(model), None)
@@ -466,10 +468,10 @@ class DMSMethod(CompressionMethod):
         """Prefill ``prefix`` and score ``cont`` teacher-forced under hard DMS decisions."""
         from kvsqueeze.attention import AttentionState, attention_state
 
-        self.bind(model)
+        gates = self.bind(model)
         n_kv = model.config.num_key_value_heads
         run = DMSRun(self.config, mode="hard", keep_from=len(prefix) if self.scored == "keep" else None,
-                     gates=self._bound[id(model)][0])
+                     gates=gates)
         with attention_state(AttentionState(dms=run)):
             out = model(prefix[None], use_cache=True)
             held = held_after(run, len(prefix), n_kv)
@@ -486,9 +488,8 @@ class DMSMethod(CompressionMethod):
         from kvsqueeze.attention import AttentionState, attention_state
         from kvsqueeze.methods.dms_cache import DMSCache
 
-        self.bind(model)
         c = model.config
-        run = DMSRun(self.config, mode="hard", gates=self._bound[id(model)][0])
+        run = DMSRun(self.config, mode="hard", gates=self.bind(model))
         cache = DMSCache(run, c.num_hidden_layers, c.num_key_value_heads)
         with attention_state(AttentionState(dms=run)):
             out = model(ids[None], past_key_values=cache, use_cache=True)
