@@ -326,7 +326,7 @@ def cmd_dms_train(args) -> int:
                       seq_len=args.seq_len, batch=args.batch, lr=args.lr, mode=args.mode,
                       window=args.window, sinks=args.sinks, forward=args.forward, gate=args.gate, granularity=args.granularity,
                       seed=args.seed, save_every=args.save_every, threads=args.threads,
-                      precision=args.precision)
+                      precision=args.precision, lr_decay=args.lr_decay)
     if args.device != "cpu":
         import torch
 
@@ -518,6 +518,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
                    help="bfloat16: forwards under bf16 autocast (faster on CPUs with AVX512-BF16/AMX "
                         "and on GPUs); gates, optimiser and losses stay float32")
+    t.add_argument("--lr-decay", choices=("none", "cosine"), default="none",
+                   help="cosine: after the ramp, the learning rate falls along a half cosine to 0 "
+                        "at the last step (small batches: the gates settle instead of wandering)")
 
     k = sub.add_parser("kvtc", help="KVTC: calibration of the transform codec")
     ksub = k.add_subparsers(dest="kvtc_command", required=True)

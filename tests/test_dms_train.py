@@ -1,7 +1,9 @@
 """`kvsqueeze dms train` end to end on the embedded model (a few short steps): the output directory,
-resumption after an interruption (bit-for-bit the uninterrupted run) and bf16 autocast."""
+resumption after an interruption (bit-for-bit the uninterrupted run), bf16 autocast, the cosine
+learning-rate decay and flushing subnormals."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -70,3 +72,48 @@ def test_train_under_bf16_autocast(embedded, tmp_path):
     assert all(v.dtype == torch.float32 for v in _gates(tmp_path / "bf16").values())
     with pytest.raises(KvsqueezeError, match="precision='fp8'"):
         TrainConfig(precision="fp8")
+
+
+def test_cosine_lr_decay_schedule_and_its_use(embedded, tmp_path, monkeypatch):
+    cfg = TrainConfig(**{**CFG, "steps": 6, "ramp_steps": 2, "lr_decay": "cosine"})
+    # closed form: constant through the ramp, then lr * (1 + cos(pi * (s - ramp) / (steps - ramp + 1))) / 2
+    assert [cfg.lr_at(s) for s in (1, 2)] == [1e-3, 1e-3]
+    for s in range(3, 7):
+        assert cfg.lr_at(s) == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * (s - 2) / 5)))
+    assert cfg.lr_at(6) > 0 and all(cfg.lr_at(s) > cfg.lr_at(s + 1) for s in range(2, 6))
+    assert TrainConfig(**CFG).lr_at(4) == 1e-3  # default: constant
+    with pytest.raises(KvsqueezeError, match="lr_decay='linear'"):
+        TrainConfig(lr_decay="linear")
+
+    # the optimiser really uses the schedule: with the rate forced to 0 after step 2, four steps leave
+    # the gates exactly where a two-step run (same data, same ramp) leaves them
+    path, _, _ = embedded
+    two = tmp_path / "two"
+    train(path, two, TrainConfig(**{**CFG, "steps": 2, "ramp_steps": 2}), progress=False)
+    monkeypatch.setattr(TrainConfig, "lr_at", lambda self, s: self.lr if s <= 2 else 0.0)
+    four = tmp_path / "four"
+    train(path, four, TrainConfig(**{**CFG, "steps": 4, "ramp_steps": 2, "lr_decay": "cosine"}), progress=False)
+    a, b = _gates(two), _gates(four)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    hist = json.loads((four / "train_history.json").read_text())
+    assert [h["lr"] for h in hist] == [1e-3, 1e-3, 0.0, 0.0]
+
+
+def test_subnormals_flushed_during_cpu_training_only(embedded, tmp_path, monkeypatch):
+    def subnormal_survives():
+        return bool((torch.tensor([1e-39]) * torch.tensor([1.0])).item() != 0.0)
+
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush subnormal floats")
+    seen = []
+    real = dms_train.kl_student_teacher
+
+    def spy(*a):
+        seen.append(subnormal_survives())
+        return real(*a)
+
+    monkeypatch.setattr(dms_train, "kl_student_teacher", spy)
+    path, _, _ = embedded
+    train(path, tmp_path / "one", TrainConfig(**{**CFG, "steps": 1, "ramp_steps": 1}), progress=False)
+    assert seen == [False]  # flushed inside the loop (the x86 slow path for soft masks)
+    assert subnormal_survives()  # and restored afterwards

@@ -42,6 +42,7 @@ class TrainConfig:
     save_every: int = 50
     threads: int = 0
     precision: str = "float32"  # "bfloat16": teacher and student forwards under bf16 autocast
+    lr_decay: str = "none"  # "cosine": after the ramp, lr falls to 0 at the last step (a cosine)
 
     def __post_init__(self):
         if not self.target_ratio >= 1:
@@ -60,10 +61,21 @@ class TrainConfig:
             raise bad_value("lr", self.lr, "a learning rate > 0")
         if self.precision not in ("float32", "bfloat16"):
             raise bad_value("precision", self.precision, "float32 or bfloat16 (autocast)")
+        if self.lr_decay not in ("none", "cosine"):
+            raise bad_value("lr_decay", self.lr_decay, "'none' (constant lr) or 'cosine' (after the ramp)")
 
     def dms(self) -> DMSConfig:
         return DMSConfig(window=self.window, sinks=self.sinks, gate=self.gate, granularity=self.granularity,
                          target_ratio=self.target_ratio)
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate for step ``step`` (1-based): constant through the ramp; with ``cosine``, it
+        then falls along a half cosine to 0 after the last step, so the gates settle instead of
+        wandering at the noise of a small batch."""
+        if self.lr_decay == "none" or step <= self.ramp_steps:
+            return self.lr
+        t = (step - self.ramp_steps) / (self.steps - self.ramp_steps + 1)
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * t))
 
     def target_at(self, step: int) -> float:
         if self.ramp_steps == 0:
@@ -175,34 +187,44 @@ def train(model_path: Path, out_dir: Path, cfg: TrainConfig, progress: bool = Tr
     def autocast():  # bf16 matrix products (CPUs with AVX512-BF16/AMX, GPUs); losses stay float32
         return torch.autocast(dev_type, dtype=torch.bfloat16, enabled=cfg.precision == "bfloat16")
 
-    while step < cfg.steps:
-        ids = next(data).to(device)
-        with torch.no_grad(), attention_state(AttentionState()), autocast():
-            teacher = model(ids).logits
-        run = DMSRun(dms_cfg, mode="train", generator=gen, forward=cfg.forward)
-        with attention_state(AttentionState(dms=run)), autocast():
-            student = model(ids).logits
-        target = cfg.target_at(step + 1)
-        kl = kl_student_teacher(student, teacher)
-        frac = run.evicted_fraction()
-        comp = compression_loss(frac, target)
-        loss = kl + comp
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        step += 1
-        rec = {"step": step, "loss": loss.item(), "kl": kl.item(), "evicted": frac.item(),
-               "target_ratio": target, "target_evicted": 1 - 1 / target}
-        history.append(rec)
+    # Soft eviction masks drive many activations to subnormal floats, which x86 CPUs process in
+    # microcode: flushing them to zero halved the time per step here (7 s -> 3 s at 80% evicted).
+    flush = dev_type == "cpu" and torch.set_flush_denormal(True)
+    try:
+        while step < cfg.steps:
+            ids = next(data).to(device)
+            with torch.no_grad(), attention_state(AttentionState()), autocast():
+                teacher = model(ids).logits
+            run = DMSRun(dms_cfg, mode="train", generator=gen, forward=cfg.forward)
+            with attention_state(AttentionState(dms=run)), autocast():
+                student = model(ids).logits
+            target = cfg.target_at(step + 1)
+            kl = kl_student_teacher(student, teacher)
+            frac = run.evicted_fraction()
+            comp = compression_loss(frac, target)
+            loss = kl + comp
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            lr = cfg.lr_at(step + 1)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            step += 1
+            rec = {"step": step, "loss": loss.item(), "kl": kl.item(), "evicted": frac.item(),
+                   "target_ratio": target, "target_evicted": 1 - 1 / target, "lr": lr}
+            history.append(rec)
+            if bar is not None:
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", kl=f"{rec['kl']:.4f}",
+                                evicted=f"{rec['evicted']:.3f}", target=f"{rec['target_evicted']:.3f}")
+                bar.update(1)
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                save_state()
         if bar is not None:
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", kl=f"{rec['kl']:.4f}",
-                            evicted=f"{rec['evicted']:.3f}", target=f"{rec['target_evicted']:.3f}")
-            bar.update(1)
-        if step % cfg.save_every == 0 or step == cfg.steps:
-            save_state()
-    if bar is not None:
-        bar.close()
+            bar.close()
+    finally:
+        if flush:
+            torch.set_flush_denormal(False)
     model.eval()
     seconds = time.monotonic() - t0
     save_file({k: v.detach().cpu().contiguous() for k, v in gates.state_dict().items()} or
