@@ -520,7 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "and on GPUs); gates, optimiser and losses stay float32")
     t.add_argument("--lr-decay", choices=("none", "cosine"), default="none",
                    help="cosine: after the ramp, the learning rate falls along a half cosine to 0 "
-                        "at the last step (small batches: the gates settle instead of wandering)")
+                        "at the last step")
 
     k = sub.add_parser("kvtc", help="KVTC: calibration of the transform codec")
     ksub = k.add_subparsers(dest="kvtc_command", required=True)

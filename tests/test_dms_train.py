@@ -117,3 +117,9 @@ def test_subnormals_flushed_during_cpu_training_only(embedded, tmp_path, monkeyp
     train(path, tmp_path / "one", TrainConfig(**{**CFG, "steps": 1, "ramp_steps": 1}), progress=False)
     assert seen == [False]  # flushed inside the loop (the x86 slow path for soft masks)
     assert subnormal_survives()  # and restored afterwards
+    torch.set_flush_denormal(True)  # a caller's own setting is left as it was
+    try:
+        train(path, tmp_path / "two", TrainConfig(**{**CFG, "steps": 1, "ramp_steps": 1}), progress=False)
+        assert not subnormal_survives()
+    finally:
+        torch.set_flush_denormal(False)
