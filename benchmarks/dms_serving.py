@@ -106,7 +106,7 @@ def main() -> int:
     prompts = [list(w) for _, w in segs]
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    logs = out.parent / "serving-logs"
+    logs = out.parent / f"{out.name}-logs"  # the default out, results/dms/serving: serving-logs
     logs.mkdir(exist_ok=True)
     base = ["--enable-metrics", "--max-total-tokens", str(a.budget), "--disable-radix-cache"]
     t0 = time.monotonic()
