@@ -63,9 +63,10 @@ def main(argv=None) -> int:
                 run = DMSRun(cfg, mode="hard", gates=gates)
                 with attention_state(AttentionState(dms=run)):
                     dms = model(x).logits
-                skip = cfg.sinks + 1  # sinks are never evicted; the logit at t decides t - 1
-                fracs.append(torch.stack([(lg[..., skip:] > 0).float().mean()
-                                          for lg in run.logits.values()]).mean().item())
+                n, n_kv = x.shape[1], model.config.num_key_value_heads
+                # decided keys only: after the sinks, before the newest (undecided) key
+                fracs.append(torch.stack([run.eviction(layer, n, n_kv)[0][..., cfg.sinks:-1].float().mean()
+                                          for layer in sorted(run.logits)]).mean().item())
                 kls.append(kl_student_teacher(dms, dense).item())
         for h in handles:
             h.remove()
