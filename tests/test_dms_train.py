@@ -74,6 +74,82 @@ def test_train_under_bf16_autocast(embedded, tmp_path):
         TrainConfig(precision="fp8")
 
 
+def _mmapped_bytes() -> int:
+    """glibc's count of bytes held in mmap'd blocks (mallinfo2().hblkhd)."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                                   "usmblks", "fsmblks", "uordblks", "fordblks",
+                                                   "keepcost")]
+
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = MallInfo2
+    return libc.mallinfo2().hblkhd
+
+
+def _big_tensor_mmapped(size: int = 64 << 20) -> bool:
+    """Whether a fresh tensor of ``size`` bytes (above glibc's largest mmap threshold, 32 MiB) got
+    its own mmap. Pages are never touched. With mmap allowed, glibc still serves a request from a
+    free heap chunk large enough (after training the heap holds some), so checks that mmap is
+    back ask for 1 GiB, more than any step here frees."""
+    before = _mmapped_bytes()
+    t = torch.empty(size, dtype=torch.uint8)
+    grew = _mmapped_bytes() - before >= size
+    del t
+    return grew
+
+
+GIB = 1 << 30
+
+
+def _skip_unless_glibc():
+    from kvsqueeze import allocator
+
+    if allocator._glibc() is None:
+        pytest.skip("glibc's mallopt is not available on this platform")
+    import ctypes
+
+    if not hasattr(ctypes.CDLL(None), "mallinfo2"):
+        pytest.skip("glibc older than 2.33 (no mallinfo2)")
+
+
+def test_retain_freed_memory_keeps_big_tensors_off_mmap_then_restores():
+    from kvsqueeze.allocator import retain_freed_memory
+
+    _skip_unless_glibc()
+    assert _big_tensor_mmapped(GIB)  # glibc's default: a fresh mmap per big tensor
+    with retain_freed_memory() as applied:
+        assert applied
+        assert not _big_tensor_mmapped()
+        assert not _big_tensor_mmapped(GIB)
+    assert _big_tensor_mmapped(GIB)  # mmap back after the block
+    with retain_freed_memory(enabled=False) as applied:
+        assert not applied and _big_tensor_mmapped(GIB)
+
+
+def _seen_in_training_loop(probe, path, out, monkeypatch) -> list:
+    """What ``probe()`` returns inside the loop of a one-step training run (once per step)."""
+    seen = []
+    real = dms_train.kl_student_teacher
+
+    def spy(*a):
+        seen.append(probe())
+        return real(*a)
+
+    monkeypatch.setattr(dms_train, "kl_student_teacher", spy)
+    train(path, out, TrainConfig(**{**CFG, "steps": 1, "ramp_steps": 1}), progress=False)
+    monkeypatch.setattr(dms_train, "kl_student_teacher", real)
+    return seen
+
+
+def test_training_loop_keeps_freed_memory_on_cpu(embedded, tmp_path, monkeypatch):
+    _skip_unless_glibc()
+    seen = _seen_in_training_loop(_big_tensor_mmapped, embedded[0], tmp_path / "one", monkeypatch)
+    assert seen == [False]  # inside the loop big tensors come from the heap
+    assert _big_tensor_mmapped(GIB)  # and glibc's mmap is back afterwards
+
+
 def test_cosine_lr_decay_schedule_and_its_use(embedded, tmp_path, monkeypatch):
     cfg = TrainConfig(**{**CFG, "steps": 6, "ramp_steps": 2, "lr_decay": "cosine"})
     # closed form: constant through the ramp, then lr * (1 + cos(pi * (s - ramp) / (steps - ramp + 1))) / 2
@@ -105,16 +181,8 @@ def test_subnormals_flushed_during_cpu_training_only(embedded, tmp_path, monkeyp
 
     if not torch.set_flush_denormal(False):
         pytest.skip("this CPU cannot flush subnormal floats")
-    seen = []
-    real = dms_train.kl_student_teacher
-
-    def spy(*a):
-        seen.append(subnormal_survives())
-        return real(*a)
-
-    monkeypatch.setattr(dms_train, "kl_student_teacher", spy)
     path, _, _ = embedded
-    train(path, tmp_path / "one", TrainConfig(**{**CFG, "steps": 1, "ramp_steps": 1}), progress=False)
+    seen = _seen_in_training_loop(subnormal_survives, path, tmp_path / "one", monkeypatch)
     assert seen == [False]  # flushed inside the loop (the x86 slow path for soft masks)
     assert subnormal_survives()  # and restored afterwards
     torch.set_flush_denormal(True)  # a caller's own setting is left as it was
