@@ -2,8 +2,8 @@
 
 glibc serves every allocation above its mmap threshold (at most 32 MiB) with a fresh ``mmap`` and
 returns it to the kernel on ``free``; the next tensor of that size faults in and zeroes its pages
-again. A DMS training step at 1024 tokens makes hundreds of such tensors (attention scores and
-masks of 1024 x 1024 per head group, logits of 1024 x 49152), and on the 2-core machine this cost
+again. A DMS training step at 1024 tokens makes hundreds of such tensors (per layer, attention
+scores of 9 heads x 1024 x 1024 floats; logits of 1024 x 49152), and on the 2-core machine this cost
 half the step: 12.8 s against 6.5 s with mmap disabled (docs/dms.md, "Training on this CPU").
 :func:`retain_freed_memory` turns mmap off and raises the trim threshold for the length of a
 ``with`` block, then puts the glibc defaults back and returns the freed heap to the kernel.
