@@ -326,7 +326,8 @@ def cmd_dms_train(args) -> int:
                       seq_len=args.seq_len, batch=args.batch, lr=args.lr, mode=args.mode,
                       window=args.window, sinks=args.sinks, forward=args.forward, gate=args.gate, granularity=args.granularity,
                       seed=args.seed, save_every=args.save_every, threads=args.threads,
-                      precision=args.precision, lr_decay=args.lr_decay)
+                      precision=args.precision, lr_decay=args.lr_decay, init=args.init,
+                      init_sequences=args.init_sequences)
     if args.device != "cpu":
         import torch
 
@@ -521,6 +522,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr-decay", choices=("none", "cosine"), default="none",
                    help="cosine: after the ramp, the learning rate falls along a half cosine to 0 "
                         "at the last step")
+    t.add_argument("--init", choices=("zeros", "attention"), default="zeros",
+                   help="attention: before training, fit the gates to evict the keys the teacher "
+                        "attends least once they leave the window (a warm start at the target ratio)")
+    t.add_argument("--init-sequences", type=int, default=8,
+                   help="calibration sequences read by --init attention")
 
     k = sub.add_parser("kvtc", help="KVTC: calibration of the transform codec")
     ksub = k.add_subparsers(dest="kvtc_command", required=True)

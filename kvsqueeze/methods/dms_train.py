@@ -43,6 +43,8 @@ class TrainConfig:
     threads: int = 0
     precision: str = "float32"  # "bfloat16": teacher and student forwards under bf16 autocast
     lr_decay: str = "none"  # "cosine": after the ramp, lr falls to 0 at the last step (a cosine)
+    init: str = "zeros"  # "attention": gates fitted to the teacher's far attention first (dms_init.py)
+    init_sequences: int = 8  # calibration sequences the attention warm start reads
 
     def __post_init__(self):
         if not self.target_ratio >= 1:
@@ -63,6 +65,13 @@ class TrainConfig:
             raise bad_value("precision", self.precision, "float32 or bfloat16 (autocast)")
         if self.lr_decay not in ("none", "cosine"):
             raise bad_value("lr_decay", self.lr_decay, "'none' (constant lr) or 'cosine' (after the ramp)")
+        if self.init not in ("zeros", "attention"):
+            raise bad_value("init", self.init, "'zeros' (the paper) or 'attention' (warm start)")
+        if self.init == "attention" and self.gate != "projection":
+            raise bad_value("init", self.init, "'zeros' for query_neuron gates (the warm start fits "
+                            "projection gates)")
+        if self.init_sequences < 1:
+            raise bad_value("init_sequences", self.init_sequences, "a number of sequences >= 1")
 
     def dms(self) -> DMSConfig:
         return DMSConfig(window=self.window, sinks=self.sinks, gate=self.gate, granularity=self.granularity,
@@ -164,6 +173,16 @@ def train(model_path: Path, out_dir: Path, cfg: TrainConfig, progress: bool = Tr
         gen.set_state(state["gen"].cpu())
         step, history = state["step"], state["history"]
         print(f"resuming from step {step} ({ckpt})")
+    t0 = time.monotonic()  # the warm start counts in the run's time
+    if cfg.init == "attention" and step == 0:
+        from kvsqueeze.methods.dms_init import warm_start
+
+        # its own draw of calibration text (seed + 1): the training data order stays that of --init zeros
+        say = (lambda m: print(m, flush=True)) if progress else (lambda m: None)
+        warm = warm_start(model, gates, _batches(tok, cfg.seq_len, 1, cfg.seed + 1), cfg.init_sequences,
+                          1 - 1 / cfg.target_ratio, log=say)
+        (out_dir / "warm_start.json").write_text(json.dumps(
+            {**warm, "seconds": time.monotonic() - t0}, indent=1) + "\n")
     data = _batches(tok, cfg.seq_len, cfg.batch, cfg.seed)
     for _ in range(step):  # the same data order as an uninterrupted run
         next(data)
@@ -181,7 +200,6 @@ def train(model_path: Path, out_dir: Path, cfg: TrainConfig, progress: bool = Tr
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=step, desc=f"DMS {cfg.target_ratio:g}x", dynamic_ncols=True)
-    t0 = time.monotonic()
     model.train()
     dev_type = torch.device(device).type
 
@@ -249,6 +267,9 @@ def train(model_path: Path, out_dir: Path, cfg: TrainConfig, progress: bool = Tr
         "target_evicted_fraction": 1 - 1 / cfg.target_ratio,
         "torch_threads": torch.get_num_threads(),
     }
+    if (out_dir / "warm_start.json").is_file():
+        w = json.loads((out_dir / "warm_start.json").read_text())
+        summary["warm_start"] = {k: w[k] for k in ("seconds", "label_evicted", "fitted_evicted", "agreement")}
     (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out_dir / "train_history.json").write_text(json.dumps(history) + "\n")
     if not math.isfinite(summary["final_loss"]):
