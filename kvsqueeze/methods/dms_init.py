@@ -161,8 +161,10 @@ def fit_gate(x: torch.Tensor, y: torch.Tensor, logit_bias: float, l2: float = 1e
 
 def warm_start(model, gates: DMSGates, batches, n_batches: int, evict_fraction: float,
                log=print) -> dict:
-    """Fit ``gates`` (projection gates) to the teacher's far attention on ``n_batches`` batches
-    from ``batches``. Returns per-layer figures (label fraction, fitted fraction, agreement)."""
+    """Fit ``gates`` (projection gates) on ``n_batches`` batches from ``batches``: per-head budgets
+    from the head sensitivity of the first two sequences, labels from the teacher's far attention,
+    one logistic fit per layer. Returns per-layer figures (label fraction, fitted fraction,
+    agreement), their means, and the head sensitivities and budgets."""
     cfg = gates.config
     if cfg.gate != "projection":
         raise bad_value("init", "attention", "projection gates (query_neuron gates start from the "
