@@ -47,8 +47,7 @@ def far_attention(probs: torch.Tensor, n_kv: int, window: int) -> torch.Tensor:
     i = torch.arange(n)[:, None]
     j = torch.arange(n)[None, :]
     far = (i - j) > window
-    out = torch.where(far.to(p.device), p, torch.full((), -1.0, device=p.device)).amax(dim=1)
-    return out
+    return torch.where(far.to(p.device), p, torch.full((), -1.0, device=p.device)).amax(dim=1)
 
 
 def eviction_labels(score: torch.Tensor, evict_fraction, sinks: int, last_key: int) -> tuple:
@@ -68,7 +67,7 @@ def eviction_labels(score: torch.Tensor, evict_fraction, sinks: int, last_key: i
     return labels, (sinks, last_key)
 
 
-def head_sensitivity(model, config, seqs: list[torch.Tensor], log=lambda m: None) -> torch.Tensor:
+def head_sensitivity(model, cfg, seqs: list[torch.Tensor], log=lambda m: None) -> torch.Tensor:
     """``[layers, n_kv]``: mean KL(student || teacher) of next-token distributions when one KV head
     alone evicts every key outside the window (the sinks kept), the other heads none; averaged over
     ``seqs`` (``[1, n]`` token tensors). Each layer's heads run as one batch."""
@@ -78,7 +77,9 @@ def head_sensitivity(model, config, seqs: list[torch.Tensor], log=lambda m: None
     n_kv = model.config.num_key_value_heads
     dev = next(model.parameters()).device
     out = torch.zeros(n_layers, n_kv)
-    cfg = config
+    keep = torch.full((n_kv, n_kv, 1), -1.0, device=dev)  # logits of every head in every batch row
+    one = keep.clone()
+    one[torch.arange(n_kv), torch.arange(n_kv)] = 1.0  # batch row h: head h evicts
     for s, ids in enumerate(seqs):
         ids = ids.to(dev)
         n = ids.shape[1]
@@ -88,11 +89,7 @@ def head_sensitivity(model, config, seqs: list[torch.Tensor], log=lambda m: None
             teacher = torch.log_softmax(model(ids).logits.float(), -1)
         for layer in range(n_layers):
             run = DMSRun(cfg, mode="hard", gates=object())  # no gate set feeds it: logits preset
-            for other in range(n_layers):
-                lg = torch.full((n_kv, n_kv, n), -1.0, device=dev)
-                if other == layer:
-                    lg[torch.arange(n_kv), torch.arange(n_kv)] = 1.0  # batch row h: head h evicts
-                run.logits[other] = lg
+            run.logits = {o: (one if o == layer else keep).expand(-1, -1, n) for o in range(n_layers)}
             with torch.no_grad(), attention_state(AttentionState(dms=run)):
                 student = torch.log_softmax(model(ids.expand(n_kv, -1)).logits.float(), -1)
             kl = (student.exp() * (student - teacher)).sum(-1)[:, cfg.window + 1:].mean(-1)
@@ -159,6 +156,11 @@ def fit_gate(x: torch.Tensor, y: torch.Tensor, logit_bias: float, l2: float = 1e
     return w
 
 
+def _last_key(n: int, window: int) -> int:
+    """Keys before this one have at least a quarter of the sequence of later queries to judge them."""
+    return n - window - max(1, n // 4)
+
+
 def warm_start(model, gates: DMSGates, batches, n_batches: int, evict_fraction: float,
                log=print) -> dict:
     """Fit ``gates`` (projection gates) on ``n_batches`` batches from ``batches``: per-head budgets
@@ -173,7 +175,7 @@ def warm_start(model, gates: DMSGates, batches, n_batches: int, evict_fraction: 
     n_kv = gates.layers[0].dms_proj_alpha.out_features
     seqs = [row[None] for _ in range(n_batches) for row in next(batches)]
     for ids in seqs:
-        if ids.shape[1] - cfg.window - max(1, ids.shape[1] // 4) <= cfg.sinks + 1:
+        if _last_key(ids.shape[1], cfg.window) <= cfg.sinks + 1:
             raise bad_value("seq_len", ids.shape[1], f"more than {cfg.window + cfg.sinks + 2} tokens "
                             "for the attention warm start")
     sens = head_sensitivity(model, cfg, seqs[:2], log=log)
@@ -189,9 +191,8 @@ def warm_start(model, gates: DMSGates, batches, n_batches: int, evict_fraction: 
         with_kwargs=True) for i, layer in enumerate(model.model.layers)]
     try:
         for b, ids in enumerate(seqs):
-            n = ids.shape[1]
-            last_key = n - cfg.window - max(1, n // 4)  # keys with many later queries only
-            state = AttentionState(capture_last=n)
+            last_key = _last_key(ids.shape[1], cfg.window)
+            state = AttentionState(capture_last=ids.shape[1])
             with torch.no_grad(), attention_state(state):
                 model(ids.to(next(model.parameters()).device))
             for i in range(n_layers):
