@@ -23,8 +23,10 @@ import torch
 from kvsqueeze.attention import AttentionState, attention_state
 from kvsqueeze.corpus import heldout_documents
 from kvsqueeze.errors import bad_value
-from kvsqueeze.methods.dms import DMSRun, install, load_config, load_gates
-from kvsqueeze.methods.dms_train import kl_student_teacher
+from kvsqueeze.methods.dms.checkpoint import load_config, load_gates
+from kvsqueeze.methods.dms.gates import install
+from kvsqueeze.methods.dms.run import DMSRun
+from kvsqueeze.methods.dms.train import kl_student_teacher
 from kvsqueeze.model import load_hf, resolve_model
 
 

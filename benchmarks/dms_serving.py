@@ -10,7 +10,7 @@ retractions; ratios against vanilla, and the run's achieved compression (dense /
     python benchmarks/dms_serving.py [--budget 4096] [--requests 32] [--prompt-tokens 256]
                                      [--max-new 512] [--ratios 4,8]
 
-Target (issue 4): peak concurrency >= 0.8 x CR x vanilla's, and no request fails.
+Target: peak concurrency >= 0.8 x CR x vanilla's, and no request fails.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from kvsqueeze import corpus  # noqa: E402
 from kvsqueeze.backends.sglang import dms as sg_dms  # noqa: E402
 from kvsqueeze.backends.sglang.server import (SGLangServer, free_port, generate_burst,  # noqa: E402
                                                post_json)
+from kvsqueeze.backends.sglang.serving import ServeContext, parse_server, plan_server  # noqa: E402
 from kvsqueeze.harness.sweep import MetricsScraper  # noqa: E402
-from kvsqueeze.methods.dms import shipped_gates_dir  # noqa: E402
 from kvsqueeze.model import resolve_model  # noqa: E402
 
 
@@ -112,11 +112,10 @@ def main() -> int:
     t0 = time.monotonic()
     vanilla = run_server("vanilla", model, base, {}, prompts, a.max_new, logs, bytes_per_token)
     runs = [vanilla]
-    dms_args = base + [x for f, v in sg_dms.SERVER_FLAGS + sg_dms.SERVER_DEFAULTS
-                       if f not in base for x in ([f, v] if v else [f])]
     for r in ratios:
-        res = run_server(f"dms {r}x", model, dms_args, {sg_dms.ENV: str(shipped_gates_dir(r))}, prompts,
-                         a.max_new, logs, bytes_per_token)
+        plan = plan_server(parse_server(f"dms:{r:g}"), ServeContext(model=Path(model)), base)
+        res = run_server(f"dms {r}x", model, plan.args + base, plan.env, prompts, a.max_new, logs,
+                         bytes_per_token)
         res["gates"] = r
         v = vanilla["peak_running_requests"]
         res["concurrency_ratio"] = round(res["peak_running_requests"] / v, 3) if v else None

@@ -3,13 +3,13 @@
 For each workload kind (``kvsqueeze.workload``: edits, fewshot, chat), each request's prompt is
 prefilled densely with the embedded model; pages (16-token blocks) are counted under exact prefix
 sharing (radix alone: a page is shared when the tokens up to its end agree) and with radix + fusion
-(``kvsqueeze.methods.fusion.fuse_batch``, fused layers 2..L-3, same-position candidates, pages counted
+(``kvsqueeze.methods.fusion.batch.fuse_batch``, fused layers 2..L-3, same-position candidates, pages counted
 per layer and averaged over layers). Quality: each request's scored tokens are teacher-forced on its
 fused cache and compared with its dense cache: mean KL(dense || fused) per request, top-1 agreement.
 
     python benchmarks/fusion_eval.py [--thresholds 0.6,0.7,0.8,0.9,0.95] [--similarity block,token]
 
-Target (issue 6): at least 1.5x fewer pages than radix alone at mean KL <= 0.05.
+Target: at least 1.5x fewer pages than radix alone at mean KL <= 0.05.
 """
 
 from __future__ import annotations

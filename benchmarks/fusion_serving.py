@@ -10,7 +10,7 @@ fusion also pages fused and the greedy outputs' agreement with vanilla's (same p
     python benchmarks/fusion_serving.py [--budget 4096] [--requests 32] [--max-new 128]
                                         [--fusion block:0.95,token:0.9]
 
-Target (issue 6): more concurrent requests and output tokens/s at the same budget, no failures.
+Target: more concurrent requests and output tokens/s at the same budget, no failures.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from kvsqueeze.backends.sglang import fusion as sg_fusion  # noqa: E402
 from kvsqueeze.backends.sglang.server import (SGLangServer, free_port, generate_burst,  # noqa: E402
                                                post_json)
 from kvsqueeze.harness.sweep import MetricsScraper  # noqa: E402
+from kvsqueeze.methods.fusion.config import FusionConfig  # noqa: E402
 from kvsqueeze.model import resolve_model  # noqa: E402
 from kvsqueeze.workload import near_duplicate_workload  # noqa: E402
 
@@ -103,13 +104,14 @@ def main() -> int:
     for item in a.fusion.split(","):
         sim, _, th = item.partition(":")
         settings.append((sim, float(th)))
-        sg_fusion.config_args(float(th), sim)  # bad settings fail before any server starts
+        FusionConfig(threshold=float(th), similarity=sim)  # bad settings fail before any server starts
     t0 = time.monotonic()
     vanilla = run_server("radix", model, args, {}, prompts, a.max_new, logs)
     runs = [vanilla]
     # vanilla again: how far greedy outputs move between two runs of the same server (batching)
     others = [("radix (again)", {}, None)] + [(f"radix+fusion {sim} {th:g}",
-                                               sg_fusion.config_args(th, sim), (sim, th))
+                                               sg_fusion.config_env(FusionConfig(threshold=th, similarity=sim)),
+                                               (sim, th))
                                               for sim, th in settings]
     for name, env, setting in others:
         r = run_server(name, model, args, env, prompts, a.max_new, logs)

@@ -10,7 +10,7 @@ kvsqueeze locustfile and its streaming client) against the scripted stub server
    measured TTFT minus 50 ms and measured end-to-end minus 85 ms, p50 and p99. This includes the
    stub's own scheduling delay, so it is an upper bound on what the harness adds.
 
-Target (issue 7): at least 50 req/s with under 5 ms added at p50.
+Target: at least 50 req/s with under 5 ms added at p50.
 
     python benchmarks/harness_overhead.py [--requests 6000] [--users 16]
 """

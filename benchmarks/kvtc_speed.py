@@ -37,13 +37,14 @@ def main() -> int:
     import zstandard
 
     from kvsqueeze import corpus
-    from kvsqueeze.evaluate import dense_prefill, prepare_methods
-    from kvsqueeze.methods import kvtc, kvtc_codec as codec
+    from kvsqueeze.forward import dense_prefill
+    from kvsqueeze.methods.kvtc import codec
+    from kvsqueeze.methods.kvtc.method import KVTC
     from kvsqueeze.model import load_hf, resolve_model
 
     tok, model = load_hf(resolve_model(None))
-    method = kvtc.KVTC(ratio=8, calibration=args.calibration)
-    prepare_methods(model, [method])
+    method = KVTC(ratio=8, calibration=args.calibration)
+    method.prepare(model)
     cal = method.calibration
     segs = corpus.token_segments(corpus.heldout_documents(), tok, args.tokens, args.segments)
     caches = [dense_prefill(model, torch.tensor(ids))[0] for _, ids in segs]

@@ -1,6 +1,6 @@
 """Time to first token on the SGLang CPU server: a prompt restored from KVTC storage vs recomputed.
 
-One server (embedded model, `kvsqueeze serve --kv-store kvtc` settings). For each trial a fresh
+One server (embedded model, `kvsqueeze serve --method kvtc:RATIO` settings). For each trial a fresh
 held-out prompt of --prompt-tokens tokens is sent with max_new_tokens=1 (so latency = TTFT): first
 cold (nothing cached: full prefill), then the device and host caches are flushed (which also waits
 for the pages to reach the KVTC store) and the same prompt is sent again, now restored from storage.
@@ -41,14 +41,13 @@ def main() -> int:
     args = ap.parse_args()
 
     from kvsqueeze import corpus
-    from kvsqueeze.backends.sglang.server import SGLangServer, free_port, kvtc_store_args
-    from kvsqueeze.methods import kvtc
+    from kvsqueeze.backends.sglang.server import SGLangServer, free_port
+    from kvsqueeze.backends.sglang.serving import kvtc_store_args
+    from kvsqueeze.methods.kvtc.calibrate import calibration_for
     from kvsqueeze.model import load_hf, resolve_model
 
     tok, model = load_hf(resolve_model(None))
-    method = kvtc.KVTC(ratio=args.ratio, calibration=args.calibration)
-    method.prepare(model)
-    cal_path = args.calibration or str(kvtc.default_calibration_path(kvtc.model_fingerprint(model)))
+    cal_path = str(calibration_for(model, tok, given=args.calibration))
     segs = corpus.token_segments(corpus.heldout_documents(), tok, args.prompt_tokens, args.trials)
     del model
     work = Path(tempfile.mkdtemp(prefix="kvtc-ttft-"))

@@ -19,4 +19,4 @@ RUN python3 -m pip install -e ".[harness,kernels,codec]" \
 
 EXPOSE 30000
 ENTRYPOINT ["kvsqueeze"]
-CMD ["serve", "--engine", "sglang", "--host", "0.0.0.0", "--port", "30000", "--kv-store", "kvtc"]
+CMD ["serve", "--engine", "sglang", "--host", "0.0.0.0", "--port", "30000", "--method", "kvtc:8"]

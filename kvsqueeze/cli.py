@@ -11,6 +11,14 @@ import time
 from pathlib import Path
 
 from kvsqueeze.errors import KvsqueezeError, bad_value
+from kvsqueeze.methods.base import get, parse_spec
+from kvsqueeze.methods.fusion.config import (
+    DEFAULT_BLOCK,
+    DEFAULT_SIMILARITY,
+    DEFAULT_THRESHOLD,
+    check_similarity,
+    check_threshold,
+)
 
 ENGINES = ("sglang",)
 
@@ -94,7 +102,8 @@ def cmd_eval(args) -> int:
     from kvsqueeze import corpus, evaluate
     from kvsqueeze.model import load_hf, resolve_model
 
-    names = _split(args.method)
+    specs = _split(args.method)
+    names = [get(parse_spec(s).name).name for s in specs]
     ratios = evaluate.parse_ratios(args.ratio)
     options = {"sinks": args.sinks, "recent": args.recent}
     per_method = {"dms": {"checkpoint": args.checkpoint}} if args.checkpoint else {}
@@ -108,30 +117,24 @@ def cmd_eval(args) -> int:
         if "kvtc" not in names:
             raise bad_value("calibration", args.calibration, "to be used with --method kvtc")
         per_method["kvtc"] = {"calibration": args.calibration}
-    thresholds = _thresholds(args.threshold)
-    sims = _split([args.similarity])
-    if args.threshold is not None and "fusion" not in names:
-        raise bad_value("threshold", args.threshold, "to be used with --method fusion")
+    if "fusion" in names:
+        per_method["fusion"] = {"block_size": args.block_size}
+    specs = _fusion_specs(specs, names, args)
     if args.workload is not None:
-        return _eval_fusion_workload(args, names, thresholds, sims)
+        return _eval_fusion_workload(args, specs)
     for flag in ("shared_pages", "online"):
         if getattr(args, flag):
             raise bad_value(flag.replace("_", "-"), True, "to be used with --workload")
-    methods = evaluate.build_methods([n for n in names if n != "fusion"], ratios, per_method,
-                                     **options) if any(n != "fusion" for n in names) else []
-    if "fusion" in names:
-        from kvsqueeze.methods.fusion import BlockFusion
-
-        methods += [BlockFusion(threshold=t, block_size=args.block_size, similarity=sim, **options)
-                    for sim in sims for t in thresholds]
+    methods = evaluate.build_methods(specs, ratios, per_method, **options)
     if args.json:  # fail before the long run, not after it
         out = Path(args.json)
         if out.parent and not out.parent.exists():
             out.parent.mkdir(parents=True, exist_ok=True)
     docs = corpus.read_text_files(args.text) if args.text else corpus.heldout_documents()
     model_arg = args.model
-    if model_arg is None and args.checkpoint and (Path(args.checkpoint) / "config.json").is_file():
-        model_arg = args.checkpoint  # a DMS checkpoint is a Hugging Face model directory too
+    if model_arg is None:  # a DMS checkpoint (not the shipped gates) is a Hugging Face model directory too
+        model_arg = next((str(m.checkpoint) for m in methods if m.name == "dms"
+                          and (Path(m.checkpoint) / "config.json").is_file()), None)
     model_path = resolve_model(model_arg)
     tok, model = load_hf(model_path)
     model_name = model_path.name
@@ -166,17 +169,19 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _eval_fusion_workload(args, names, thresholds, sims) -> int:
+def _eval_fusion_workload(args, specs: list[str]) -> int:
     """``eval --method fusion --workload KINDS``: fusion across the requests of near-duplicate traffic."""
     from kvsqueeze import evaluate
     from kvsqueeze.model import load_hf, resolve_model
     from kvsqueeze.workload import KINDS
 
-    if names != ["fusion"]:
+    parsed = [parse_spec(s) for s in specs]
+    if any(get(p.name).name != "fusion" for p in parsed):
         raise bad_value("workload", args.workload, "to be used with --method fusion alone")
-    from kvsqueeze.methods.fusion import check_similarity
-
-    sims = [check_similarity(sim) for sim in sims]  # before the model loads
+    settings = [get("fusion").spec_options(p.setting or str(DEFAULT_THRESHOLD), p.variant or DEFAULT_SIMILARITY)
+                for p in parsed]
+    thresholds = list(dict.fromkeys(check_threshold(s["threshold"]) for s in settings))
+    sims = list(dict.fromkeys(check_similarity(s["similarity"]) for s in settings))  # before the model loads
     if args.requests < 2:
         raise bad_value("requests", args.requests, "at least 2 requests per kind")
     kinds = _split([args.workload])
@@ -210,11 +215,9 @@ def _eval_fusion_workload(args, names, thresholds, sims) -> int:
     return 0
 
 
-def _thresholds(text: str | None) -> list[float]:
-    from kvsqueeze.methods.fusion import DEFAULT_THRESHOLD, check_threshold
-
+def _thresholds(text: str | None) -> list[float] | None:
     if text is None:
-        return [DEFAULT_THRESHOLD]
+        return None
     out = []
     for part in str(text).split(","):
         try:
@@ -224,77 +227,72 @@ def _thresholds(text: str | None) -> list[float]:
     return out
 
 
+def _fusion_specs(specs: list[str], names: list[str], args) -> list[str]:
+    """``--method fusion`` with ``--threshold T1,T2`` and ``--similarity S1,S2``: one spec per pair
+    (``fusion:T:S``), the same methods ``--method fusion:T1:S1,fusion:T2:S1,...`` names."""
+    thresholds = _thresholds(args.threshold)
+    sims = [check_similarity(s) for s in _split([args.similarity])] if args.similarity else None
+    if thresholds is None and sims is None:
+        return specs
+    if "fusion" not in names:
+        flag = "threshold" if thresholds is not None else "similarity"
+        raise bad_value(flag, args.threshold if thresholds is not None else args.similarity,
+                        "to be used with --method fusion")
+    out = []
+    for text, name in zip(specs, names):
+        spec = parse_spec(text)
+        if name != "fusion":
+            out.append(text)
+            continue
+        if spec.setting is not None:
+            raise bad_value("method", text, "fusion without a setting when --threshold or --similarity "
+                            "is given (or fusion:T:S alone)")
+        out += [f"fusion:{t:g}:{s}" for s in (sims or [DEFAULT_SIMILARITY])
+                for t in (thresholds or [DEFAULT_THRESHOLD])]
+    return out
+
+
+RETIRED_SERVE_FLAGS = {  # flags of earlier releases, now part of the method's spelling
+    "--ratio": "--method dms:4 (the shipped gates) or --method dms:DIR",
+    "--checkpoint": "--method dms:DIR",
+    "--threshold": "--method fusion:0.9",
+    "--similarity": "--method fusion:0.9:token",
+    "--kv-store": "--method kvtc:8 (--store-dir DIR for a directory)",
+    "--kv-store-ratio": "--method kvtc:RATIO",
+    "--block-size": "SGLang's --page-size (fusion shares whole pages: a block is a page)",
+}
+
+
 def cmd_serve(args, extra: list[str]) -> int:
+    from kvsqueeze.backends.sglang import serving
+    from kvsqueeze.backends.sglang.server import SGLangServer, free_port
     from kvsqueeze.model import resolve_model
 
     if args.engine not in ENGINES:
         raise bad_value("engine", args.engine, f"one of {', '.join(ENGINES)} (TensorRT-LLM: see docs)")
-    env = {}
-    if args.method == "fusion":
-        from kvsqueeze.backends.sglang import fusion
-
-        if args.threshold is None:
-            raise bad_value("threshold", None, "a cosine similarity in (0, 1] with --method fusion")
-        if args.kv_store:
-            raise bad_value("kv-store", args.kv_store, "not given with --method fusion (fusion works on "
-                            "the plain radix cache's paged pool)")
-        page_size = fusion.check_server_args(extra)
-        if args.block_size is not None and args.block_size != page_size:
-            raise bad_value("block-size", args.block_size, f"the pool's page size ({page_size}): "
-                            "fusion shares whole pages, so a block is a page")
-        env = fusion.config_args(args.threshold, args.similarity, args.fusion_layers)
-    elif args.threshold is not None or args.similarity != "block" or args.fusion_layers or \
-            args.block_size is not None:
-        raise bad_value("threshold", args.threshold, "--threshold/--similarity/--fusion-layers/"
-                        "--block-size only with --method fusion")
-    elif args.method == "dms":
-        from kvsqueeze.backends.sglang import dms as sg_dms
-        from kvsqueeze.methods.dms import load_config, shipped_gates_dir
-
-        if args.checkpoint:
-            ckpt = Path(args.checkpoint)
-        elif args.ratio is not None:
-            ckpt = shipped_gates_dir(args.ratio)
-            if not ckpt.is_dir():
-                raise bad_value("ratio", args.ratio, "4 or 8 (the shipped gates), or --checkpoint DIR")
-        else:
-            raise bad_value("ratio", None, "--ratio 4|8 (shipped gates) or --checkpoint DIR with --method dms")
-        load_config(ckpt)  # a directory without DMS parameters fails here, before SGLang starts
-        extra = list(extra)
-        for flag, value in sg_dms.SERVER_FLAGS + sg_dms.SERVER_DEFAULTS:
-            if flag not in extra:
-                extra += [flag] + ([value] if value else [])
-        sg_dms.check_server_args(extra)
-        env = {sg_dms.ENV: str(ckpt)}
-        if args.dms_page_size is not None:
-            env[sg_dms.PAGE_ENV] = str(args.dms_page_size)
-            sg_dms.page_size(str(args.dms_page_size), what="dms-page-size")
-        print("DMS: prefix reuse (radix cache) and chunked prefill are off: a radix hit would hand a "
-              "request another request's evicted heads, a prefill chunk would split the prompt's "
-              "eviction decisions (docs/dms.md)", file=sys.stderr)
-    if args.method != "dms" and args.dms_page_size is not None:
-        raise bad_value("dms-page-size", args.dms_page_size, "--dms-page-size only with --method dms")
-    if args.method != "dms" and (args.ratio is not None or args.checkpoint):
-        raise bad_value("ratio" if args.ratio is not None else "checkpoint",
-                        args.ratio if args.ratio is not None else args.checkpoint,
-                        "--ratio/--checkpoint only with --method dms")
-    if args.method not in (None, "dense", "none", "fusion", "dms"):
-        from kvsqueeze.methods import get
-
-        get(args.method)  # unknown names fail here with the list of known ones
-        raise KvsqueezeError(
-            f"--method={args.method!r}: this method has no SGLang integration yet; expected "
-            "'dense', 'fusion' or 'dms' (the methods that plug into SGLang are listed in docs/architecture.md)")
+    for flag, instead in RETIRED_SERVE_FLAGS.items():
+        if serving.has_flag(extra, flag):
+            raise bad_value(flag.lstrip("-"), "given", f"the method's spelling instead: {instead}")
+    server_spec = serving.parse_server(args.method or "none")
+    names = server_spec.names
+    for flag, value, method in (("dms-page-size", args.dms_page_size, "dms"),
+                                ("fusion-layers", args.fusion_layers, "fusion"),
+                                ("store-dir", args.store_dir, "kvtc"), ("calibration", args.calibration, "kvtc")):
+        if value is not None and method not in names:
+            raise bad_value(flag, value, f"to be used with --method {method}")
     if not (0 <= args.port <= 65535):
         raise bad_value("port", args.port, "a TCP port between 0 and 65535")
-    from kvsqueeze.backends.sglang.server import SGLangServer, free_port
-
-    port = args.port or free_port(args.host)
     model_path = resolve_model(args.model)
-    if args.kv_store:
-        extra = _kv_store_args(args, model_path, extra)
-    server = SGLangServer(model=model_path, host=args.host, port=port, extra_args=extra, env=env)
-    print(f"starting SGLang: {' '.join(server.command())}", file=sys.stderr, flush=True)
+    ctx = serving.ServeContext(model=model_path, calibration=args.calibration, store_dir=args.store_dir,
+                               dms_page_size=args.dms_page_size, fusion_layers=args.fusion_layers)
+    plan = serving.plan_server(server_spec, ctx, extra)
+    for note in plan.notes:
+        print(note, file=sys.stderr)
+    port = args.port or free_port(args.host)
+    server = SGLangServer(model=model_path, host=args.host, port=port, extra_args=plan.args + extra,
+                          env=plan.env)
+    print(f"starting SGLang ({server_spec.label}: {server_spec.summary}): {' '.join(server.command())}",
+          file=sys.stderr, flush=True)
     server.start()
 
     def _stop(signum, frame):
@@ -319,7 +317,7 @@ def cmd_serve(args, extra: list[str]) -> int:
 
 
 def cmd_dms_train(args) -> int:
-    from kvsqueeze.methods.dms_train import TrainConfig, train
+    from kvsqueeze.methods.dms.train import TrainConfig, train
     from kvsqueeze.model import resolve_model
 
     cfg = TrainConfig(target_ratio=args.target_ratio, steps=args.steps, ramp_steps=args.ramp_steps,
@@ -338,44 +336,9 @@ def cmd_dms_train(args) -> int:
     return 0
 
 
-def _kv_store_args(args, model_path, extra: list[str]) -> list[str]:
-    """Resolve ``--kv-store kvtc[:DIR]`` into SGLang flags (calibrating the model once if needed)."""
-    from kvsqueeze.backends.sglang.server import kvtc_store_args
-
-    kind, _, directory = args.kv_store.partition(":")
-    if kind != "kvtc":
-        raise bad_value("kv-store", args.kv_store, "kvtc or kvtc:DIR")
-    if not args.kv_store_ratio >= 1:
-        raise bad_value("kv-store-ratio", args.kv_store_ratio, "a number >= 1")
-    for flag in ("--enable-hierarchical-cache", "--hicache-storage-backend"):
-        if flag in extra:
-            raise bad_value(flag, "given", "left to --kv-store (it sets the hierarchical cache up)")
-    calibration = args.calibration
-    if calibration is None:
-        from kvsqueeze.methods import kvtc
-        from kvsqueeze.model import load_hf
-
-        _, model = load_hf(model_path)
-        method = kvtc.KVTC(ratio=args.kv_store_ratio)
-        method.prepare(model)  # calibrates once per model if no calibration is cached yet
-        calibration = str(kvtc.default_calibration_path(kvtc.model_fingerprint(model)))
-        del model
-    page_size = 64
-    if "--page-size" in extra:
-        i = extra.index("--page-size")
-        page_size = int(extra[i + 1])
-        del extra[i:i + 2]
-    if page_size < 16:
-        raise bad_value("page-size", page_size, "at least 16 tokens with --kv-store (KVTC codes pages)")
-    print(f"KVTC storage tier: ratio {args.kv_store_ratio:g}, calibration {calibration}, "
-          f"{'directory ' + directory if directory else 'host memory'}, page size {page_size}",
-          file=sys.stderr)
-    return kvtc_store_args(calibration, args.kv_store_ratio, directory or None, page_size=page_size) + extra
-
-
 def cmd_kvtc_calibrate(args) -> int:
     from kvsqueeze import corpus
-    from kvsqueeze.methods import kvtc
+    from kvsqueeze.methods.kvtc import calibrate as kvtc
     from kvsqueeze.model import load_hf, resolve_model
 
     out = Path(args.out)
@@ -456,8 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--model", default=None, help="a local Hugging Face checkpoint (default: embedded)")
 
     e = sub.add_parser("eval", help="quality of a compressed KV cache against the dense cache")
-    e.add_argument("--method", action="append", required=True,
-                   help="method name(s), comma-separated or repeated (see `kvsqueeze methods`)")
+    e.add_argument("--method", action="append", required=True, metavar="METHOD[:SETTING[:VARIANT]]",
+                   help="methods, comma-separated or repeated (see `kvsqueeze methods`): e.g. snapkv "
+                        "(with --ratio), kvtc:8, dms:4 or dms:DIR, fusion:0.9:token")
     e.add_argument("--ratio", default=None, help="target ratio(s), e.g. 4 or 2,4,8")
     e.add_argument("--model", default=None, help="a local Hugging Face checkpoint (default: embedded)")
     e.add_argument("--checkpoint", default=None, help="DMS checkpoint directory (for --method dms)")
@@ -467,10 +431,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--calibration", default=None,
                    help="KVTC calibration file (for --method kvtc; default: made once per model)")
     e.add_argument("--threshold", default=None,
-                   help="fusion: cosine threshold(s) for fusing blocks, e.g. 0.8 or 0.6,0.8,0.95")
-    e.add_argument("--block-size", type=int, default=16, help="fusion: tokens per block")
-    e.add_argument("--similarity", default="block",
-                   help="fusion: block (cosine of whole key blocks) and/or token (min per-token cosine)")
+                   help="fusion: cosine threshold(s) for fusing blocks, e.g. 0.8 or 0.6,0.8,0.95 "
+                        "(default 0.9)")
+    e.add_argument("--block-size", type=int, default=DEFAULT_BLOCK, help="fusion: tokens per block")
+    e.add_argument("--similarity", default=None,
+                   help="fusion: block (cosine of whole key blocks) and/or token (min per-token cosine; "
+                        "the default)")
     e.add_argument("--workload", default=None,
                    help="fusion across requests of near-duplicate traffic: edits, fewshot, chat "
                         "(comma-separated)")
@@ -546,27 +512,19 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="start a serving engine with kvsqueeze loaded "
                                      "(arguments after -- go to the engine)")
     s.add_argument("--engine", default="sglang")
-    s.add_argument("--method", default=None, help="compression method (default: dense)")
+    s.add_argument("--method", default=None, metavar="METHOD[:SETTING[:VARIANT]][+...]",
+                   help="what the server runs: none (default), dms:4|dms:8|dms:DIR, kvtc:RATIO, "
+                        "fusion:THRESHOLD[:block|token]; kvtc composes with fusion (kvtc:8+fusion:0.9)")
     s.add_argument("--model", default=None, help="a local Hugging Face checkpoint (default: embedded)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=30000, help="0 picks a free port")
     s.add_argument("--start-timeout", type=float, default=300.0)
-    s.add_argument("--kv-store", default=None, metavar="kvtc[:DIR]",
-                   help="keep radix-cache pages KVTC-compressed in a HiCache storage tier "
-                        "(host memory, or DIR)")
-    s.add_argument("--kv-store-ratio", type=float, default=8.0, help="KVTC ratio of the storage tier")
+    s.add_argument("--store-dir", default=None,
+                   help="kvtc: keep the compressed pages as files in this directory (default: host memory)")
     s.add_argument("--calibration", default=None,
-                   help="KVTC calibration for --kv-store (default: the model's, made once)")
-    s.add_argument("--threshold", type=float, default=None,
-                   help="fusion: cosine threshold in (0, 1] for fusing a new full page into a shared one")
-    s.add_argument("--similarity", default="block", choices=("block", "token"),
-                   help="fusion: whole-page key cosine (block) or the smallest per-token cosine (token)")
-    s.add_argument("--ratio", type=float, default=None, help="dms: the shipped gates' ratio (4 or 8)")
-    s.add_argument("--checkpoint", default=None, help="dms: a checkpoint from `kvsqueeze dms train`")
+                   help="kvtc: calibration file (default: the model's, made once)")
     s.add_argument("--dms-page-size", type=int, default=None,
                    help="dms: token slots per page of the per-head pool (8, 16, 32, 64 or 128; default 16)")
-    s.add_argument("--block-size", type=int, default=None,
-                   help="fusion: tokens per fused block; must equal SGLang's --page-size (the default)")
     s.add_argument("--fusion-layers", default=None,
                    help="fusion: layers whose similarity decides (a-b, list or all; default all but "
                         "the first two and last two)")
@@ -583,8 +541,9 @@ def _add_bench_parsers(sub) -> None:
                         "(generate, completions, chat); default W=1,4 L=32,64 mode=n "
                         "endpoint=generate")
     b.add_argument("--methods", default=None,
-                   help="servable methods, comma-separated: none, kvtc[:RATIO], fusion[:THRESHOLD] "
-                        "(default none,kvtc:8,fusion:0.9:token)")
+                   help="servers, comma-separated, each METHOD[:SETTING[:VARIANT]] or several joined by + "
+                        "(as kvsqueeze serve --method): none, dms:4, dms:8, dms:DIR, kvtc:RATIO, "
+                        "fusion:THRESHOLD[:block|token] (default none,kvtc:8,fusion:0.9:token)")
     b.add_argument("--url", default=None, help="target this running server instead of starting one")
     b.add_argument("--model", default=None, help="a local Hugging Face checkpoint (default: embedded)")
     b.add_argument("--tasks", default="passkey,lookup,arithmetic")

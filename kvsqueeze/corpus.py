@@ -98,10 +98,6 @@ def token_segments(docs: list[Document], tokenizer, length: int, n_segments: int
     return [(src, ids[s:s + length]) for src, ids, s in picks]
 
 
-def python_version_tag() -> str:
-    return f"{sys.implementation.name}{sys.version_info.major}.{sys.version_info.minor}"
-
-
 PASSKEY_FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
                   "There and back again. ")
 

@@ -20,10 +20,14 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from kvsqueeze.attention import AttentionState, attention_state
+from kvsqueeze.cache import CompressedPrefix
 from kvsqueeze.corpus import PASSKEY_FILLER, passkey_text
 from kvsqueeze.errors import KvsqueezeError, bad_value
-from kvsqueeze.methods.base import CompressedPrefix, CompressionMethod, PrefixCache
+from kvsqueeze.forward import continue_with, dense_prefill, distribution_metrics
+from kvsqueeze.methods.base import CompressionMethod, create_spec, get, parse_spec
+from kvsqueeze.methods.fusion.batch import fuse_batch
+from kvsqueeze.methods.fusion.config import check_similarity, check_threshold
+from kvsqueeze.workload import near_duplicate_workload
 
 
 @dataclass
@@ -50,67 +54,6 @@ class EvalRecord:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _new_cache(model, keys, values):
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    for layer, (k, v) in enumerate(zip(keys, values)):
-        cache.update(k[None], v[None], layer)
-    return cache
-
-
-@torch.inference_mode()
-def dense_prefill(model, prefix_ids: torch.Tensor, observe: int = 0):
-    """Run the prefix densely; return the per-layer cache and the last prefix logits."""
-    state = AttentionState(capture_last=observe)
-    with attention_state(state):
-        out = model(prefix_ids[None], use_cache=True)
-    pkv = out.past_key_values
-    keys = [pkv.layers[i].keys[0] for i in range(len(pkv.layers))]
-    values = [pkv.layers[i].values[0] for i in range(len(pkv.layers))]
-    observed = [state.captured[i] for i in range(len(keys))] if observe else None
-    return PrefixCache(keys=keys, values=values, observed=observed), out.logits[0, -1]
-
-
-@torch.inference_mode()
-def continue_with(model, prefix: CompressedPrefix, ids: torch.Tensor) -> torch.Tensor:
-    """Teacher-forced logits of ``ids`` on top of a (compressed) prefix cache: ``[len(ids), vocab]``."""
-    cache = _new_cache(model, prefix.keys, prefix.values)
-    evicted = {} if prefix.evicted is None else dict(enumerate(prefix.evicted))
-    with attention_state(AttentionState(evicted=evicted)):
-        out = model(ids[None], past_key_values=cache, use_cache=True)
-    return out.logits[0]
-
-
-@torch.inference_mode()
-def greedy_with(model, prefix: CompressedPrefix, last_logits: torch.Tensor, max_new: int,
-                eos: int | None = None) -> list[int]:
-    """Greedy decoding on top of a (compressed) prefix cache, one token at a time."""
-    cache = _new_cache(model, prefix.keys, prefix.values)
-    evicted = {} if prefix.evicted is None else dict(enumerate(prefix.evicted))
-    tok = int(last_logits.argmax())
-    out = [tok]
-    with attention_state(AttentionState(evicted=evicted)):
-        for _ in range(max_new - 1):
-            if eos is not None and tok == eos:
-                break
-            logits = model(torch.tensor([[tok]]), past_key_values=cache, use_cache=True).logits
-            tok = int(logits[0, -1].argmax())
-            out.append(tok)
-    return out
-
-
-def distribution_metrics(ref_logits: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor):
-    """Per-position KL(ref || other), top-1 agreement, and NLL of the targets under both."""
-    ref_lp = torch.log_softmax(ref_logits.double(), -1)
-    lp = torch.log_softmax(logits.double(), -1)
-    kl = (ref_lp.exp() * (ref_lp - lp)).sum(-1).clamp_min(0.0)
-    top1 = (ref_logits.argmax(-1) == logits.argmax(-1)).double()
-    nll_ref = -ref_lp.gather(-1, targets[:, None])[:, 0]
-    nll = -lp.gather(-1, targets[:, None])[:, 0]
-    return kl, top1, nll_ref, nll
 
 
 def _se(xs: list[float]) -> float:
@@ -144,26 +87,16 @@ def evaluate_kl(model, segments: list[list[int]], methods: list[CompressionMetho
         ids = torch.tensor(seg)
         prefix, cont, targets = ids[:prefix_tokens], ids[prefix_tokens:-1], ids[prefix_tokens + 1:]
         cache, _ = dense_prefill(model, prefix, observe=observe)
-        dense = CompressedPrefix(cache.keys, cache.values, None, cache.dense_bytes(), cache.dense_bytes())
-        ref_logits = continue_with(model, dense, cont)
+        ref_logits = continue_with(model, CompressedPrefix.dense(cache), cont)
         for m in methods:
             t0 = time.perf_counter()
             a = acc[id(m)]
-            if hasattr(m, "run_segment"):  # methods that decide inside the forward pass (DMS)
-                logits, held, ratio = m.run_segment(model, prefix, cont)
-                a["ratio"].append(ratio)
-                a["held"].append(held)
-                for k, v in getattr(m, "segment_details", dict)().items():
-                    a["details"].setdefault(k, []).append(v)
-            else:
-                comp = m.compress(cache)
-                logits = continue_with(model, comp, cont)
-                a["ratio"].append(comp.ratio)
-                total = cache.n_layers * cache.kv_heads * cache.n_tokens
-                a["held"].append(comp.tokens_held() / total)
-                for k, v in comp.details.items():
-                    a["details"].setdefault(k, []).append(v)
-            kl, top1, nll_ref, nll = distribution_metrics(ref_logits, logits, targets)
+            seg = m.run_segment(model, prefix, cont, prefill=cache)
+            a["ratio"].append(seg.ratio)
+            a["held"].append(seg.held)
+            for k, v in seg.details.items():
+                a["details"].setdefault(k, []).append(v)
+            kl, top1, nll_ref, nll = distribution_metrics(ref_logits, seg.logits, targets)
             a["sec"] += time.perf_counter() - t0
             a["kl"].append(kl.mean().item())
             a["top1"].append(top1.mean().item())
@@ -194,8 +127,7 @@ def evaluate_kl(model, segments: list[list[int]], methods: list[CompressionMetho
 def prepare_methods(model, methods: list[CompressionMethod]) -> None:
     """Let methods that need the model (e.g. KVTC's calibration) bind to it before scoring."""
     for m in methods:
-        if hasattr(m, "prepare"):
-            m.prepare(model)
+        m.prepare(model)
 
 
 def paired_difference(a: EvalRecord, b: EvalRecord) -> tuple[float, float]:
@@ -258,14 +190,9 @@ def evaluate_passkey(model, tokenizer, methods: list[CompressionMethod], trials:
         ids = torch.tensor(passkey_prompt(tokenizer, key, depth, context_tokens))
         n_ctx = len(ids)
         check_lengths(model, len(ids), 8)
-        cache, last = dense_prefill(model, ids, observe=observe)
+        prefill = dense_prefill(model, ids, observe=observe)
         for m in methods:
-            if hasattr(m, "greedy"):  # methods that decide inside the forward pass (DMS)
-                out, ratio = m.greedy(model, ids, max_new=8, eos=tokenizer.eos_token_id)
-            else:
-                comp = m.compress(cache)
-                out = greedy_with(model, comp, last, max_new=8, eos=tokenizer.eos_token_id)
-                ratio = comp.ratio
+            out, ratio = m.greedy(model, ids, max_new=8, eos=tokenizer.eos_token_id, prefill=prefill)
             hits[id(m)].append(str(key) in tokenizer.decode(out))
             ratios[id(m)].append(ratio)
         if progress:
@@ -293,27 +220,33 @@ def parse_ratios(text: str | None) -> list[float | None]:
     return out
 
 
-def build_methods(names: list[str], ratios: list[float | None],
+def build_methods(specs: list[str], ratios: list[float | None],
                   per_method: dict[str, dict] | None = None, **options) -> list[CompressionMethod]:
-    """One instance per (method, ratio); a fixed-ratio method is built once, at its own ratio.
+    """The methods ``specs`` name (``METHOD[:SETTING[:VARIANT]]``): a spec with a setting is one
+    instance; a method with a fixed ratio is built once, at its own ratio; a method whose setting is
+    its ratio, once per ratio of ``ratios``; any other method once, at its defaults.
 
     ``per_method`` adds options for one method only (e.g. ``{"dms": {"checkpoint": DIR}}``); a
     method given a checkpoint takes its ratio from it when no ratio is given.
     """
-    from kvsqueeze.methods import get
-
     per_method = per_method or {}
     built: list[CompressionMethod] = []
-    for name in names:
-        cls = get(name)
-        opts = {**options, **per_method.get(name, {})}
-        if cls.fixed_ratio is not None:
+    for text in specs:
+        spec = parse_spec(text)
+        cls = get(spec.name)
+        opts = {**options, **per_method.get(cls.name, {})}
+        if spec.setting is not None:
+            built.append(create_spec(spec, **opts))
+        elif cls.fixed_ratio is not None:
             built.append(cls(ratio=cls.fixed_ratio, **opts))
-            continue
-        for r in ratios:
-            if r is None and "checkpoint" not in opts:
-                raise KvsqueezeError(f"method {name!r} needs --ratio (e.g. --ratio 4 or 2,4,8)")
-            built.append(cls(ratio=r, **opts))
+        elif cls.setting == "ratio":
+            for r in ratios:
+                if r is None and "checkpoint" not in opts:
+                    raise KvsqueezeError(f"method {cls.name!r} needs a ratio: --ratio 4 (or 2,4,8), or "
+                                         f"{cls.name}:4")
+                built.append(cls(ratio=r, **opts))
+        else:
+            built.append(cls(**opts))
     return built
 
 
@@ -355,9 +288,6 @@ def evaluate_batch_fusion(model, tokenizer, kinds: list[str], thresholds: list[f
     (``fuse_batch``), and each request's scored tokens are teacher-forced on its fused cache against
     its dense cache. ``shared_pages``: whole-page sharing across all layers; ``online``: the SGLang
     integration's arrival-order decisions (both: ``fuse_batch``)."""
-    from kvsqueeze.methods.fusion import check_similarity, check_threshold, fuse_batch
-    from kvsqueeze.workload import near_duplicate_workload
-
     similarities = [check_similarity(s) for s in similarities]
     thresholds = [check_threshold(t) for t in thresholds]
     check_lengths(model, prefix_tokens + 64, scored_tokens)
@@ -369,7 +299,7 @@ def evaluate_batch_fusion(model, tokenizer, kinds: list[str], thresholds: list[f
         for i, r in enumerate(reqs):
             c, _ = dense_prefill(model, torch.tensor(r.prompt_ids))
             caches.append(c)
-            refs.append(continue_with(model, CompressedPrefix(c.keys, c.values, None, 1, 1),
+            refs.append(continue_with(model, CompressedPrefix.dense(c),
                                       torch.tensor(r.scored_ids)))
             if progress:
                 progress(f"{kind} prefill", i + 1, len(reqs))

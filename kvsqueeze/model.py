@@ -64,10 +64,7 @@ def ensure_embedded_model(verbose: bool = True) -> Path:
     if _checkpoint_complete(target):
         return target
     gguf = embedded_gguf_path()
-    from kvsqueeze.backends.sglang.cpu_shims import apply_pre_import
-
-    apply_pre_import()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # after kvsqueeze.compat (package import)
 
     if verbose:
         print(f"kvsqueeze: materialising {EMBEDDED_NAME} from {gguf} into {target} (once)", flush=True)
@@ -131,9 +128,6 @@ def resolve_model(path: str | os.PathLike | None) -> Path:
 
 def load_hf(path: Path, dtype: str = "float32"):
     """Load tokenizer and causal LM on CPU with kvsqueeze's attention function installed."""
-    from kvsqueeze.backends.sglang.cpu_shims import apply_pre_import
-
-    apply_pre_import()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

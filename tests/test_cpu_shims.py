@@ -72,10 +72,14 @@ def test_prefix_extend_attends_new_tokens_only_and_matches_sglang():
     cpu_shims.apply_pre_import()
     backend = pytest.importorskip("sglang.srt.layers.attention.torch_native_backend")
     cls = backend.TorchNativeAttnBackend
+    from kvsqueeze.backends.sglang import patch
+
     cpu_shims.prefix_extend()
+    cpu_shims.prefix_extend()  # applied once
     shim = cls._run_sdpa_forward_extend
-    assert getattr(shim, "_kvsqueeze_prefix_extend", False)
-    original = shim._kvsqueeze_original
+    assert patch.is_applied(cls, "_run_sdpa_forward_extend", "cpu_shims.prefix_extend")
+    original = patch.original(shim)
+    assert patch.original(original) is None  # SGLang's own function, wrapped once
     for prefixes, news in (([0, 5, 12], [7, 3, 1]), ([9], [4]), ([0, 0], [3, 5])):
         b = _extend_batch(prefixes, news)
         args = (b["query"], None, b["k_cache"], b["v_cache"], b["req_to_token"], b["req_pool_indices"],

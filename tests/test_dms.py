@@ -6,32 +6,19 @@ import json
 import pytest
 import torch
 
+from conftest import tiny_llama
 from kvsqueeze.attention import AttentionState, attention_state
 from kvsqueeze.errors import KvsqueezeError
-from kvsqueeze.methods.dms import (
-    HARD_MASK,
-    DMSConfig,
-    DMSGates,
-    DMSRun,
-    install,
-    query_neuron_index,
-)
-from kvsqueeze.methods.dms_train import TrainConfig, compression_loss, kl_student_teacher
+from kvsqueeze.methods.dms.config import DMSConfig
+from kvsqueeze.methods.dms.gates import DMSGates, install, query_neuron_index
+from kvsqueeze.methods.dms.run import HARD_MASK, DMSRun
+from kvsqueeze.methods.dms.train import TrainConfig, compression_loss, kl_student_teacher
 
 
 @pytest.fixture(scope="module")
 def tiny():
     """A small random Llama with kvsqueeze's attention (independent of the embedded weights)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from kvsqueeze.attention import ATTN_IMPL, register
-
-    register()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    cfg._attn_implementation = ATTN_IMPL
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(layers=2, max_positions=256)
 
 
 def _random_gates(model, cfg, seed, std=0.02):
@@ -237,7 +224,7 @@ def test_target_ratio_schedule_rises_linearly():
 @pytest.mark.parametrize("window", [1, 3, 8])
 def test_reference_cache_equals_masked_teacher_forcing(tiny, window):
     """Physically dropping tokens per head (ring buffer, in-place reuse) == the eviction mask."""
-    from kvsqueeze.methods.dms_cache import DMSCache
+    from kvsqueeze.methods.dms.cache import DMSCache
 
     cfg = DMSConfig(window=window)
     handles = install(tiny, _random_gates(tiny, cfg, seed=3))
@@ -279,7 +266,7 @@ def test_released_qwen3_dms_checkpoint_loads(tmp_path):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     from kvsqueeze.methods import create
-    from kvsqueeze.methods.dms import is_released_checkpoint, load_gates
+    from kvsqueeze.methods.dms.checkpoint import is_released_checkpoint, load_gates
 
     torch.manual_seed(4)
     cfg = Qwen3Config(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -312,12 +299,12 @@ def test_released_qwen3_dms_checkpoint_loads(tmp_path):
         assert torch.equal(gates.layers[i].dms_proj_alpha.weight, written[i][0])
         assert torch.equal(gates.layers[i].dms_proj_alpha_norm.weight, written[i][1])
     ids = torch.randint(0, 97, (40,))
-    logits, held, ratio = method.run_segment(model, ids[:30], ids[30:])
+    logits, held, ratio, _ = method.run_segment(model, ids[:30], ids[30:])
     assert logits.shape == (10, 97) and 0 < held <= 1 and ratio >= 1
 
 
 def test_released_query_neuron_config_maps(tmp_path):
-    from kvsqueeze.methods.dms import released_config
+    from kvsqueeze.methods.dms.checkpoint import released_config
 
     (tmp_path / "config.json").write_text(json.dumps(
         {"model_type": "qwen3", "dms_window_size": 512, "dms_separate_alpha": False,
@@ -384,11 +371,11 @@ def test_prefix_only_protocol_holds_scored_tokens(tiny, tmp_path):
         for h in handles:
             h.remove()
     try:  # one method's gates on the model at a time
-        lk, held_k, ratio_k = keep.run_segment(tiny, ids[:P], ids[P:])
+        lk, held_k, ratio_k, _ = keep.run_segment(tiny, ids[:P], ids[P:])
     finally:
         keep.unbind(tiny)
     try:
-        le, held_e, ratio_e = evict.run_segment(tiny, ids[:P], ids[P:])
+        le, held_e, ratio_e, _ = evict.run_segment(tiny, ids[:P], ids[P:])
     finally:
         evict.unbind(tiny)
     torch.testing.assert_close(lk, full_keep[P:], rtol=1e-4, atol=1e-5)
@@ -431,7 +418,7 @@ def test_two_gate_sets_on_one_model_do_not_mix(tiny, tmp_path):
     finally:
         a.unbind(tiny)
         b.unbind(tiny)
-    for (lg, held, ratio), (lg0, held0, ratio0) in zip(got, [alone[0], alone[1], alone[0]]):
+    for (lg, held, ratio, _), (lg0, held0, ratio0, _) in zip(got, [alone[0], alone[1], alone[0]]):
         torch.testing.assert_close(lg, lg0)
         assert (held, ratio) == (held0, ratio0)
     b2 = create("dms", None, checkpoint=str(dirs[1]))

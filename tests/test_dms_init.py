@@ -10,10 +10,12 @@ import torch
 
 from kvsqueeze.attention import AttentionState, attention_state
 from kvsqueeze.errors import KvsqueezeError
-from kvsqueeze.methods.dms import DMSConfig, DMSGates, DMSRun, install
-from kvsqueeze.methods.dms_init import (eviction_labels, far_attention, fit_gate, head_budgets,
+from kvsqueeze.methods.dms.config import DMSConfig
+from kvsqueeze.methods.dms.gates import DMSGates, install
+from kvsqueeze.methods.dms.run import DMSRun
+from kvsqueeze.methods.dms.warmstart import (eviction_labels, far_attention, fit_gate, head_budgets,
                                         head_sensitivity, warm_start)
-from kvsqueeze.methods.dms_train import TrainConfig, train
+from kvsqueeze.methods.dms.train import TrainConfig, train
 
 
 def test_far_attention_matches_a_loop():

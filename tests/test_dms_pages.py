@@ -16,7 +16,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from kvsqueeze.errors import KvsqueezeError
 from kvsqueeze.kernels.paged_decode import (paged_decode_reference, paged_decode_torch,
                                             paged_decode_triton)
-from kvsqueeze.methods.dms_pages import HeadPagePool, PagesExhausted
+from kvsqueeze.methods.dms.pages import HeadPagePool, PagesExhausted
 
 ROOT = Path(__file__).resolve().parents[1]
 L, H, W, PS = 2, 2, 3, 4
@@ -255,7 +255,7 @@ def test_sglang_admission_charges_the_measured_kept_fraction():
     from kvsqueeze.backends.sglang import dms as sg_dms
 
     budget, layers, heads, w, ps = 1024, 2, 2, 7, 8
-    st = sg_dms._State(budget, layers, heads, 4, 4, torch.float32, "cpu", rows=4, window=w, ps=ps)
+    st = sg_dms._State(budget, layers, heads, 4, 4, torch.float32, "cpu", rows=4, window=w, sinks=0, ps=ps)
     alloc = SimpleNamespace(page_size=1, available_size=st.available_tokens, _kvsqueeze_dms=st)
     tree = SimpleNamespace(supports_mamba=lambda: False, evictable_size=lambda: 0)
     budget_cls = sg_dms._prefill_budget_class()

@@ -16,7 +16,7 @@ def test_shipped_dms_gates_reach_their_ratio(embedded, ratio):
     ids = torch.tensor(ids)
     method = create("dms", ratio)
     try:
-        _, held, achieved = method.run_segment(model, ids[:1024], ids[1024:-1])
+        _, held, achieved, _ = method.run_segment(model, ids[:1024], ids[1024:-1])
     finally:
         method.unbind(model)
     assert achieved == pytest.approx(ratio, rel=0.10)

@@ -12,11 +12,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kvsqueeze.cache import PrefixCache
 from kvsqueeze.errors import KvsqueezeError
 from kvsqueeze.kernels.fusion_gram import block_gram_reference
-from kvsqueeze.methods.base import PrefixCache
-from kvsqueeze.methods.fusion import (BlockFusion, blocks_of, fuse_batch, fuse_vectors, group_blocks,
-                                      parse_layers, radix_pages, similarity_matrix, unblock)
+from kvsqueeze.methods.fusion.batch import fuse_batch, radix_pages
+from kvsqueeze.methods.fusion.config import parse_layers
+from kvsqueeze.methods.fusion.grouping import blocks_of, fuse_vectors, group_blocks, unblock
+from kvsqueeze.methods.fusion.method import BlockFusion
+from kvsqueeze.methods.fusion.similarity import similarity_matrix
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from kvsqueeze.errors import KvsqueezeError
-from kvsqueeze.methods.fusion_online import DoubleFree, OnlinePageFusion, PageRefs, page_similarity
+from kvsqueeze.methods.fusion.online import OnlinePageFusion
+from kvsqueeze.methods.fusion.refs import DoubleFree, PageRefs
+from kvsqueeze.methods.fusion.similarity import page_similarity
 
 
 def test_refs_absorb_frees_until_the_last_holder():

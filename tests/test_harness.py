@@ -163,30 +163,19 @@ def test_bad_grid_is_named(grid, msg):
         sweep.parse_grid(grid)
 
 
-@pytest.mark.parametrize("methods,msg", [("dms:4", "issue 4"), ("fusion:1.5", "THRESHOLD in (0, 1]"),
-                                         ("fusion:0", "THRESHOLD in (0, 1]"),
-                                         ("fusion:0.9:cos", "fusion:THRESHOLD[:block|token]"),
-                                         ("foo", "one of none, kvtc"), ("kvtc:0.5", ">= 1"),
-                                         ("none:2", "without a ratio"), ("none,dense", "once")])
+@pytest.mark.parametrize("methods,msg", [("fusion:1.5", "threshold=1.5"), ("fusion:0", "threshold=0.0"),
+                                         ("fusion:0.9:cos", "one of block, token"),
+                                         ("foo", "method='foo': expected one of"), ("kvtc:0.5", ">= 1"),
+                                         ("none:2", "none without a setting"), ("none,dense", "once"),
+                                         ("dms:3", "(4, 8)"), ("snapkv:4", "kvsqueeze eval` only"),
+                                         ("dms:4+fusion", "cannot run in one server")])
 def test_bad_methods_are_named(methods, msg):
     with pytest.raises(KvsqueezeError, match=re.escape(msg)):
         sweep.parse_methods(methods)
 
 
-def test_fusion_method_serves_with_pages_and_its_threshold():
-    (none, fus) = sweep.parse_methods("none,fusion:0.8")
-    assert fus.label == "fusion:0.8" and sweep.parse_methods("fusion")[0].ratio == 0.9
-    args = sweep.server_args_for(fus, None, Path("unused"))
-    assert args[args.index("--page-size") + 1] == str(sweep.FUSION_PAGE_SIZE)
-    assert json.loads(sweep.server_env_for(fus)["KVSQUEEZE_FUSION"])["threshold"] == 0.8
-    assert sweep.server_env_for(none) == {}
-    tok = sweep.parse_methods("fusion:0.9:token")[0]
-    assert tok.label == "fusion:0.9:token"
-    assert json.loads(sweep.server_env_for(tok)["KVSQUEEZE_FUSION"])["similarity"] == "token"
-
-
 def test_bad_bench_arguments_fail_before_anything_starts(tmp_path):
-    for argv, msg in ((["--grid", "L=x"], "grid L='x'"), (["--methods", "dms"], "issue 4"),
+    for argv, msg in ((["--grid", "L=x"], "grid L='x'"), (["--methods", "dms:2"], "ratio=2.0"),
                       (["--tasks", "chess"], "tasks='chess'"), (["--questions", "0"], "questions=0")):
         out = subprocess.run([sys.executable, "-m", "kvsqueeze.cli", "bench", "--out",
                               str(tmp_path / "r"), *argv], capture_output=True, text=True)
@@ -195,15 +184,16 @@ def test_bad_bench_arguments_fail_before_anything_starts(tmp_path):
 
 
 def test_defaults_parse():
-    assert sweep.parse_methods(None) == [sweep.MethodSpec("none"), sweep.MethodSpec("kvtc", 8.0),
-                                         sweep.MethodSpec("fusion", 0.9, "token")]
+    assert [s.label for s in sweep.parse_methods(None)] == ["none", "kvtc:8", "fusion:0.9:token"]
+    assert [s.label for s in sweep.parse_methods("none,dms:4,dms:8,kvtc:8,fusion")] == [
+        "none", "dms:4", "dms:8", "kvtc:8", "fusion:0.9:token"]
     assert sweep.parse_grid(["W=1,2 L=8", "mode=n,concurrent"]) == {
         "W": [1, 2], "L": [8], "mode": ["n", "concurrent"], "endpoint": ["generate"]}
 
 
 # ---- whole runs against the stub -------------------------------------------------------------------
 def _bench(tmp_path, url, grid, name="run", max_time=60.0):
-    spec = sweep.BenchSpec(methods=[sweep.MethodSpec("none")], grid=sweep.parse_grid(grid),
+    spec = sweep.BenchSpec(methods=sweep.parse_methods("none"), grid=sweep.parse_grid(grid),
                            out_dir=tmp_path / name, url=url, questions_per_task=2, users=2,
                            max_time=max_time, flush_between=False)
     return sweep.run_bench(spec, log=lambda m: None)

@@ -11,9 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvsqueeze.errors import KvsqueezeError
-from kvsqueeze.methods import kvtc
-from kvsqueeze.methods import kvtc_codec as codec
-from kvsqueeze.methods.base import PrefixCache
+from kvsqueeze.methods.kvtc import calibrate as kvtc
+from kvsqueeze.methods.kvtc.method import KVTC
+from kvsqueeze.methods.kvtc import codec
+from kvsqueeze.cache import PrefixCache
 
 
 def _tiny_llama(rope_scaling=None, layers=2, kv_heads=2, head_dim=16):
@@ -265,7 +266,7 @@ def test_method_refuses_a_calibration_of_another_model(tiny, tiny_cal):
     other = _tiny_llama(layers=2)
     with torch.no_grad():
         other.model.layers[0].self_attn.k_proj.weight.add_(1.0)
-    m = kvtc.KVTC(ratio=4, calibration=tiny_cal)
+    m = KVTC(ratio=4, calibration=tiny_cal)
     m.prepare(tiny)
     with pytest.raises(KvsqueezeError, match="made for model"):
         m.prepare(other)
@@ -285,7 +286,7 @@ def test_method_keeps_exempt_tokens_exact_and_reports_both_ratios(tiny, tiny_cal
     from kvsqueeze.evaluate import dense_prefill
 
     cache, _ = dense_prefill(tiny, torch.randint(0, 97, (150,), generator=torch.Generator().manual_seed(4)))
-    m = kvtc.KVTC(ratio=8, sinks=4, recent=20, calibration=tiny_cal)
+    m = KVTC(ratio=8, sinks=4, recent=20, calibration=tiny_cal)
     comp = m.compress(cache)
     for a, b in zip(comp.keys + comp.values, cache.keys + cache.values):
         assert torch.equal(a[:, :4], b[:, :4]) and torch.equal(a[:, -20:], b[:, -20:])
@@ -307,7 +308,7 @@ def test_kvtc_on_the_embedded_model_quality_falls_with_ratio(embedded):
     docs = corpus.calibration_documents(max_chars=200_000)
     cal = kvtc.calibrate(model, tok, docs, seq_len=256, segments=4, tune=False, sample_tokens=1024)
     segs = corpus.token_segments(corpus.heldout_documents(), tok, 256 + 64 + 1, 2)
-    methods = [kvtc.KVTC(ratio=r, calibration=cal) for r in (4, 16)]
+    methods = [KVTC(ratio=r, calibration=cal) for r in (4, 16)]
     recs = evaluate_kl(model, [s for _, s in segs], methods, 256, 64, "smollm2")
     assert recs[0].kl_mean < 0.02
     assert recs[0].kl_mean < recs[1].kl_mean
@@ -362,7 +363,7 @@ def _page(seed, n=24):
 def test_store_concurrent_put_and_get_lose_nothing(tiny_cal, tmp_path, on_disk):
     import threading
 
-    from kvsqueeze.methods.kvtc_store import KVTCStore, pack_page, unpack_page
+    from kvsqueeze.methods.kvtc.store import KVTCStore, pack_page, unpack_page
 
     store = KVTCStore(tiny_cal, 4.0, directory=tmp_path / "s" if on_disk else None)
     # what each page must decode to: the page codec on its own, single-threaded
@@ -403,7 +404,7 @@ def test_store_concurrent_put_and_get_lose_nothing(tiny_cal, tmp_path, on_disk):
 
 
 def test_store_drops_a_corrupted_page_and_bounds_its_size(tiny_cal, tmp_path):
-    from kvsqueeze.methods.kvtc_store import KVTCStore, pack_page
+    from kvsqueeze.methods.kvtc.store import KVTCStore, pack_page
 
     store = KVTCStore(tiny_cal, 4.0, directory=tmp_path)
     k, v = _page(1)
@@ -431,7 +432,7 @@ def test_store_workers_code_what_the_store_codes_in_process_and_survive_their_de
     import os
     import signal
 
-    from kvsqueeze.methods.kvtc_store import KVTCStore
+    from kvsqueeze.methods.kvtc.store import KVTCStore
 
     path = tiny_cal.save(tmp_path / "cal.safetensors")
     pages = [(f"p{i}", *_page(i), 24 * i) for i in range(6)]
@@ -536,7 +537,7 @@ def test_encoding_is_deterministic_whatever_was_encoded_before(tiny_cal):
 
 
 def test_page_records_keep_the_sinks_exact_and_reject_damage(tiny_cal):
-    from kvsqueeze.methods.kvtc_store import pack_page, unpack_page
+    from kvsqueeze.methods.kvtc.store import pack_page, unpack_page
 
     k, v = _page(3)
     rec = pack_page(tiny_cal, k, v, 0, 6.0, sinks=4)

@@ -17,7 +17,9 @@ import torch
 
 from kvsqueeze import corpus
 from kvsqueeze.backends.sglang.server import SGLangServer, free_port, post_json
-from kvsqueeze.methods.dms import GATES_FILE, DMSMethod, load_gates, shipped_gates_dir
+from kvsqueeze.methods.dms.checkpoint import load_gates, shipped_gates_dir
+from kvsqueeze.methods.dms.config import GATES_FILE
+from kvsqueeze.methods.dms.method import DMSMethod
 from kvsqueeze.model import resolve_model
 
 pytestmark = pytest.mark.slow

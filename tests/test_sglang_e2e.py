@@ -63,7 +63,7 @@ def test_bench_against_the_server_matches_plain_greedy_requests(server, tmp_path
 
     from kvsqueeze.harness import sweep
 
-    spec = sweep.BenchSpec(methods=[sweep.MethodSpec("none")], out_dir=tmp_path / "run",
+    spec = sweep.BenchSpec(methods=sweep.parse_methods("none"), out_dir=tmp_path / "run",
                            grid=sweep.parse_grid(["W=2 L=6 mode=n,concurrent "
                                                   "endpoint=generate,completions"]),
                            url=server.url, tasks=["lookup", "arithmetic"], questions_per_task=1,

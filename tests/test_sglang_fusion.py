@@ -14,8 +14,8 @@ import torch
 from kvsqueeze.backends.sglang import fusion as sg_fusion
 from kvsqueeze.backends.sglang.server import SGLangServer, free_port, post_json
 from kvsqueeze.harness.sweep import parse_prometheus
-from kvsqueeze.methods.fusion import default_layers
-from kvsqueeze.methods.fusion_online import OnlinePageFusion
+from kvsqueeze.methods.fusion.config import FusionConfig, default_layers
+from kvsqueeze.methods.fusion.online import OnlinePageFusion
 from kvsqueeze.model import resolve_model
 from kvsqueeze.workload import near_duplicate_workload
 
@@ -68,7 +68,7 @@ def vanilla_outputs(tmp_path_factory, prompts):
 
 
 def test_fusion_with_nothing_at_the_threshold_changes_nothing(tmp_path_factory, prompts, vanilla_outputs):
-    srv, log = start(tmp_path_factory, "fusion-1.0", sg_fusion.config_args(1.0))
+    srv, log = start(tmp_path_factory, "fusion-1.0", sg_fusion.config_env(FusionConfig(threshold=1.0, similarity="block")))
     try:
         outs = [generate(srv, p) for p in prompts]
         m = metrics(srv.url)
@@ -85,7 +85,7 @@ def reference_decisions(embedded, prompts, cached, threshold):
     _, _, model = embedded
     layers = default_layers(model.config.num_hidden_layers)
     keys, pages, store = [], [], []
-    fus = OnlinePageFusion(10_000, threshold)
+    fus = OnlinePageFusion(10_000, threshold, "block")
     out = []
     for ids, c in zip(prompts, cached):
         with torch.no_grad():
@@ -106,7 +106,7 @@ def reference_decisions(embedded, prompts, cached, threshold):
 def test_fusion_shares_pages_frees_them_and_matches_the_reference(tmp_path_factory, embedded, prompts,
                                                                    vanilla_outputs):
     threshold = 0.9
-    srv, log = start(tmp_path_factory, "fusion-0.9", sg_fusion.config_args(threshold))
+    srv, log = start(tmp_path_factory, "fusion-0.9", sg_fusion.config_env(FusionConfig(threshold=threshold, similarity="block")))
     try:
         outs = [generate(srv, p) for p in prompts]
         time.sleep(3)  # idle: SGLang checks available + evictable + protected == total (strict)

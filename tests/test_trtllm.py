@@ -10,8 +10,8 @@ import torch
 from kvsqueeze.backends import trtllm
 from kvsqueeze.backends.trtllm.kvtc_connector import BlockLayout, KVTCBlockCache, block_hashes
 from kvsqueeze.errors import KvsqueezeError
-from kvsqueeze.methods import kvtc
-from kvsqueeze.methods.kvtc_store import KVTCStore
+from kvsqueeze.methods.kvtc import calibrate as kvtc
+from kvsqueeze.methods.kvtc.store import KVTCStore
 
 HAS_TRTLLM = importlib.util.find_spec("tensorrt_llm") is not None
 

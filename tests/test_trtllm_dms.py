@@ -12,7 +12,10 @@ import torch
 
 from kvsqueeze.backends.trtllm import dms as tdms
 from kvsqueeze.errors import KvsqueezeError
-from kvsqueeze.methods.dms import HARD_MASK, DMSConfig, DMSGates, DMSRun, held_after
+from kvsqueeze.methods.dms.checkpoint import load_released_tensors, split_released
+from kvsqueeze.methods.dms.config import DMSConfig
+from kvsqueeze.methods.dms.gates import DMSGates
+from kvsqueeze.methods.dms.run import HARD_MASK, DMSRun, held_after
 
 HAS_TRTLLM = importlib.util.find_spec("tensorrt_llm") is not None
 
@@ -94,7 +97,7 @@ def test_gate_logits_read_the_layer_input_as_the_hf_reference_does():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from kvsqueeze.attention import AttentionState, attention_state
-    from kvsqueeze.methods import dms as mdms
+    from kvsqueeze.methods.dms.gates import install
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
@@ -103,7 +106,7 @@ def test_gate_logits_read_the_layer_input_as_the_hf_reference_does():
     gates = DMSGates.for_model(model, DMSConfig(window=2, sinks=1))
     for layer in gates.layers:
         torch.nn.init.normal_(layer.dms_proj_alpha.weight, std=0.05)
-    mdms.install(model, gates)
+    install(model, gates)
     inputs = {}
     for i, layer in enumerate(model.model.layers):
         layer.register_forward_pre_hook(
@@ -147,15 +150,15 @@ def test_export_writes_a_checkpoint_the_trtllm_model_loads(tmp_path):
     for f in sorted(out.glob("*.safetensors")):
         weights.update(load_file(str(f)))
     model_weights = load_file(str(base / "model.safetensors"))
-    rest, gate_tensors = tdms.split_weights(weights, 2)
+    rest, gate_tensors = split_released(weights, 2)
     assert set(rest) == set(model_weights) and len(gate_tensors) == 4
     fresh = DMSGates(cfg, 32, 2, 2)
-    tdms.load_gate_tensors(fresh, gate_tensors)
+    load_released_tensors(fresh, gate_tensors)
     for a, b in zip(fresh.state_dict().values(), gates.state_dict().values()):
         assert torch.equal(a, b)
     del gate_tensors["model.layers.1.self_attn.dms_proj_alpha.weight"]
     with pytest.raises(KvsqueezeError, match="1 gate tensors missing"):
-        tdms.split_weights({**rest, **gate_tensors}, 2)
+        split_released({**rest, **gate_tensors}, 2)
     with pytest.raises(KvsqueezeError, match="a new or empty directory"):
         tdms.export_checkpoint(base, gates, out)
     with pytest.raises(KvsqueezeError, match="gate='query_neuron'"):

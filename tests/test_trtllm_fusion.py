@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from kvsqueeze.backends.trtllm import fusion as tf
+from kvsqueeze.methods.fusion.config import default_layers
 from kvsqueeze.errors import KvsqueezeError
 
 HAS_TRTLLM = importlib.util.find_spec("tensorrt_llm") is not None
@@ -22,7 +23,7 @@ def _pool(n_blocks, seed=0):
 
 
 def _keys(buffers):
-    return lambda ids: tf.block_keys(buffers, ids, tf.decision_layers(LAYERS))
+    return lambda ids: tf.block_keys(buffers, ids, default_layers(LAYERS))
 
 
 def test_block_keys_read_the_pool_layout():

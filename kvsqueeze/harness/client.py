@@ -65,6 +65,21 @@ class Sample:
         return (self.e2e_s - self.first_s) / (n - 1)
 
 
+KV_FIGURES = ("kv_token_reads", "kv_tokens_held_peak")
+
+
+def server_kv_figures(meta: dict) -> dict[str, int]:
+    """The per-request KV figures a server reports in ``meta_info``: at its top level, or inside a
+    kvsqueeze method's entry (``meta_info["kvsqueeze_dms"] = [{...}]``, SGLang's customized-info
+    channel, which wraps each value in a list)."""
+    out = {k: int(meta[k]) for k in KV_FIGURES if k in meta}
+    for key, value in meta.items():
+        entry = value[0] if isinstance(value, list) and value else value
+        if key.startswith("kvsqueeze") and isinstance(entry, dict):
+            out.update({k: int(entry[k]) for k in KV_FIGURES if k in entry})
+    return out
+
+
 @dataclass
 class RequestResult:
     endpoint: str
@@ -144,9 +159,8 @@ class StreamParser:
             s.output_tokens, s.tokens_source = int(meta["completion_tokens"]), "usage"
         s.prompt_tokens = meta.get("prompt_tokens", s.prompt_tokens)
         s.cached_tokens = meta.get("cached_tokens", s.cached_tokens)
-        for key in ("kv_token_reads", "kv_tokens_held_peak"):
-            if key in meta:
-                setattr(s, key, int(meta[key]))
+        for key, value in server_kv_figures(meta).items():
+            setattr(s, key, value)
         fr = meta.get("finish_reason")
         if fr:
             s.finish_reason = fr.get("type", str(fr)) if isinstance(fr, dict) else str(fr)

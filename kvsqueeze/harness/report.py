@@ -102,7 +102,9 @@ def summarize(meta: dict, configs: list[dict], df):
                 "kv_reads_source": ",".join(sorted(set(ok["kv_reads_source"]))) if len(ok) else "",
                 "cached_tokens_mean": float(ok["cached_tokens"].mean()) if len(ok) else float("nan"),
             })
-        peak = srv.get("peak kvsqueeze_kv_tokens_held", srv.get("peak sglang:num_used_tokens"))
+        # what the server holds: DMS's per-head pool (in dense-token equivalents), else SGLang's slots
+        peak = srv.get("peak kvsqueeze_dms_held_tokens", srv.get("peak kvsqueeze_kv_tokens_held",
+                                                                  srv.get("peak sglang:num_used_tokens")))
         r["peak_kv_tokens"] = float(peak) if peak is not None else float("nan")
         r["peak_kv_mib_16bit"] = (r["peak_kv_tokens"] * bytes_per_token / 2**20
                                   if bytes_per_token else float("nan"))
@@ -272,13 +274,17 @@ def write_report(metas: list[dict], summary, out_dir: Path, plots: list[Path]) -
                 "time is prefill of a restored prefix (cached tokens, TTFT).",
         "none": "`none`: stock SGLang (radix prefix cache; page size 1 unless the run's SGLang "
                 "arguments set one).",
+        "dms": "`dms:R`: DMS with the shipped R-x gates (or `dms:DIR`, a checkpoint): evicted tokens leave "
+               "a per-head page pool, so KV reads are the server's own count of the tokens each decode "
+               "step attends and peak KV tokens the pool's peak holdings (dense-token equivalents); the "
+               "radix cache is off for it.",
         "fusion": "`fusion:T[:token]`: new full pages that are near-duplicates (similarity >= T, "
                   "block or per-token key cosine) of a page already held at the same position "
                   "become one shared page of SGLang's pool; the freed pages are free for other "
                   "requests (docs/fusion.md). Fused pages: pages fused during the configuration; "
                   "fused share: of the new full pages compared.",
     }
-    methods = {str(m).split(":")[0] for m in summary["method"]} if len(summary) else set()
+    methods = {p.split(":")[0] for m in summary["method"] for p in str(m).split("+")} if len(summary) else set()
     if methods & notes.keys():
         parts += ["## Methods", ""] + [f"- {notes[m]}" for m in sorted(methods) if m in notes] + [""]
     parts += ["## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots] + [""]

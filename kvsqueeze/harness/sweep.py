@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from itertools import product
 from pathlib import Path
 
+from kvsqueeze.backends.sglang.serving import ServeContext, ServerSpec, parse_servers, plan_server
 from kvsqueeze.errors import KvsqueezeError, bad_value
 from kvsqueeze.harness.client import ENDPOINTS
 from kvsqueeze.harness.plan import MODES, Plan, config_label
@@ -23,34 +24,6 @@ from kvsqueeze.harness.tasks import make_questions, parse_tasks
 
 GRID_KEYS = {"W": int, "L": int, "mode": str, "endpoint": str}
 DEFAULT_GRID = {"W": [1, 4], "L": [32, 64], "mode": ["n"], "endpoint": ["generate"]}
-
-# Methods that have a SGLang integration, and what serving them means.
-SERVABLE = {
-    "none": "vanilla SGLang (radix cache, no compression)",
-    "kvtc": "SGLang hierarchical cache with the KVTC-compressed storage tier (kvtc:RATIO, default 8)",
-    "fusion": "radix cache + block fusion into shared pages (fusion:THRESHOLD[:token], default 0.9 with "
-              "block similarity; page size 16)",
-}
-FUSION_PAGE_SIZE = 16
-ALIASES = {"dense": "none", "vanilla": "none"}
-# Registered methods whose SGLang integration is still open work (the issue that brings it).
-NOT_YET = {"dms": "issue 4 (DMS inside SGLang)"}
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    name: str
-    ratio: float | None = None  # kvtc: the ratio; fusion: the threshold
-    variant: str | None = None  # fusion: the similarity when not the default (block)
-
-    @property
-    def label(self) -> str:
-        base = self.name if self.ratio is None else f"{self.name}:{self.ratio:g}"
-        return base if self.variant is None else f"{base}:{self.variant}"
-
-
-# every method that plugs into SGLang, at its recommended setting (docs/kvtc.md, docs/fusion.md)
-DEFAULT_METHODS = (MethodSpec("none"), MethodSpec("kvtc", 8.0), MethodSpec("fusion", 0.9, "token"))
 
 
 def parse_grid(items: list[str] | None) -> dict[str, list]:
@@ -79,52 +52,10 @@ def parse_grid(items: list[str] | None) -> dict[str, list]:
     return grid
 
 
-def parse_methods(text: str | None) -> list[MethodSpec]:
-    if not text:
-        return list(DEFAULT_METHODS)
-    specs = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        name, _, ratio = part.partition(":")
-        name = ALIASES.get(name, name)
-        variant = None
-        if name == "fusion" and ratio.count(":") == 1:
-            ratio, variant = ratio.split(":")
-            if variant not in ("block", "token"):
-                raise bad_value("methods", part, "fusion:THRESHOLD[:block|token]")
-            variant = None if variant == "block" else variant
-        if name in NOT_YET:
-            raise KvsqueezeError(f"methods={part!r}: {name} has no SGLang integration yet "
-                                 f"({NOT_YET[name]}); expected one of {', '.join(SERVABLE)}")
-        if name not in SERVABLE:
-            raise bad_value("methods", part, f"one of {', '.join(SERVABLE)} (e.g. none,kvtc:8)")
-        r = None
-        if name == "none":
-            if ratio:
-                raise bad_value("methods", part, "'none' without a ratio")
-        elif name == "fusion":
-            try:
-                r = float(ratio) if ratio else 0.9
-                if not 0 < r <= 1:
-                    raise ValueError
-            except ValueError:
-                raise bad_value("methods", part, "fusion:THRESHOLD[:block|token] with THRESHOLD in (0, 1]")
-        else:
-            try:
-                r = float(ratio) if ratio else 8.0
-            except ValueError:
-                raise bad_value("methods", part, f"{name}:RATIO with RATIO a number >= 1")
-            if not r >= 1:
-                raise bad_value("methods", part, f"{name}:RATIO with RATIO a number >= 1")
-        specs.append(MethodSpec(name, r, variant))
-    if not specs:
-        raise bad_value("methods", text, "a comma-separated list such as none,kvtc:8")
-    labels = [s.label for s in specs]
-    if len(set(labels)) != len(labels):
-        raise bad_value("methods", text, "each method once")
-    return specs
+def parse_methods(text: str | None) -> list[ServerSpec]:
+    """``--methods``: servers separated by commas, each one method or several joined by ``+``
+    (:func:`kvsqueeze.backends.sglang.serving.parse_servers`)."""
+    return parse_servers(text)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,7 +251,7 @@ def run_config(plan: Plan, workdir: Path, max_time: float, log=print,
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class BenchSpec:
-    methods: list[MethodSpec]
+    methods: list[ServerSpec]
     grid: dict[str, list]
     out_dir: Path
     url: str | None = None
@@ -349,57 +280,16 @@ def model_dims(model_path: Path) -> dict:
 
 
 def kvtc_calibration(model_path: Path, given: str | None, log=print) -> str:
-    """The calibration for ``kvtc``: the one given, the model's default one, or a quick one.
-
-    The quick one (8 segments, no tuning; ~3 min here) is made once and cached beside the default, so
-    that ``kvsqueeze bench`` on a fresh install stays within its time budget; the report names which
-    calibration served.
-    """
-    if given:
-        if not Path(given).is_file():
-            raise bad_value("calibration", given, "an existing KVTC calibration file")
-        return given
-    from kvsqueeze import corpus
-    from kvsqueeze.methods import kvtc
+    """The calibration the ``kvtc`` servers run with: the one given, the model's full one, or its
+    quick one, made once and cached (so that ``kvsqueeze bench`` on a fresh install stays within its
+    time budget); the report names which one served."""
+    from kvsqueeze.methods.kvtc.calibrate import calibration_for
     from kvsqueeze.model import load_hf
 
+    if given:
+        return str(calibration_for(None, given=given))
     tok, model = load_hf(model_path)
-    fp = kvtc.model_fingerprint(model)
-    default = kvtc.default_calibration_path(fp)
-    if default.is_file():
-        return str(default)
-    quick = default.with_name(f"{fp}-quick.safetensors")
-    if quick.is_file():
-        return str(quick)
-    log(f"no KVTC calibration for this model yet: making a quick one (8 segments, untuned) at {quick}")
-    t0 = time.monotonic()
-    cal = kvtc.calibrate(model, tok, corpus.calibration_documents(), segments=8, tune=False,
-                         progress=lambda i, n, what: log(f"  kvtc calibrate ({what}) {i}/{n}")
-                         if i == n or i % 10 == 0 else None)
-    cal.info["model_path"] = str(model_path)
-    cal.info["seconds"] = round(time.monotonic() - t0, 1)
-    quick.parent.mkdir(parents=True, exist_ok=True)
-    cal.save(quick)
-    return str(quick)
-
-
-def server_args_for(spec: MethodSpec, calibration: str | None, stats_file: Path) -> list[str]:
-    args = ["--enable-metrics"]
-    if spec.name == "kvtc":
-        from kvsqueeze.backends.sglang.server import kvtc_store_args
-
-        args += kvtc_store_args(calibration, spec.ratio, None, stats_file=str(stats_file))
-    if spec.name == "fusion":
-        args += ["--page-size", str(FUSION_PAGE_SIZE)]
-    return args
-
-
-def server_env_for(spec: MethodSpec) -> dict[str, str]:
-    if spec.name == "fusion":
-        from kvsqueeze.backends.sglang import fusion
-
-        return fusion.config_args(spec.ratio, spec.variant or "block")
-    return {}
+    return str(calibration_for(model, tok, quick=True, log=log))
 
 
 def run_bench(spec: BenchSpec, log=print) -> Path:
@@ -421,7 +311,7 @@ def run_bench(spec: BenchSpec, log=print) -> Path:
     dims = model_dims(model_path)
     questions = make_questions(parse_tasks(spec.tasks), spec.questions_per_task, spec.seed)
     calibration = None
-    if any(m.name == "kvtc" for m in spec.methods) and not spec.url:
+    if any("kvtc" in m.names for m in spec.methods) and not spec.url:
         calibration = kvtc_calibration(model_path, spec.calibration, log)
     out.mkdir(parents=True, exist_ok=True)
     run_name = out.name
@@ -511,18 +401,17 @@ def _write_meta(out: Path, meta: dict) -> None:
     os.replace(tmp, out / "run.json")
 
 
-def _start_server(m: MethodSpec, model_path: Path, calibration, out: Path, extra: list[str], log):
+def _start_server(m: ServerSpec, model_path: Path, calibration, out: Path, extra: list[str], log):
     from kvsqueeze.backends.sglang.server import SGLangServer, free_port
 
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    args = server_args_for(m, calibration, logs / f"{_slug(m.label)}-kvtc-stats.json")
-    if m.name == "fusion" and any(a.startswith("--page-size") for a in extra):
-        args = args[:-2]  # the page size given with --server-args wins
-    args += list(extra)
-    server = SGLangServer(model=model_path, port=free_port(), extra_args=args, env=server_env_for(m),
+    ctx = ServeContext(model=model_path, log=log, calibration=calibration, quick_calibration=True,
+                       stats_file=str(logs / f"{_slug(m.label)}-kvtc-stats.json"))
+    plan = plan_server(m, ctx, extra)
+    server = SGLangServer(model=model_path, port=free_port(), extra_args=plan.args + list(extra), env=plan.env,
                           log_path=logs / f"server-{_slug(m.label)}.log")
-    log(f"starting SGLang for {m.label} ({SERVABLE[m.name]}) ...")
+    log(f"starting SGLang for {m.label} ({m.summary}) ...")
     t0 = time.monotonic()
     server.start()
     try:

@@ -2,16 +2,12 @@
 
 Each shim is idempotent and touches only the running process: nothing in site-packages is edited.
 They are applied by :func:`kvsqueeze.backends.sglang.plugin.load` (SGLang's ``sglang.srt.plugins``
-entry point, run in the launcher, scheduler and detokenizer processes) and, because the torchvision
-shim must precede the first ``import transformers``, also at the top of kvsqueeze's own launcher.
+entry point, run in the launcher, scheduler and detokenizer processes) through the patch helper
+(:mod:`kvsqueeze.backends.sglang.patch`). The torchvision shim, which must precede the first
+``import transformers``, is :mod:`kvsqueeze.compat`; it also runs at the top of kvsqueeze's launcher.
 
-Why each one exists (see ../shared/SGLANG-ON-CPU.md in the project notes):
+Why each one exists:
 
-* ``torchvision_ops``: the registry's torchvision wheel that ``timm`` pulls in is built against a CUDA
-  torch; on the CPU torch its import fails with ``operator torchvision::nms does not exist`` because
-  its fake-tensor registrations refer to ops its C++ library never registered here. SGLang and
-  transformers import torchvision for vision models we never load; declaring the two op schemas makes
-  the import succeed. The ops are declared, never implemented: calling them raises.
 * ``native_rope``: SGLang's rotary embedding imports ``vllm._custom_ops`` on any non-CUDA device unless
   its module-level ``_is_cpu`` is true, and the official CPU switch (``SGLANG_USE_CPU_ENGINE=1``) demands
   the Intel-AMX ``sgl_kernel`` build, which has no wheel. Setting that module flag keeps the native
@@ -40,71 +36,21 @@ from __future__ import annotations
 
 import logging
 
+from kvsqueeze.backends.sglang.patch import patch, provide, set_value
+from kvsqueeze.compat import apply_pre_import
+
 logger = logging.getLogger(__name__)
-
-_TORCHVISION_LIB = None  # keeps the torch.library.Library alive for the life of the process
-_applied: set[str] = set()
-
-
-def _torchvision_needs_shim() -> bool:
-    """Whether torchvision's compiled ops cannot load beside this torch (the registry's torchvision
-    beside the CPU torch): then its Python side needs the op schemas declared. Loading its library is
-    what ``import torchvision`` does first; where that works (a matching GPU build), no shim."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.find_spec("torchvision")
-    if spec is None or not spec.submodule_search_locations:
-        return False
-    import torch
-
-    libs = sorted(Path(spec.submodule_search_locations[0]).glob("_C*.so"))
-    if libs:
-        try:
-            torch.ops.load_library(str(libs[0]))
-        except (OSError, RuntimeError):
-            pass
-    try:
-        return not torch._C._dispatch_has_kernel_for_dispatch_key("torchvision::nms", "CPU")
-    except RuntimeError:  # op unknown to the dispatcher: the C++ part never loaded
-        return True
-
-
-def torchvision_ops() -> None:
-    """Declare ``torchvision::nms`` / ``torchvision::qnms`` so ``import torchvision`` succeeds."""
-    global _TORCHVISION_LIB
-    if "torchvision_ops" in _applied:
-        return
-    _applied.add("torchvision_ops")
-    import sys
-
-    if "torchvision" in sys.modules or not _torchvision_needs_shim():
-        return
-    import torch
-
-    lib = torch.library.Library("torchvision", "FRAGMENT")
-    for name in ("nms", "qnms"):
-        try:
-            lib.define(f"{name}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        except RuntimeError:  # already defined (a CPU torchvision that works)
-            pass
-    _TORCHVISION_LIB = lib
-    logger.debug("kvsqueeze: declared torchvision::nms/qnms schemas for the CPU torch")
 
 
 def native_rope() -> None:
     """Make SGLang's rotary embedding take its native PyTorch path on CPU."""
-    if "native_rope" in _applied:
-        return
     import torch
 
     if torch.cuda.is_available():
-        _applied.add("native_rope")
         return
     from sglang.srt.layers.rotary_embedding import base
 
-    base._is_cpu = True
-    _applied.add("native_rope")
+    set_value(base, "_is_cpu", "cpu_shims.native_rope", True)
 
 
 def transfer_kv_direct(src_layers, dst_layers, src_indices, dst_indices, page_size: int) -> None:
@@ -126,28 +72,23 @@ def transfer_kv_direct(src_layers, dst_layers, src_indices, dst_indices, page_si
 
 def hicache_host_pool() -> None:
     """Unpinned host pool and a PyTorch ``transfer_kv_direct`` for HiCache on CPU."""
-    if "hicache_host_pool" in _applied:
-        return
     import torch
 
-    _applied.add("hicache_host_pool")
     if torch.cuda.is_available():
         return
     try:
         from sglang.srt.mem_cache.pool_host import mha
     except ImportError:  # an SGLang without this module: nothing to patch
         return
-    if not hasattr(mha, "transfer_kv_direct"):
-        mha.transfer_kv_direct = transfer_kv_direct
-    init = mha.MHATokenToKVPoolHost.__init__
+    provide(mha, "transfer_kv_direct", "cpu_shims.hicache_host_pool", transfer_kv_direct)  # CUDA/ROCm/XPU only
 
-    def unpinned_init(self, *args, **kwargs):
-        kwargs["pin_memory"] = False
-        init(self, *args, **kwargs)
+    def unpinned(init):
+        def unpinned_init(self, *args, **kwargs):
+            kwargs["pin_memory"] = False
+            init(self, *args, **kwargs)
+        return unpinned_init
 
-    if not getattr(init, "_kvsqueeze_unpinned", False):
-        unpinned_init._kvsqueeze_unpinned = True
-        mha.MHATokenToKVPoolHost.__init__ = unpinned_init
+    patch(mha.MHATokenToKVPoolHost, "__init__", "cpu_shims.hicache_host_pool", unpinned)
 
 
 def _prefix_extend(original):
@@ -189,23 +130,16 @@ def _prefix_extend(original):
             start_q = end_q
         return output
 
-    run_sdpa_forward_extend._kvsqueeze_prefix_extend = True
-    run_sdpa_forward_extend._kvsqueeze_original = original
     return run_sdpa_forward_extend
 
 
 def prefix_extend() -> None:
     """Extend attention over the new tokens only, not the cached prefix again (``torch_native``)."""
-    if "prefix_extend" in _applied:
-        return
-    _applied.add("prefix_extend")
     try:
         from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
     except ImportError:  # an SGLang without this backend: nothing to patch
         return
-    original = TorchNativeAttnBackend._run_sdpa_forward_extend
-    if not getattr(original, "_kvsqueeze_prefix_extend", False):
-        TorchNativeAttnBackend._run_sdpa_forward_extend = _prefix_extend(original)
+    patch(TorchNativeAttnBackend, "_run_sdpa_forward_extend", "cpu_shims.prefix_extend", _prefix_extend)
 
 
 def _yielding_on_idle(original, pause: float = 0.0005):
@@ -217,26 +151,16 @@ def _yielding_on_idle(original, pause: float = 0.0005):
                 and getattr(self.server_args, "device", None) == "cpu" and not self.is_fully_idle()):
             time.sleep(pause)
 
-    on_idle._kvsqueeze_storage_wait_yield = True
     return on_idle
 
 
 def storage_wait_yield() -> None:
     """Sleep 0.5 ms per idle scheduler turn while requests wait for storage (CPU servers only)."""
-    if "storage_wait_yield" in _applied:
-        return
-    _applied.add("storage_wait_yield")
     try:
         from sglang.srt.managers.scheduler import Scheduler
     except ImportError:
         return
-    if not getattr(Scheduler.on_idle, "_kvsqueeze_storage_wait_yield", False):
-        Scheduler.on_idle = _yielding_on_idle(Scheduler.on_idle)
-
-
-def apply_pre_import() -> None:
-    """Shims that must run before sglang or transformers are imported."""
-    torchvision_ops()
+    patch(Scheduler, "on_idle", "cpu_shims.storage_wait_yield", _yielding_on_idle)
 
 
 def apply_all() -> None:

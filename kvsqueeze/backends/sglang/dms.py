@@ -2,15 +2,17 @@
 the scheduler admits requests into the room that eviction leaves.
 
 Turned on by ``KVSQUEEZE_DMS=<checkpoint dir>`` (a ``kvsqueeze dms train`` output or the shipped gates)
-with ``--attention-backend dms --disable-radix-cache --chunked-prefill-size -1``
-(``kvsqueeze serve --method dms`` adds them); installed by the kvsqueeze plugin:
+with ``--attention-backend dms --disable-radix-cache --chunked-prefill-size -1`` (the serving spec,
+:mod:`kvsqueeze.backends.sglang.serving`, adds them for ``kvsqueeze serve --method dms:4``);
+installed by the kvsqueeze plugin, every SGLang symbol through :mod:`kvsqueeze.backends.sglang.patch`:
 
 - **Model.** ``LlamaForCausalLM`` is registered in SGLang's ``ModelRegistry`` as a subclass that, after
-  SGLang loads the weights, loads the DMS gates (:func:`kvsqueeze.methods.dms.load_gates`) and hooks
+  SGLang loads the weights, loads the DMS gates (:func:`kvsqueeze.methods.dms.checkpoint.load_gates`) and hooks
   each layer's ``input_layernorm``: its input is the layer's residual stream (plus the previous
   output, which SGLang's stage boundary adds in the norm call), the gate input of
-  :mod:`kvsqueeze.methods.dms`. The logits of the forward's tokens are kept for that layer's attention.
-- **Storage.** The K/V live in a :class:`~kvsqueeze.methods.dms_pages.HeadPagePool`: every (request,
+  :mod:`kvsqueeze.methods.dms.gates`. The logits of the forward's tokens are kept for that layer's
+  attention. Every decision follows :mod:`kvsqueeze.methods.dms.rule`.
+- **Storage.** The K/V live in a :class:`~kvsqueeze.methods.dms.pages.HeadPagePool`: every (request,
   layer, KV head) owns its own pages of ``KVSQUEEZE_DMS_PAGE_SIZE`` (default 16) token slots, taken
   from one shared free list, for the memory SGLang's pool would have had: ``--max-total-tokens B``
   buys ``B x layers x KV heads`` slots. SGLang's own token pool keeps only its indices (its K/V
@@ -24,7 +26,8 @@ with ``--attention-backend dms --disable-radix-cache --chunked-prefill-size -1``
   Decode: before the forward, each request's next token takes, per layer and head, the slot of the
   token leaving the window if that one is flagged, else a new slot; the token attends to exactly its
   head's held slots (``kvsqueeze.kernels.paged_decode``: the batched PyTorch path on CPU, the Triton
-  kernel on a GPU). Flags of the positions still in the window are kept in a ring per request row.
+  kernel on a GPU). Flags of the positions still in the window are kept per request row
+  (:class:`~kvsqueeze.methods.dms.pages.WindowFlags`).
 - **Admission.** The allocator's prefill budget charges a new request its prompt in full for the
   pass (the gates decide during the prefill), its later footprint as the measured kept fraction of
   the tokens that left the window (``HeadPagePool.kept_fraction``; 1 before any did), plus a page per
@@ -34,7 +37,8 @@ with ``--attention-backend dms --disable-radix-cache --chunked-prefill-size -1``
   SGLang frees their request row.
 - **Prefix reuse** is off: a radix hit would hand a request another request's evicted heads.
   **Chunked prefill** is off: a chunk boundary would split the prompt's eviction decisions.
-- **Metrics.** ``meta_info["kvsqueeze_dms"]`` of each finished request; gauges on ``/metrics``.
+- **Metrics.** ``meta_info["kvsqueeze_dms"]`` of each finished request (held, peak, ratio, KV token
+  reads; the harness reads ``kv_token_reads`` and ``kv_tokens_held_peak``); gauges on ``/metrics``.
 """
 
 from __future__ import annotations
@@ -46,7 +50,13 @@ from pathlib import Path
 
 import torch
 
+from kvsqueeze.backends.sglang.metrics import gauges
+from kvsqueeze.backends.sglang.patch import patch, patch_item, set_value
 from kvsqueeze.errors import bad_value
+from kvsqueeze.kernels.paged_decode import SUPPORTED_PAGE_SIZES, paged_decode
+from kvsqueeze.methods.dms import rule
+from kvsqueeze.methods.dms.checkpoint import load_config, load_gates
+from kvsqueeze.methods.dms.pages import HeadPagePool, PagesExhausted, WindowFlags
 
 logger = logging.getLogger(__name__)
 
@@ -82,8 +92,6 @@ def checkpoint_dir() -> Path | None:
 
 def page_size(raw: str | None = None, what: str = PAGE_ENV) -> int:
     """The per-head pool's page size (``KVSQUEEZE_DMS_PAGE_SIZE``, default 16), checked."""
-    from kvsqueeze.kernels.paged_decode import SUPPORTED_PAGE_SIZES
-
     raw = os.environ.get(PAGE_ENV, "16") if raw is None else raw
     if not raw.isdigit() or int(raw) not in SUPPORTED_PAGE_SIZES:
         raise bad_value(what, raw, f"one of {', '.join(map(str, SUPPORTED_PAGE_SIZES))} (the page "
@@ -91,44 +99,21 @@ def page_size(raw: str | None = None, what: str = PAGE_ENV) -> int:
     return int(raw)
 
 
-SERVER_FLAGS = (("--attention-backend", "dms"), ("--disable-radix-cache", None),
-                ("--chunked-prefill-size", "-1"))
-# SGLang 0.5.23 derives a negative static memory fraction when chunked prefill is off: an explicit one.
-# On a GPU: the head pool is placed in Python before each forward, so no overlapped scheduling (the CPU
-# turns it off anyway) and no CUDA-graph capture (the backend has no graph metadata path yet).
-SERVER_DEFAULTS = (("--mem-fraction-static", "0.8"), ("--disable-overlap-schedule", None),
-                   ("--disable-cuda-graph", None))
-
-
-def check_server_args(args: list[str]) -> None:
-    for flag, value in SERVER_FLAGS:
-        if flag not in args:
-            raise bad_value(flag.lstrip("-"), None, f"{flag} {value or ''}".strip() + " with DMS")
-        i = args.index(flag)
-        if value is not None and (i + 1 >= len(args) or args[i + 1] != value):
-            raise bad_value(flag.lstrip("-"), args[i + 1] if i + 1 < len(args) else None,
-                            f"{value} with DMS (a radix hit would reuse another request's evicted heads; "
-                            "a prefill chunk boundary would split the prompt's eviction decisions)")
-
-
 def _install_gates(model, directory: Path) -> None:
-    from kvsqueeze.methods.dms import load_config, load_gates
-
     cfg = load_config(directory)
     if cfg.gate != "projection":
         raise bad_value("gate", cfg.gate, "projection gates (query-neuron gates are not wired into "
                         "SGLang yet)")
     gates = load_gates(directory, model).to(next(model.parameters()).device)
     model._kvsqueeze_dms = (cfg, gates)
-    per_layer = cfg.granularity == "layer"
+    dtype = gates.layers[0].dms_proj_alpha.weight.dtype
     for i, layer in enumerate(model.model.layers):
         def pre_hook(module, args, i=i):
             x = args[0]
             if len(args) > 1 and args[1] is not None:
                 x = x + args[1]  # the boundary adds the previous output into the residual here
-            lg = gates.layers[i](x.to(gates.layers[i].dms_proj_alpha.weight.dtype))
-            lg = lg * cfg.logit_scale + cfg.logit_bias
-            _LOGITS[i] = (lg[..., :1].expand_as(lg) if per_layer else lg).detach()
+            _LOGITS[i] = gates.logits(i, x.to(dtype)).expand(*x.shape[:-1], gates.layers[i].dms_proj_alpha
+                                                             .out_features).detach()
         layer.input_layernorm.register_forward_pre_hook(pre_hook)
     logger.info("kvsqueeze DMS: gates from %s (window %d, sinks %d)", directory, cfg.window, cfg.sinks)
 
@@ -138,16 +123,14 @@ def _install_gates(model, directory: Path) -> None:
 
 class _State:
     def __init__(self, budget_tokens: int, n_layers: int, kv_heads: int, head_dim: int, v_head_dim: int,
-                 dtype, device, rows: int, window: int, ps: int):
-        from kvsqueeze.methods.dms_pages import HeadPagePool
-
+                 dtype, device, rows: int, window: int, sinks: int, ps: int):
         self.budget = budget_tokens
         self.n_layers, self.kv_heads, self.window, self.ps = n_layers, kv_heads, window, ps
         self.num_pages = math.ceil(budget_tokens * n_layers * kv_heads / ps)
         self.pool = HeadPagePool(self.num_pages, ps, n_layers, kv_heads, window)
         self.k = torch.zeros(self.num_pages, ps, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros(self.num_pages, ps, v_head_dim, dtype=dtype, device=device)
-        self.ring = torch.zeros(rows, n_layers, kv_heads, window + 2, dtype=torch.bool)
+        self.flags = WindowFlags(rows, n_layers, kv_heads, window, sinks)
         self.per_request: dict[str, dict] = {}
         self.peak_held = 0
         self.peak_sequences = 0  # most requests holding pages at once
@@ -156,10 +139,8 @@ class _State:
         self.decode = None  # (slots [L, bs, H], page tables [L, bs, H, P], lengths [L, bs, H])
 
     def reset(self) -> None:
-        from kvsqueeze.methods.dms_pages import HeadPagePool
-
         self.pool = HeadPagePool(self.num_pages, self.ps, self.n_layers, self.kv_heads, self.window)
-        self.ring.zero_()
+        self.flags.reset()
         self.per_request.clear()
         self.decode = None
 
@@ -171,8 +152,7 @@ class _State:
         return self.budget * self.pool.free_pages // self.num_pages
 
     def leaving_flags(self, row: int) -> torch.Tensor | None:
-        leaving = self.pool.seen(row) - self.window - 1
-        return None if leaving < 0 else self.ring[row, :, :, leaving % (self.window + 2)]
+        return self.flags.leaving(row, self.pool.seen(row))
 
     def pages_for_next_decode(self, rows) -> int:
         need = 0
@@ -199,6 +179,10 @@ class _State:
         self.pool.release(row)
 
     def request_meta(self, rid: str) -> dict:
+        """A finished request's figures: held and peak in dense-token equivalents, its ratio, KV token
+        reads per decode step (DMS's and a dense cache's), and the totals the harness reads
+        (``kv_token_reads``: summed over decode steps, layers and KV heads; ``kv_tokens_held_peak``:
+        peak (layer, KV head) slots held)."""
         rec = self.per_request.pop(rid, None)
         if rec is None:
             return {}
@@ -206,7 +190,8 @@ class _State:
         return {"held_tokens": round(rec["held"] / lh, 2), "peak_held_tokens": round(rec["peak"] / lh, 2),
                 "dense_tokens": rec["seen"], "ratio": round(rec["seen"] * lh / max(rec["held"], 1), 3),
                 "reads_per_step": round(rec["reads"] / rec["steps"], 1) if rec["steps"] else 0.0,
-                "dense_reads_per_step": round(rec["dense_reads"] / rec["steps"], 1) if rec["steps"] else 0.0}
+                "dense_reads_per_step": round(rec["dense_reads"] / rec["steps"], 1) if rec["steps"] else 0.0,
+                "kv_token_reads": rec["reads"], "kv_tokens_held_peak": rec["peak"]}
 
     def stats(self) -> dict:
         held = sum(self.pool.tokens_held(q) for q in self.pool.seqs)
@@ -257,7 +242,7 @@ def _prefill_budget_class():
     return DMSPrefillBudget
 
 
-def _attach(model_runner, window: int) -> _State:
+def _attach(model_runner, cfg) -> _State:
     """Build the head pool for ``model_runner``'s budget and wire SGLang's pools to it (once)."""
     alloc = model_runner.token_to_kv_pool_allocator
     st = _state_of(alloc)
@@ -273,39 +258,49 @@ def _attach(model_runner, window: int) -> _State:
     k0 = pool.get_key_buffer(0)
     v0 = pool.get_value_buffer(0)
     st = _State(pool.size, pool.layer_num, pool.head_num, k0.shape[-1], v0.shape[-1], k0.dtype, k0.device,
-                rtp.req_to_token.shape[0], window, page_size())
+                rtp.req_to_token.shape[0], cfg.window, cfg.sinks, page_size())
+    key = "dms.pool"
     # SGLang's K/V buffers are not used: keep one row each, so the memory is the head pool's
-    pool.k_buffer = [b[:1].clone() for b in pool.k_buffer]
-    pool.v_buffer = [b[:1].clone() for b in pool.v_buffer]
-    alloc.size = pool.size * VIRTUAL_FACTOR
+    set_value(pool, "k_buffer", key, [b[:1].clone() for b in pool.k_buffer])
+    set_value(pool, "v_buffer", key, [b[:1].clone() for b in pool.v_buffer])
+    set_value(alloc, "size", key, pool.size * VIRTUAL_FACTOR)
     alloc.clear()
     budget_cls = _prefill_budget_class()
-    alloc.available_size = st.available_tokens
+    patch(alloc, "available_size", key, lambda available: lambda: min(available(), st.available_tokens()))
+    patch(alloc, "check_decode_capacity", key, lambda check: (
+        lambda *, num_tokens, tree_cache, requests=None, spec_algorithm=None:
+        st.pages_for_next_decode([r.kv.req_pool_idx for r in requests or []]) <= st.pool.free_pages),
+        chains=False, why="the head pool's exact count of the pages the next step needs replaces SGLang's "
+        "count of free token slots (a step may need no new page while fewer slots than requests are free)")
+    patch(alloc, "create_prefill_budget", key, lambda create: (
+        lambda tree_cache, *, num_mixed_decode_tokens=0: budget_cls(
+            alloc, tree_cache, num_mixed_decode_tokens=num_mixed_decode_tokens)),
+        chains=False, why="DMS's budget (a subclass of SGLang's PrefillBudget) charges the measured kept "
+        "fraction instead of one slot per token")
 
-    def check_decode_capacity(*, num_tokens, tree_cache, requests=None, spec_algorithm=None):
-        rows = [r.kv.req_pool_idx for r in requests or []]
-        return st.pages_for_next_decode(rows) <= st.pool.free_pages
+    def free_rows(orig):
+        def _free_rows(indices):
+            for row in indices:
+                st.release(int(row))
+            orig(indices)
+        return _free_rows
 
-    alloc.check_decode_capacity = check_decode_capacity
-    alloc.create_prefill_budget = lambda tree_cache, *, num_mixed_decode_tokens=0: budget_cls(
-        alloc, tree_cache, num_mixed_decode_tokens=num_mixed_decode_tokens)
-    free_rows, free, clear = rtp.free_rows, rtp.free, rtp.clear
+    def free(orig):
+        def _free(req):
+            if req.kv.req_pool_idx is not None:
+                st.release(int(req.kv.req_pool_idx), req.rid)
+            orig(req)
+        return _free
 
-    def _free_rows(indices):
-        for row in indices:
-            st.release(int(row))
-        free_rows(indices)
+    def clear(orig):
+        def _clear():
+            orig()
+            st.reset()
+        return _clear
 
-    def _free(req):
-        if req.kv.req_pool_idx is not None:
-            st.release(int(req.kv.req_pool_idx), req.rid)
-        free(req)
-
-    def _clear():
-        clear()
-        st.reset()
-
-    rtp.free_rows, rtp.free, rtp.clear = _free_rows, _free, _clear
+    patch(rtp, "free_rows", key, free_rows)
+    patch(rtp, "free", key, free)
+    patch(rtp, "clear", key, clear)
     alloc._kvsqueeze_dms = st
     logger.warning("kvsqueeze DMS: prefix reuse (radix cache) and chunked prefill are off: a radix hit "
                    "would hand a request another request's evicted heads, a prefill chunk would split "
@@ -319,16 +314,12 @@ def _attach(model_runner, window: int) -> _State:
 def _backend_class():
     from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 
-    from kvsqueeze.kernels.paged_decode import paged_decode
-    from kvsqueeze.methods.dms import load_config
-    from kvsqueeze.methods.dms_pages import PagesExhausted
-
     class DMSAttnBackend(TorchNativeAttnBackend):
         def __init__(self, model_runner):
             super().__init__(model_runner)
             cfg = load_config(checkpoint_dir())
             self.window, self.sinks = cfg.window, cfg.sinks
-            self.st = _attach(model_runner, cfg.window)
+            self.st = _attach(model_runner, cfg)
 
         # ---- placing the batch's tokens -------------------------------------------------------
         def init_forward_metadata(self, forward_batch):
@@ -386,17 +377,10 @@ def _backend_class():
                 return o.reshape(-1, hq * vd)
             lg = self._logits(lid, q_.shape[0])
             group = hq // hk
-            ring = self.window + 2
             s = 0
             for row, n in zip(fb.req_pool_indices.tolist(), fb.extend_seq_lens.tolist()):
-                flags = torch.zeros(hk, n, dtype=torch.bool)
-                if n > 1:
-                    flags[:, :n - 1] = (lg[s + 1:s + n] > 0).T.cpu()  # the logit at p decides p - 1
-                flags[:, :self.sinks] = False
-                pos = torch.arange(n, device=q.device)
-                fl = flags.to(q.device)
-                vis = (pos[None, :] <= pos[:, None])[None] & (
-                    ((pos[:, None] - pos[None, :]) <= self.window)[None] | ~fl[:, None, :])
+                flags = prefill_flags(lg[s:s + n], self.sinks)
+                vis = rule.visible(flags.to(q.device), 0, n, self.window)  # [hk, n, n]
                 qq = q_[s:s + n].transpose(0, 1)
                 out = torch.nn.functional.scaled_dot_product_attention(
                     qq, k_[s:s + n].transpose(0, 1).repeat_interleave(group, 0).to(qq.dtype),
@@ -411,8 +395,7 @@ def _backend_class():
                         kp = keep[h].nonzero()[:, 0].to(q.device) + s
                         kf[slots[h].to(kf.device)] = k_[kp, h].to(kf.dtype)
                         vf[slots[h].to(vf.device)] = v_[kp, h].to(vf.dtype)
-                    lo = max(0, n - ring)
-                    st.ring[int(row), lid, :, torch.arange(lo, n) % ring] = flags[:, lo:]
+                    st.flags.prefill(int(row), lid, flags)
                 s += n
             return o.reshape(-1, hq * vd)
 
@@ -426,13 +409,7 @@ def _backend_class():
             if st.decode is None:
                 raise RuntimeError("DMS: a decode forward without its placement (init_forward_metadata)")
             slots, pt, ln = st.decode
-            lg = self._logits(lid, bs)
-            rows = fb.req_pool_indices.long().cpu()
-            t = fb.positions.long().cpu()
-            ring = self.window + 2
-            decided = ((lg > 0).cpu() & (t - 1 >= self.sinks)[:, None])
-            st.ring[rows, lid, :, (t - 1) % ring] = decided  # the logit of t decides t - 1
-            st.ring[rows, lid, :, t % ring] = False  # t itself: undecided
+            st.flags.decode(fb.req_pool_indices, lid, fb.positions, self._logits(lid, bs))
             if save_kv_cache:
                 idx = slots[lid].reshape(-1).to(st.k.device)
                 st.k.view(-1, d)[idx] = k.reshape(-1, d).to(st.k.dtype)
@@ -442,6 +419,23 @@ def _backend_class():
             return out.reshape(-1, hq * vd).to(q.dtype)
 
     return DMSAttnBackend
+
+
+def prefill_flags(logits: torch.Tensor, sinks: int) -> torch.Tensor:
+    """Eviction flags ``[kv_heads, n]`` of one request's prefill from its tokens' gate logits
+    ``[n, kv_heads]`` (the rule: shift by one, sinks, the newest undecided)."""
+    n = logits.shape[0]
+    return rule.decide(logits.T.cpu(), n, sinks)
+
+
+def _model_class(llama_cls, directory: Path):
+    class DMSLlamaForCausalLM(llama_cls):
+        def load_weights(self, weights):
+            out = super().load_weights(weights)
+            _install_gates(self, directory)
+            return out
+
+    return DMSLlamaForCausalLM
 
 
 def install() -> bool:
@@ -457,55 +451,49 @@ def install() -> bool:
     from sglang.srt.managers.schedule_policy import PrefillAdder
     from sglang.srt.managers.scheduler import Scheduler
     from sglang.srt.managers.scheduler_components.output_streamer import SchedulerOutputStreamer
-    from sglang.srt.models.llama import LlamaForCausalLM
     from sglang.srt.models.registry import ModelRegistry
-
-    from kvsqueeze.backends.sglang.metrics import gauges
 
     add_attention_backend_choices(["dms"])
     register_attention_backend("dms")(lambda runner: _backend_class()(runner))
+    patch_item(ModelRegistry.models, "LlamaForCausalLM", "dms", lambda cls: _model_class(cls, directory),
+               owner="sglang ModelRegistry.models")
 
-    class DMSLlamaForCausalLM(LlamaForCausalLM):
-        def load_weights(self, weights):
-            out = super().load_weights(weights)
-            _install_gates(self, directory)
-            return out
+    def running_offset(orig):
+        def _running_offset(self, req):
+            # a running request grows by the kept fraction of the tokens leaving its window
+            st = _state_of(self.token_to_kv_pool_allocator)
+            out = orig(self, req)
+            return out if st is None else out * st.kept()
+        return _running_offset
 
-    ModelRegistry.models["LlamaForCausalLM"] = DMSLlamaForCausalLM
+    def new_batch_prefill(orig):
+        def _get_new_batch_prefill(self, running_batch):
+            # SGLang stops admitting after a pass that found no room until a request leaves; a new
+            # measurement of the kept fraction changes what fits, so the next step tries again
+            st = _state_of(self.token_to_kv_pool_allocator)
+            if st is not None and running_batch is not None and running_batch.batch_is_full:
+                kept = round(st.kept(), 3)
+                if kept != st.kept_seen:
+                    st.kept_seen = kept
+                    running_batch.batch_is_full = False
+            return orig(self, running_batch)
+        return _get_new_batch_prefill
 
-    running_offset = PrefillAdder._get_running_request_total_token_offset
+    def customized_info(orig):
+        def build_additional_customized_info(self, reqs):
+            out = orig(self, reqs)
+            st = _state_of(self.tree_cache.token_to_kv_pool_allocator)
+            if st is None:
+                return out
+            stats = st.stats()
+            for key, g in gauges(METRICS).items():
+                g.set(stats[key])
+            return {**out, META_KEY: [[st.request_meta(r.rid)] if r.finished() else [] for r in reqs]}
+        return build_additional_customized_info
 
-    def _running_offset(self, req):
-        # a running request grows by the kept fraction of the tokens leaving its window
-        st = _state_of(self.token_to_kv_pool_allocator)
-        out = running_offset(self, req)
-        return out if st is None else out * st.kept()
-
-    get_new_batch_prefill = Scheduler.get_new_batch_prefill
-
-    def _get_new_batch_prefill(self, running_batch):
-        # SGLang stops admitting after a pass that found no room until a request leaves; a new
-        # measurement of the kept fraction changes what fits, so the next step tries again
-        st = _state_of(self.token_to_kv_pool_allocator)
-        if st is not None and running_batch is not None and running_batch.batch_is_full:
-            kept = round(st.kept(), 3)
-            if kept != st.kept_seen:
-                st.kept_seen = kept
-                running_batch.batch_is_full = False
-        return get_new_batch_prefill(self, running_batch)
-
-    def build_additional_customized_info(self, reqs):
-        st = _state_of(self.tree_cache.token_to_kv_pool_allocator)
-        if st is None:
-            return {}
-        stats = st.stats()
-        for key, g in gauges(METRICS).items():
-            g.set(stats[key])
-        return {META_KEY: [[st.request_meta(r.rid)] if r.finished() else [] for r in reqs]}
-
-    PrefillAdder._get_running_request_total_token_offset = _running_offset
-    Scheduler.get_new_batch_prefill = _get_new_batch_prefill
-    SchedulerOutputStreamer.has_additional_customized_info = True
-    SchedulerOutputStreamer.build_additional_customized_info = build_additional_customized_info
+    patch(PrefillAdder, "_get_running_request_total_token_offset", "dms", running_offset)
+    patch(Scheduler, "get_new_batch_prefill", "dms", new_batch_prefill)
+    set_value(SchedulerOutputStreamer, "has_additional_customized_info", "dms", True)
+    patch(SchedulerOutputStreamer, "build_additional_customized_info", "dms", customized_info)
     _installed = True
     return True

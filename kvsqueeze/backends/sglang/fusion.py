@@ -1,17 +1,19 @@
 """Block fusion inside SGLang: near-duplicate full pages become shared, ref-counted pages.
 
-Turned on by ``kvsqueeze serve --method fusion --threshold T`` (which sets ``KVSQUEEZE_FUSION`` to a JSON
-config and requires ``--page-size`` > 1); installed in the scheduler process by the kvsqueeze plugin.
-Nothing in SGLang is edited; these methods are wrapped (SGLang 0.5.23):
+Turned on by ``kvsqueeze serve --method fusion:T[:SIMILARITY]`` (which sets ``KVSQUEEZE_FUSION`` to a
+:class:`~kvsqueeze.methods.fusion.config.FusionConfig` as JSON and requires ``--page-size`` > 1);
+installed in the scheduler process by the kvsqueeze plugin. Nothing in SGLang is edited; these
+methods are wrapped through :mod:`kvsqueeze.backends.sglang.patch`, each calling the one it replaces
+(SGLang 0.5.23):
 
 - ``PagedTokenToKVPoolAllocator._release_page_ids``: every free of the paged allocator ends here
   (``free``, ``free_segment``, ``free_page_ids``, grouped or not). A page with extra holders loses
-  one instead of going back to the free list (:class:`kvsqueeze.methods.fusion_online.PageRefs`).
+  one instead of going back to the free list (:class:`kvsqueeze.methods.fusion.refs.PageRefs`).
 - ``UnifiedRadixCache.checkpoint`` (the tree SGLang 0.5.23 builds by default; ``RadixCache``'s too):
   SGLang publishes a request's computed KV into the radix tree after its prefill and when it finishes
   (``checkpoint_kv_cache``, ``release_kv_cache``). Just before, the request's *own* new full pages
   (those past ``cache_protected_len``, i.e. not an exact radix prefix) are compared with the live
-  representatives at the same page index (:class:`~kvsqueeze.methods.fusion_online.OnlinePageFusion`);
+  representatives at the same page index (:class:`~kvsqueeze.methods.fusion.online.OnlinePageFusion`);
   a page that fuses has its ``req_to_token`` entries pointed at the representative's slots, the
   representative gains a holder, and the page is freed at once (the scheduler can hand it out in the
   same step). The tree then stores the request's tokens with the representative's slots, so exact
@@ -36,16 +38,16 @@ start, pages saved and shared pages now, prefills checked).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 
 import torch
 
 from kvsqueeze.backends.sglang.metrics import gauges
+from kvsqueeze.backends.sglang.patch import patch, set_value
 from kvsqueeze.errors import KvsqueezeError, bad_value
-from kvsqueeze.methods.fusion import check_similarity, check_threshold, parse_layers
-from kvsqueeze.methods.fusion_online import OnlinePageFusion
+from kvsqueeze.methods.fusion.config import FusionConfig, parse_layers
+from kvsqueeze.methods.fusion.online import OnlinePageFusion
 
 logger = logging.getLogger(__name__)
 
@@ -61,60 +63,21 @@ METRICS = {  # stat -> (gauge, help)
 _installed = False
 
 
-def config_args(threshold: float, similarity: str = "block", layers: str | None = None,
-                max_candidates: int = 64) -> dict[str, str]:
-    """Environment for the server process: the validated fusion config as JSON."""
-    cfg = {"threshold": check_threshold(threshold), "similarity": check_similarity(similarity),
-           "layers": layers, "max_candidates": int(max_candidates)}
-    return {ENV: json.dumps(cfg)}
+def config_env(cfg: FusionConfig) -> dict[str, str]:
+    """Environment for the server process: the fusion config as JSON."""
+    return {ENV: cfg.to_json()}
 
 
-def _config() -> dict | None:
+def _config() -> FusionConfig | None:
     raw = os.environ.get(ENV)
-    if not raw:
-        return None
-    try:
-        cfg = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise bad_value(ENV, raw, f"a JSON object ({e})")
-    check_threshold(cfg.get("threshold"))
-    check_similarity(cfg.get("similarity", "block"))
-    return cfg
-
-
-def check_server_args(args: list[str]) -> int:
-    """Reject SGLang flags fusion cannot work with; returns the page size."""
-    def value(flag):
-        for i, a in enumerate(args):
-            if a == flag and i + 1 < len(args):
-                return args[i + 1]
-            if a.startswith(flag + "="):
-                return a.split("=", 1)[1]
-        return None
-
-    page = value("--page-size")
-    if page is None:
-        raise bad_value("page-size", None, "a page size above 1 for --method fusion (e.g. -- --page-size 16): "
-                        "fusion shares whole pages")
-    try:
-        page_size = int(page)
-    except ValueError:
-        raise bad_value("page-size", page, "an integer page size above 1")
-    if page_size < 2:
-        raise bad_value("page-size", page_size, "a page size above 1 for --method fusion "
-                        "(page size 1 has no pages to share)")
-    for flag in ("--disable-radix-cache", "--enable-hierarchical-cache"):
-        if flag in args:
-            raise bad_value(flag, "given", "not given with --method fusion (it works on the plain radix "
-                            "cache's paged pool)")
-    return page_size
+    return FusionConfig.from_json(raw, ENV) if raw else None
 
 
 # ---- state ------------------------------------------------------------------------------------
 
 
 class _State:
-    def __init__(self, alloc, cfg: dict):
+    def __init__(self, alloc, cfg: FusionConfig):
         from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
 
         if not isinstance(alloc, PagedTokenToKVPoolAllocator) or alloc.page_size < 2:
@@ -125,9 +88,8 @@ class _State:
             raise KvsqueezeError(f"kvsqueeze fusion: needs an MHA pool with the nhd layout; got "
                                  f"{type(pool).__name__} ({getattr(pool, 'kv_cache_layout', '?')})")
         self.alloc, self.pool, self.page_size = alloc, pool, alloc.page_size
-        self.layers = parse_layers(cfg.get("layers"), pool.layer_num)
-        self.fusion = OnlinePageFusion(alloc.num_pages + 1, cfg["threshold"],
-                                       cfg.get("similarity", "block"), int(cfg.get("max_candidates", 64)))
+        self.layers = parse_layers(cfg.layers, pool.layer_num)
+        self.fusion = OnlinePageFusion.from_config(alloc.num_pages + 1, cfg)
         self.per_request: dict[str, list[int]] = {}
         self.overcount_key, self.overcount = None, (0, 0)
         self.freed_since_admission = False
@@ -266,83 +228,91 @@ def install() -> bool:
     from sglang.srt.mem_cache.radix_cache import RadixCache
     from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
 
-    release, clear = PagedTokenToKVPoolAllocator._release_page_ids, PagedTokenToKVPoolAllocator.clear
-    evict_to_free = PagedTokenToKVPoolAllocator.evict_to_free_tokens
+    def release_page_ids(release):
+        def _release_page_ids(self, *page_ids):
+            st = _state(self)
+            if st is not None and page_ids:
+                ids = page_ids[0] if len(page_ids) == 1 else torch.cat(page_ids)
+                out = st.fusion.release(ids)
+                if out.numel() == 0:
+                    return
+                page_ids = (out.to(ids.device, ids.dtype),)
+            release(self, *page_ids)
+        return _release_page_ids
 
-    def _release_page_ids(self, *page_ids):
-        st = _state(self)
-        if st is not None and page_ids:
-            ids = page_ids[0] if len(page_ids) == 1 else torch.cat(page_ids)
-            out = st.fusion.release(ids)
-            if out.numel() == 0:
-                return
-            page_ids = (out.to(ids.device, ids.dtype),)
-        release(self, *page_ids)
+    def clear(orig):
+        def _clear(self):
+            orig(self)
+            st = _state(self)
+            if st is not None:
+                st.fusion.reset()
+                st.per_request.clear()
+        return _clear
 
-    def _clear(self):
-        clear(self)
-        st = _state(self)
-        if st is not None:
-            st.fusion.reset()
-            st.per_request.clear()
+    def evict_to_free_tokens(evict_to_free):
+        def _evict_to_free_tokens(self, tree_cache, num_tokens):
+            out = evict_to_free(self, tree_cache, num_tokens)
+            if _state(self) is not None and tree_cache is not None and tree_cache.supports_prefix_sharing():
+                while self.available_size() < num_tokens:
+                    res = tree_cache.evict(EvictParams(num_tokens=num_tokens - self.available_size()))
+                    if not res.num_tokens_evicted:
+                        break
+            return out
+        return _evict_to_free_tokens
 
-    def _evict_to_free_tokens(self, tree_cache, num_tokens):
-        out = evict_to_free(self, tree_cache, num_tokens)
-        if _state(self) is not None and tree_cache is not None and tree_cache.supports_prefix_sharing():
-            while self.available_size() < num_tokens:
-                res = tree_cache.evict(EvictParams(num_tokens=num_tokens - self.available_size()))
-                if not res.num_tokens_evicted:
-                    break
-        return out
+    def new_batch_prefill(orig):
+        def _get_new_batch_prefill(self, running_batch):
+            # SGLang stops admitting once a prefill did not fit and waits for a request to leave;
+            # pages freed by fusion are room too, so the next step tries again.
+            st = _state(self.token_to_kv_pool_allocator)
+            if st is not None and st.freed_since_admission:
+                st.freed_since_admission = False
+                running_batch.batch_is_full = False
+            return orig(self, running_batch)
+        return _get_new_batch_prefill
 
-    get_new_batch_prefill = Scheduler.get_new_batch_prefill
-
-    def _get_new_batch_prefill(self, running_batch):
-        # SGLang stops admitting once a prefill did not fit and waits for a request to leave;
-        # pages freed by fusion are room too, so the next step tries again.
-        st = _state(self.token_to_kv_pool_allocator)
-        if st is not None and st.freed_since_admission:
-            st.freed_since_admission = False
-            running_batch.batch_is_full = False
-        return get_new_batch_prefill(self, running_batch)
-
-    def wrap_tree(cls):
-        checkpoint, evictable = cls.checkpoint, cls.evictable_size
-
+    def checkpoint(orig):
         def _checkpoint(self, req, *, up_to, **kw):
             if not self.disable:
                 fuse_request(self, req, up_to)
-            return checkpoint(self, req, up_to=up_to, **kw)
+            return orig(self, req, up_to=up_to, **kw)
+        return _checkpoint
 
+    def evictable_size(orig):
         def _evictable_size(self):
-            size = evictable(self)
+            size = orig(self)
             st = _state(self.token_to_kv_pool_allocator)
             return size if st is None else max(0, size - shared_overcount(self, st)[0] * st.page_size)
+        return _evictable_size
 
+    def protected_size(orig):
         def _protected_size(self):
-            size = protected(self)
+            size = orig(self)
             st = _state(self.token_to_kv_pool_allocator)
             return size if st is None else max(0, size - shared_overcount(self, st)[1] * st.page_size)
+        return _protected_size
 
-        protected = cls.protected_size
-        cls.checkpoint, cls.evictable_size, cls.protected_size = _checkpoint, _evictable_size, _protected_size
+    def customized_info(orig):
+        def build_additional_customized_info(self, reqs):
+            out = orig(self, reqs)
+            st = _state(self.tree_cache.token_to_kv_pool_allocator)
+            if st is not None:
+                stats = st.stats()
+                for key, g in gauges(METRICS).items():
+                    g.set(stats[key])
+            return {**out, META_KEY: [[request_meta(st, r)] if r.finished() else [] for r in reqs]}
+        return build_additional_customized_info
 
-    def build_additional_customized_info(self, reqs):
-        st = _state(self.tree_cache.token_to_kv_pool_allocator)
-        if st is not None:
-            stats = st.stats()
-            for key, g in gauges(METRICS).items():
-                g.set(stats[key])
-        return {META_KEY: [[request_meta(st, r)] if r.finished() else [] for r in reqs]}
-
-    Scheduler.get_new_batch_prefill = _get_new_batch_prefill
-    PagedTokenToKVPoolAllocator._release_page_ids = _release_page_ids
-    PagedTokenToKVPoolAllocator.clear = _clear
-    PagedTokenToKVPoolAllocator.evict_to_free_tokens = _evict_to_free_tokens
+    patch(Scheduler, "get_new_batch_prefill", "fusion", new_batch_prefill)
+    patch(PagedTokenToKVPoolAllocator, "_release_page_ids", "fusion", release_page_ids)
+    patch(PagedTokenToKVPoolAllocator, "clear", "fusion", clear)
+    patch(PagedTokenToKVPoolAllocator, "evict_to_free_tokens", "fusion", evict_to_free_tokens)
     for cls in (RadixCache, UnifiedRadixCache):  # SGLang 0.5.23 builds UnifiedRadixCache by default
-        wrap_tree(cls)
-    SchedulerOutputStreamer.has_additional_customized_info = True
-    SchedulerOutputStreamer.build_additional_customized_info = build_additional_customized_info
+        patch(cls, "checkpoint", "fusion", checkpoint)
+        patch(cls, "evictable_size", "fusion", evictable_size)
+        patch(cls, "protected_size", "fusion", protected_size)
+    set_value(SchedulerOutputStreamer, "has_additional_customized_info", "fusion", True)
+    patch(SchedulerOutputStreamer, "build_additional_customized_info", "fusion", customized_info)
     _installed = True
     logger.info("kvsqueeze fusion installed: %s", cfg)
     return True

@@ -11,7 +11,7 @@ Loaded by SGLang's dynamic storage-backend option (``kvsqueeze serve --kv-store 
         "kvtc_workers": N (codec processes; default min(2, cores); 0 codes on SGLang's thread)}'
 
 ``interface_v1`` makes SGLang hand over host-pool indices (zero copy): a page is read from the host
-pool, encoded with :class:`kvsqueeze.methods.kvtc_store.KVTCStore` and restored into the host pool on
+pool, encoded with :class:`kvsqueeze.methods.kvtc.store.KVTCStore` and restored into the host pool on
 a prefix hit. ``hicache_storage_pass_prefix_keys`` gives each page its absolute position (the
 number of pages before it), which the codec needs to take RoPE off the keys; without positions a
 page is not stored (SGLang recomputes it), never stored wrongly. The engine-agnostic work (codec,
@@ -29,8 +29,8 @@ import torch
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig
 
 from kvsqueeze.backends.sglang.metrics import gauges
-from kvsqueeze.methods import kvtc_codec as codec
-from kvsqueeze.methods.kvtc_store import KVTCStore
+from kvsqueeze.methods.kvtc import codec
+from kvsqueeze.methods.kvtc.store import KVTCStore
 from kvsqueeze.model import home
 
 logger = logging.getLogger(__name__)

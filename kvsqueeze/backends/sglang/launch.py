@@ -8,9 +8,9 @@ kvsqueeze plugin that SGLang loads in every process.
 
 from __future__ import annotations
 
-from kvsqueeze.backends.sglang import cpu_shims
+from kvsqueeze import compat
 
-cpu_shims.apply_pre_import()
+compat.apply_pre_import()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -33,28 +33,6 @@ def cpu_defaults() -> dict[str, str]:
     return {} if torch.cuda.is_available() else dict(CPU_DEFAULTS)
 
 
-def kvtc_store_args(calibration: str, ratio: float, directory: str | None = None,
-                    stats_file: str | None = None, page_size: int = 64) -> list[str]:
-    """SGLang flags that turn on the hierarchical cache with the KVTC storage tier.
-
-    ``wait_complete``: a request waits for its prefix to be restored from storage (the best-effort
-    default gives up on a slow tier and recomputes). ``layer_first`` + ``direct`` is the host-pool
-    layout and transfer path kvsqueeze's CPU shim and storage backend support.
-    """
-    import json
-
-    extra = {"backend_name": "kvtc", "module_path": "kvsqueeze.backends.sglang.kvtc_storage",
-             "class_name": "KVTCHiCacheStorage", "interface_v1": 1,
-             "hicache_storage_pass_prefix_keys": True, "kvtc_calibration": str(calibration),
-             "kvtc_ratio": float(ratio), "kvtc_dir": str(directory) if directory else None,
-             "kvtc_stats_file": stats_file}
-    return ["--page-size", str(page_size), "--enable-hierarchical-cache",
-            "--hicache-io-backend", "direct", "--hicache-mem-layout", "layer_first",
-            "--hicache-storage-prefetch-policy", "wait_complete",
-            "--hicache-storage-backend", "dynamic",
-            "--hicache-storage-backend-extra-config", json.dumps(extra)]
-
-
 def port_is_free(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -71,8 +49,20 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def _has_flag(args: list[str], flag: str) -> bool:
+def has_flag(args: list[str], flag: str) -> bool:
+    """Whether ``flag`` is in ``args`` (``--flag``, ``--flag V`` or ``--flag=V``)."""
     return any(a == flag or a.startswith(flag + "=") for a in args)
+
+
+def flag_value(args: list[str], flag: str) -> str | None:
+    """The value of ``flag`` in ``args`` (``--flag V`` or ``--flag=V``; the last one wins), or None."""
+    out = None
+    for i, a in enumerate(args):
+        if a == flag and i + 1 < len(args):
+            out = args[i + 1]
+        elif a.startswith(flag + "="):
+            out = a.split("=", 1)[1]
+    return out
 
 
 @dataclass
@@ -95,7 +85,7 @@ class SGLangServer:
         cmd = [sys.executable, "-m", "kvsqueeze.backends.sglang.launch",
                "--model-path", str(self.model), "--host", self.host, "--port", str(self.port)]
         for flag, value in cpu_defaults().items():
-            if not _has_flag(self.extra_args, flag):
+            if not has_flag(self.extra_args, flag):
                 cmd += [flag, value]
         return cmd + list(self.extra_args)
 

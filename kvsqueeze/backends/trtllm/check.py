@@ -92,7 +92,8 @@ def _check_dms(model: str, params, max_tokens: int) -> bool:  # pragma: no cover
     from tensorrt_llm.llmapi.llm_args import KvCacheConfig
 
     from kvsqueeze.backends.trtllm import dms as tdms
-    from kvsqueeze.methods.dms import DMSMethod, load_gates
+    from kvsqueeze.methods.dms.checkpoint import load_gates
+    from kvsqueeze.methods.dms.method import DMSMethod
     from kvsqueeze.model import load_hf
 
     tok, hf = load_hf(model)
@@ -121,7 +122,7 @@ def _check_fusion(model: str, params, kv, dense) -> bool:  # pragma: no cover
     tf.install()
     results = {}
     for threshold in ("1.0", "0.9"):
-        os.environ["KVSQUEEZE_FUSION_THRESHOLD"] = threshold
+        os.environ[tf.CONFIG_ENV] = tf.FusionConfig(threshold=float(threshold)).to_json()
         results[threshold] = _run(LLM(model=model, backend="pytorch", attn_backend="FLASHINFER",
                                       kv_cache_config=kv, cuda_graph_config=None), PROMPTS, params)
     same = results["1.0"] == dense
@@ -139,17 +140,11 @@ def _run(llm, prompts, params):  # pragma: no cover
 
 
 def _default_calibration(model: str) -> str:  # pragma: no cover
-    from kvsqueeze.methods import kvtc
+    from kvsqueeze.methods.kvtc.calibrate import calibration_for
     from kvsqueeze.model import load_hf
 
-    _, hf = load_hf(model)
-    path = kvtc.default_calibration_path(kvtc.model_fingerprint(hf))
-    if not path.is_file():
-        import subprocess
-
-        subprocess.run([sys.executable, "-m", "kvsqueeze.cli", "kvtc", "calibrate", "--model", model,
-                        "--out", str(path)], check=True)
-    return str(path)
+    tok, hf = load_hf(model)
+    return str(calibration_for(hf, tok))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """DMS on TensorRT-LLM's PyTorch backend: a registered model whose attention applies the DMS gates.
 
-Engine-agnostic part (imports nothing from TensorRT-LLM; tested on CPU against
-:class:`kvsqueeze.methods.dms.DMSRun`, the reference the HF path is tested with):
+Engine-agnostic part (imports nothing from TensorRT-LLM; every decision is
+:mod:`kvsqueeze.methods.dms.rule`'s; tested on CPU against that rule and against
+:class:`kvsqueeze.methods.dms.run.DMSRun`, the reference the HF path is tested with):
 
 - :class:`EvictionFlags`: per engine cache slot and layer, which tokens are marked for eviction. The
   logit computed at token ``t`` decides token ``t - 1`` (shift by one); the first ``sinks`` tokens and
@@ -45,11 +46,13 @@ from pathlib import Path
 import torch
 
 from kvsqueeze.errors import KvsqueezeError, bad_value
-from kvsqueeze.methods.dms import DMSConfig, DMSGates
+from kvsqueeze.methods.dms import rule
+from kvsqueeze.methods.dms.checkpoint import load_released_tensors, released_tensors, split_released
+from kvsqueeze.methods.dms.config import GATES_FILE, DMSConfig
+from kvsqueeze.methods.dms.gates import DMSGates
 
 ARCHITECTURE = "KvsqueezeDMSLlamaForCausalLM"
 CONFIG_KEY = "kvsqueeze_dms"
-GATES_FILE = "dms_gates.safetensors"
 
 
 class EvictionFlags:
@@ -84,13 +87,9 @@ class EvictionFlags:
             raise KvsqueezeError(f"DMS flags of slot {slot}, layer {layer}: tokens from {start} given, "
                                  f"but {self._lengths.get(key, 0)} were recorded")
         buf = self._buffer(key, start + n, logits.device)
-        hard = (logits > 0).expand(n, self.kv_heads)
-        # token start + i decides token start + i - 1; the newest token is undecided
-        lo = max(start - 1, 0)
-        decided = hard if start >= 1 else hard[1:]  # token 0 decides nothing
-        buf[lo:lo + decided.shape[0]] = decided
-        buf[start + n - 1] = False
-        buf[:min(self.config.sinks, start + n)] = False
+        first, decided = rule.decide_chunk(logits.expand(n, self.kv_heads).T, start, self.config.sinks)
+        buf[first:first + decided.shape[-1]] = decided.T
+        buf[start + n - 1] = False  # the newest token is undecided
         self._lengths[key] = start + n
 
     def flags(self, slot: int, layer: int) -> torch.Tensor:
@@ -110,15 +109,12 @@ class EvictionFlags:
 
 
 def keep_mask(flags: torch.Tensor, q_start: int, q_len: int, window: int) -> torch.Tensor:
-    """Bool ``[kv_heads, q_len, q_start + q_len]``: which keys each new query attends."""
+    """Bool ``[kv_heads, q_len, q_start + q_len]``: which keys each new query attends (``flags``:
+    ``[tokens, kv_heads]``, the engine slot's layout)."""
     k_len = q_start + q_len
     if flags.shape[0] < k_len:
         raise bad_value("flags", tuple(flags.shape), f"at least {k_len} tokens")
-    q_pos = torch.arange(q_start, k_len, device=flags.device)[:, None]
-    k_pos = torch.arange(k_len, device=flags.device)[None, :]
-    causal = k_pos <= q_pos
-    gone = flags[:k_len].T[:, None, :] & ((q_pos - k_pos) > window)[None]
-    return causal[None] & ~gone
+    return rule.visible(flags[:k_len].T, q_start, q_len, window)
 
 
 def dms_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
@@ -143,9 +139,7 @@ def gate_logits(gates: DMSGates, layer: int, layer_input: torch.Tensor) -> torch
     weight = gates.layers[layer].dms_proj_alpha.weight
     if weight.device != layer_input.device:  # the engine may build the model before placing it
         gates.to(layer_input.device)
-    lg = gates.layers[layer](layer_input.to(weight.dtype))
-    lg = lg.float() * cfg.logit_scale + cfg.logit_bias
-    return lg[:, :1] if cfg.granularity == "layer" else lg
+    return gates.logits(layer, layer_input.to(weight.dtype))
 
 
 def reclaim_support(version: tuple[int, ...] | None) -> tuple[bool, str]:
@@ -194,35 +188,8 @@ def export_checkpoint(model_dir: str | Path, gates: DMSGates, out: str | Path) -
     config["architectures"] = [ARCHITECTURE]
     config[CONFIG_KEY] = asdict(gates.config)
     (out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
-    tensors = {}
-    for i, layer in enumerate(gates.layers):
-        p = f"model.layers.{i}.self_attn."
-        tensors[p + "dms_proj_alpha.weight"] = layer.dms_proj_alpha.weight.detach().contiguous()
-        tensors[p + "dms_proj_alpha_norm.weight"] = layer.dms_proj_alpha_norm.weight.detach().contiguous()
-    save_file(tensors, str(out / GATES_FILE))
+    save_file(released_tensors(gates), str(out / GATES_FILE))
     return out
-
-
-def split_weights(weights: dict, n_layers: int) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Separate a checkpoint's DMS gate tensors (released names) from the model's own weights."""
-    rest, gates = {}, {}
-    for name, tensor in weights.items():
-        (gates if ".dms_proj_alpha" in name else rest)[name] = tensor
-    want = {f"model.layers.{i}.self_attn.{p}.weight" for i in range(n_layers)
-            for p in ("dms_proj_alpha", "dms_proj_alpha_norm")}
-    missing = sorted(want - set(gates))
-    if missing:
-        raise KvsqueezeError(f"DMS checkpoint: {len(missing)} gate tensors missing (first: {missing[0]}); "
-                             "expected one dms_proj_alpha and dms_proj_alpha_norm weight per layer")
-    return rest, gates
-
-
-def load_gate_tensors(gates: DMSGates, tensors: dict[str, torch.Tensor]) -> None:
-    for i, layer in enumerate(gates.layers):
-        p = f"model.layers.{i}.self_attn."
-        with torch.no_grad():
-            layer.dms_proj_alpha.weight.copy_(tensors[p + "dms_proj_alpha.weight"])
-            layer.dms_proj_alpha_norm.weight.copy_(tensors[p + "dms_proj_alpha_norm.weight"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,10 +279,10 @@ def _build():  # pragma: no cover - needs TensorRT-LLM
                 layer.input_layernorm = _GateRecorder(layer.input_layernorm, self.dms_gates, i, backend)
 
         def load_weights(self, weights, *args, **kwargs):
-            rest, gate_tensors = split_weights(dict(weights), len(self.model.layers))
+            rest, gate_tensors = split_released(dict(weights), len(self.model.layers))
             out = super().load_weights(rest, *args, **kwargs)
-            load_gate_tensors(self.dms_gates, {k: t.to(self.dms_gates.layers[0].dms_proj_alpha.weight.device)
-                                               for k, t in gate_tensors.items()})
+            load_released_tensors(self.dms_gates, {k: t.to(self.dms_gates.layers[0].dms_proj_alpha.weight.device)
+                                                   for k, t in gate_tensors.items()})
             return out
 
     return {"DMSVanillaAttention": DMSVanillaAttention, ARCHITECTURE: KvsqueezeDMSLlamaForCausalLM}

@@ -6,9 +6,10 @@ Engine-agnostic part (imports nothing from TensorRT-LLM; tested on CPU):
   laid out as ``KVCacheManager.get_buffers`` gives them (``[blocks, 2, tokens_per_block, kv_heads,
   head_dim]``);
 - :class:`FusedBlockTables`: after a request's prefill, its new *full* blocks are checked against the
-  live representatives at the same block index (:class:`kvsqueeze.methods.fusion_online.OnlinePageFusion`,
+  live representatives at the same block index (:class:`kvsqueeze.methods.fusion.online.OnlinePageFusion`,
   the rule the SGLang adapter runs); a block that fuses is served from its representative: the
-  request's table handed to attention points there, and the representative gains a reference.
+  request's table handed to attention points there, and the representative gains a reference
+  (:class:`kvsqueeze.methods.fusion.refs.PageRefs`).
 
 What TensorRT-LLM 1.2 allows, and what follows. Its C++ block manager allocates and frees a
 sequence's blocks as a whole and has no call that releases one block of a live sequence or points two
@@ -27,8 +28,8 @@ the remapped tables (what the FLASHINFER attention metadata reads per block; VAN
 sequence in one block, so there is nothing to remap), which fuses a request's
 prompt blocks in ``update_resources`` once its last context chunk ran, and which undoes remaps in
 ``free_resources``. :func:`install` makes TensorRT-LLM's executor construct it (it replaces the
-``KVCacheManager`` name in ``tensorrt_llm._torch.pyexecutor._util``), configured by
-``KVSQUEEZE_FUSION_THRESHOLD`` (default 0.9) and ``KVSQUEEZE_FUSION_SIMILARITY`` (``token``/``block``).
+``KVCacheManager`` name in ``tensorrt_llm._torch.pyexecutor._util``), configured by ``KVSQUEEZE_FUSION``
+(a :class:`~kvsqueeze.methods.fusion.config.FusionConfig` as JSON, as for SGLang; defaults without it).
 """
 
 from __future__ import annotations
@@ -38,7 +39,10 @@ import os
 import torch
 
 from kvsqueeze.errors import bad_value
-from kvsqueeze.methods.fusion_online import OnlinePageFusion
+from kvsqueeze.methods.fusion.config import DEFAULT_SIMILARITY, FusionConfig, parse_layers
+from kvsqueeze.methods.fusion.online import OnlinePageFusion
+
+CONFIG_ENV = "KVSQUEEZE_FUSION"
 
 
 def block_keys(buffers: list[torch.Tensor], block_ids: list[int], layers: list[int]) -> torch.Tensor:
@@ -53,18 +57,25 @@ def block_keys(buffers: list[torch.Tensor], block_ids: list[int], layers: list[i
     return torch.stack(out, 1)
 
 
-def decision_layers(n_layers: int) -> list[int]:
-    """All but the first two and the last two layers (fewer layers: all of them)."""
-    return list(range(2, n_layers - 2)) if n_layers > 4 else list(range(n_layers))
+def config() -> FusionConfig:
+    """The fusion config of this process (``KVSQUEEZE_FUSION``), or the defaults."""
+    raw = os.environ.get(CONFIG_ENV)
+    return FusionConfig.from_json(raw, CONFIG_ENV) if raw else FusionConfig()
 
 
 class FusedBlockTables:
     """Remapped block tables of live requests over an engine pool of ``num_blocks`` blocks."""
 
-    def __init__(self, num_blocks: int, threshold: float, similarity: str = "token"):
+    def __init__(self, num_blocks: int, threshold: float, similarity: str = DEFAULT_SIMILARITY):
         self.fusion = OnlinePageFusion(num_blocks, threshold, similarity)
         self.remap: dict[object, dict[int, int]] = {}  # request -> {block index: representative}
         self.owners: dict[int, object] = {}            # representative -> the request that wrote it
+
+    @classmethod
+    def from_config(cls, num_blocks: int, cfg: FusionConfig) -> "FusedBlockTables":
+        tables = cls(num_blocks, cfg.threshold, cfg.similarity)
+        tables.fusion = OnlinePageFusion.from_config(num_blocks, cfg)
+        return tables
 
     def fuse_request(self, request, block_ids: list[int], n_full: int, keys) -> int:
         """Decide for the first ``n_full`` blocks of ``request`` (its prompt's full blocks);
@@ -101,9 +112,9 @@ class FusedBlockTables:
             if other == request:
                 continue
             for i in [i for i, rep in m.items() if rep in gone]:
-                self.fusion.refs.extra[m.pop(i)] -= 1
+                self.fusion.refs.unshare(m.pop(i))
         for rep in self.remap.pop(request, {}).values():
-            self.fusion.refs.extra[rep] -= 1
+            self.fusion.refs.unshare(rep)
         for b in owned:
             del self.owners[b]
         if owned:
@@ -128,9 +139,9 @@ def _build():  # pragma: no cover - needs TensorRT-LLM
         def _fused(self) -> FusedBlockTables:
             if getattr(self, "_kvsqueeze_fused", None) is None:
                 n_blocks = int(self.get_buffers(0).shape[0])
-                self._kvsqueeze_fused = FusedBlockTables(
-                    n_blocks, float(os.environ.get("KVSQUEEZE_FUSION_THRESHOLD", "0.9")),
-                    os.environ.get("KVSQUEEZE_FUSION_SIMILARITY", "token"))
+                cfg = config()
+                self._kvsqueeze_fused = FusedBlockTables.from_config(n_blocks, cfg)
+                self._kvsqueeze_layers = cfg.layers
             return self._kvsqueeze_fused
 
         def _own_blocks(self, request_id) -> list[int]:
@@ -146,7 +157,7 @@ def _build():  # pragma: no cover - needs TensorRT-LLM
             fused = self._fused()
             n_layers = len(self.pp_layers) if hasattr(self, "pp_layers") else self.num_layers
             buffers = [self.get_buffers(layer) for layer in range(n_layers)]
-            layers = decision_layers(n_layers)
+            layers = parse_layers(self._kvsqueeze_layers, n_layers)
             for req in scheduled_batch.context_requests:
                 if not getattr(req, "is_last_context_chunk", True):
                     continue

@@ -12,7 +12,7 @@ Engine-agnostic part (tested on CPU):
   another prefix);
 - :class:`KVTCBlockCache`: which blocks of a request are stored (consecutive from the first block not
   already on the device), save a block, load a block into a block tensor; pages go to a
-  :class:`~kvsqueeze.methods.kvtc_store.KVTCStore` (host memory or a directory shared by processes).
+  :class:`~kvsqueeze.methods.kvtc.store.KVTCStore` (host memory or a directory shared by processes).
 
 TensorRT-LLM part: ``KVTCConnectorLeader`` (a ``KvCacheConnectorScheduler``) and ``KVTCConnectorWorker``
 (a ``KvCacheConnectorWorker``), created on first access when ``tensorrt_llm`` imports. Configure with
@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 import torch
 
 from kvsqueeze.errors import bad_value
+from kvsqueeze.methods.kvtc import codec
+from kvsqueeze.methods.kvtc.store import KVTCStore
 
 
 @dataclass(frozen=True)
@@ -136,9 +138,6 @@ class KVTCBlockCache:
 
 def _cache_from_env(tokens_per_block: int) -> KVTCBlockCache:
     """The block cache the connector classes use, configured by the environment (module docstring)."""
-    from kvsqueeze.methods import kvtc_codec as codec
-    from kvsqueeze.methods.kvtc_store import KVTCStore
-
     cal_path = os.environ.get("KVSQUEEZE_KVTC_CALIBRATION")
     if not cal_path:
         raise bad_value("KVSQUEEZE_KVTC_CALIBRATION", cal_path,

@@ -17,7 +17,8 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvsqueeze.attention import current_state
-from kvsqueeze.methods.dms import DMSRun, gone_after
+from kvsqueeze.methods.dms import rule
+from kvsqueeze.methods.dms.run import DMSRun, gone_after
 
 
 class DMSLayer(CacheLayerMixin):
@@ -73,12 +74,12 @@ class DMSLayer(CacheLayerMixin):
             self.keys[h, :m], self.values[h, :m], self.pos[h, :m] = k[h, idx], v[h, idx], idx
             self.length[h] = m
             for slot, p in enumerate(idx.tolist()):
-                if p >= n - 1 - self.window:  # inside the window at the end of prefill
+                if rule.in_window(p, n, self.window):  # inside the window at the end of prefill
                     self.ring[h, p % (self.window + 1)] = slot
 
     def _append(self, k: torch.Tensor, v: torch.Tensor, t: int) -> None:
         """Place token ``t`` (``k``/``v``: ``[n_kv, d]``) per head: reuse the leaving slot or append."""
-        leaving = t - self.window - 1
+        leaving = rule.leaving(t, self.window)
         flags = self.flags(t) if leaving >= 0 else None
         r = t % (self.window + 1)
         for h in range(self.n_kv):

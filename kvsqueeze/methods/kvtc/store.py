@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from kvsqueeze.errors import bad_value
-from kvsqueeze.methods import kvtc_codec as codec
+from kvsqueeze.methods.kvtc import codec
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,8 @@
 
 Each (sequence, layer, KV head) owns its own list of pages; a page holds ``page_size`` token slots of
 one layer and one KV head, and every page comes from, and returns to, one shared free list that any
-request can use. The rules are those of the DMS reference cache (``dms_cache.py``):
+request can use. The rules are those of :mod:`kvsqueeze.methods.dms.rule`, as the reference cache
+(:mod:`kvsqueeze.methods.dms.cache`) applies them:
 
 - prefill keeps, per (layer, head), the tokens not flagged for eviction plus the last ``window + 1``
   positions; only those take slots (pages are allocated for survivors only);
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvsqueeze.errors import KvsqueezeError, bad_value
+from kvsqueeze.methods.dms import rule
 
 
 class PagesExhausted(KvsqueezeError):
@@ -118,8 +120,7 @@ class HeadPagePool:
 
     def prefill_keep(self, flags: torch.Tensor) -> torch.Tensor:
         """The positions a prefill of ``flags.shape[-1]`` tokens keeps: unflagged or in the window."""
-        n = flags.shape[-1]
-        return (~flags) | (torch.arange(n, device=flags.device) >= n - 1 - self.window)
+        return rule.held(flags, self.window)
 
     def admit_layer(self, seq, layer: int, flags: torch.Tensor) -> list[torch.Tensor]:
         """Place one layer of ``seq``'s prefill (``flags``: ``[kv_heads, n]``); returns per head the
@@ -148,7 +149,7 @@ class HeadPagePool:
             pos = keep[h].nonzero()[:, 0].tolist()
             head.pages = self._take(-(-len(pos) // self.page_size), (seq, layer, h))
             head.slot_pos = list(pos)
-            head.ring = {p: i for i, p in enumerate(pos) if p >= n - 1 - self.window}
+            head.ring = {p: i for i, p in enumerate(pos) if rule.in_window(p, n, self.window)}
             row.append(torch.tensor([self._slot_id(head, i) for i in range(len(pos))], dtype=torch.long))
         s.peak_tokens = max(s.peak_tokens, self.tokens_held(seq))
         return row
@@ -163,7 +164,7 @@ class HeadPagePool:
             raise bad_value("seq", seq, "a sequence in the pool")
         s = self.seqs[seq]
         t = s.seen
-        leaving = t - self.window - 1
+        leaving = rule.leaving(t, self.window)
         if leaving >= 0:
             if leaving_flags is None:
                 raise bad_value("leaving_flags", None, f"the flags of position {leaving}")
@@ -213,7 +214,7 @@ class HeadPagePool:
     def pages_for_append(self, seq, leaving_flags: torch.Tensor | None) -> int:
         """Exactly how many new pages :meth:`append` of ``seq``'s next token would take."""
         s = self.seqs[seq]
-        leaving = s.seen - self.window - 1
+        leaving = rule.leaving(s.seen, self.window)
         lf = None if leaving < 0 else torch.as_tensor(leaving_flags, dtype=torch.bool)
         return self._plan(s, leaving, lf)[1]
 
@@ -278,3 +279,36 @@ class HeadPagePool:
                     assert len(set(head.slot_pos)) == len(head.slot_pos)
                     for pos, slot in head.ring.items():
                         assert head.slot_pos[slot] == pos
+
+
+class WindowFlags:
+    """Eviction flags of the positions each sequence still has in its window, per (layer, KV head):
+    what :meth:`HeadPagePool.append` needs when those positions leave it. An engine computes the flags
+    layer by layer inside its forward pass; this keeps them, per engine request row, in a ring of
+    ``window + 2`` positions (``t - window - 1 .. t`` while token ``t`` is placed)."""
+
+    def __init__(self, rows: int, n_layers: int, kv_heads: int, window: int, sinks: int):
+        self.window, self.sinks, self.size = window, sinks, window + 2
+        self.ring = torch.zeros(rows, n_layers, kv_heads, self.size, dtype=torch.bool)
+
+    def prefill(self, row: int, layer: int, flags: torch.Tensor) -> None:
+        """The flags ``[kv_heads, n]`` of a prefill of ``n`` tokens (the last ones are kept)."""
+        n = flags.shape[-1]
+        lo = max(0, n - self.size)
+        self.ring[row, layer, :, torch.arange(lo, n) % self.size] = flags[:, lo:].cpu()
+
+    def decode(self, rows: torch.Tensor, layer: int, positions: torch.Tensor, logits: torch.Tensor) -> None:
+        """A decode step: the gate logits ``[batch, kv_heads]`` of the tokens at ``positions``
+        (``[batch]``) of request ``rows`` decide the positions before them; the new tokens are undecided."""
+        rows, t = rows.long().cpu(), positions.long().cpu()
+        self.ring[rows, layer, :, (t - 1) % self.size] = rule.decide_step(logits.cpu(), t, self.sinks)
+        self.ring[rows, layer, :, t % self.size] = False
+
+    def leaving(self, row: int, seen: int) -> torch.Tensor | None:
+        """``[layers, kv_heads]`` flags of the position that leaves the window as token ``seen`` is
+        placed, or None while there is none."""
+        pos = rule.leaving(seen, self.window)
+        return None if pos < 0 else self.ring[row, :, :, pos % self.size]
+
+    def reset(self) -> None:
+        self.ring.zero_()

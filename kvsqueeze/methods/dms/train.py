@@ -21,7 +21,9 @@ import torch
 
 from kvsqueeze.attention import AttentionState, attention_state
 from kvsqueeze.errors import KvsqueezeError, bad_value
-from kvsqueeze.methods.dms import GATES_FILE, DMSConfig, DMSGates, DMSRun, install, query_neuron_index
+from kvsqueeze.methods.dms.config import GATES_FILE, DMSConfig
+from kvsqueeze.methods.dms.gates import DMSGates, install, query_neuron_index
+from kvsqueeze.methods.dms.run import DMSRun
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,7 @@ class TrainConfig:
     threads: int = 0
     precision: str = "float32"  # "bfloat16": teacher and student forwards under bf16 autocast
     lr_decay: str = "none"  # "cosine": after the ramp, lr falls to 0 at the last step (a cosine)
-    init: str = "zeros"  # "attention": gates fitted to the teacher's far attention first (dms_init.py)
+    init: str = "zeros"  # "attention": gates fitted to the teacher's far attention first (warmstart.py)
     init_sequences: int = 8  # calibration sequences the attention warm start reads
 
     def __post_init__(self):
@@ -175,7 +177,7 @@ def train(model_path: Path, out_dir: Path, cfg: TrainConfig, progress: bool = Tr
         print(f"resuming from step {step} ({ckpt})")
     t0 = time.monotonic()  # the warm start counts in the run's time
     if cfg.init == "attention" and step == 0:
-        from kvsqueeze.methods.dms_init import warm_start
+        from kvsqueeze.methods.dms.warmstart import warm_start
 
         # its own draw of calibration text (seed + 1): the training data order stays that of --init zeros
         say = (lambda m: print(m, flush=True)) if progress else (lambda m: None)

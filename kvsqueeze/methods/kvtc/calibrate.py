@@ -1,4 +1,4 @@
-"""KVTC (KV Cache Transform Coding): calibration and the ``kvtc`` method.
+"""KVTC (KV Cache Transform Coding): calibration, and finding or making the calibration of a model.
 
 Calibration (``kvsqueeze kvtc calibrate``) runs calibration text through the model, takes the keys
 with RoPE removed and the values of every layer, and fits per layer (and per feature group) a PCA
@@ -7,7 +7,7 @@ sample of calibration tokens, for quantizers clipped tightly or widely (the allo
 component). Each layer's keys and values are then weighted by the KL their quantization causes per
 unit of distortion, and the tight clipping and the rule that splits the bit budget across layers and
 between keys and values are chosen by KL of the next-token distributions on calibration segments
-(attention quality, not squared error). The codec itself is :mod:`kvsqueeze.methods.kvtc_codec`.
+(attention quality, not squared error). The codec itself is :mod:`kvsqueeze.methods.kvtc.codec`.
 """
 
 from __future__ import annotations
@@ -16,20 +16,19 @@ import hashlib
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from kvsqueeze import corpus
+from kvsqueeze.cache import CompressedPrefix, PrefixCache
 from kvsqueeze.errors import KvsqueezeError, bad_value
-from kvsqueeze.methods import kvtc_codec as codec
-from kvsqueeze.methods.base import (
-    DENSE_BYTES_PER_ELEMENT,
-    CompressedPrefix,
-    CompressionMethod,
-    PrefixCache,
-    register,
-)
+from kvsqueeze.forward import continue_with, dense_prefill, distribution_metrics
+from kvsqueeze.methods.kvtc import codec
+from kvsqueeze.methods.kvtc.prefix import compress_prefix
+from kvsqueeze.model import home
 
 GROUPINGS = ("layer", "head")
 METRICS = ("attention", "mse")
@@ -279,12 +278,9 @@ def component_tables(z: torch.Tensor, clips: tuple[float, float]) -> dict[str, t
 
 
 def _kl_of(cal: codec.Calibration, ratio: float, model, tune_segments, sinks: int, recent: int) -> float:
-    from kvsqueeze.evaluate import continue_with, distribution_metrics
-
-    method = KVTC(ratio=ratio, sinks=sinks, recent=recent, calibration=cal)
     kls = []
     for cache, ref, cont, targets in tune_segments:
-        comp = method.compress(cache)
+        comp = compress_prefix(cal, cache, ratio, sinks, cache.n_tokens - recent)
         kl, *_ = distribution_metrics(ref, continue_with(model, comp, cont), targets)
         kls.append(kl.mean().item())
     return sum(kls) / len(kls)
@@ -298,8 +294,6 @@ def layer_sensitivity(cal: codec.Calibration, model, tune_segments, ratio: float
     the KL this causes on the calibration segments, divided by the distortion the allocation
     minimises (per token), is that layer's weight: a local linearisation of KL in distortion.
     """
-    from kvsqueeze.evaluate import CompressedPrefix as _CP, continue_with, distribution_metrics
-
     alloc = cal.allocation(ratio)
     out = {}
     keys = sorted(cal.stats)
@@ -319,7 +313,7 @@ def layer_sensitivity(cal: codec.Calibration, model, tune_segments, ratio: float
             tgt = ks if kind == "k" else vs
             tgt[layer] = tgt[layer].clone()
             tgt[layer][:, start:end] = xr.to(tgt[layer].dtype)
-            comp = _CP(ks, vs, None, 1, 1)
+            comp = CompressedPrefix(ks, vs, None, 1, 1)
             kl, *_ = distribution_metrics(ref, continue_with(model, comp, cont), targets)
             kl_sum += kl.mean().item()
         out[key] = max(kl_sum, 1e-9) / max(dist_sum, 1e-12)
@@ -339,9 +333,6 @@ def calibrate(model, tokenizer, docs, seq_len: int = 1024, segments: int = 24, g
     calibration segments, then choose the budget split (share / sensitivity), the key share and the
     tight clips by the geometric mean of KL at ``tune_ratios`` on those segments.
     """
-    from kvsqueeze import corpus
-    from kvsqueeze.evaluate import CompressedPrefix as _CP, continue_with, dense_prefill
-
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     if segments < 1:
         raise bad_value("segments", segments, "a number of calibration segments >= 1")
@@ -387,7 +378,7 @@ def calibrate(model, tokenizer, docs, seq_len: int = 1024, segments: int = 24, g
         ids = torch.tensor(ids)
         p = seq_len - seq_len // 8  # prefix, then score the last eighth
         cache, _ = dense_prefill(model, ids[:p])
-        dense = _CP(cache.keys, cache.values, None, cache.dense_bytes(), cache.dense_bytes())
+        dense = CompressedPrefix.dense(cache)
         cont, targets = ids[p:-1], ids[p + 1:]
         tune_data.append((cache, continue_with(model, dense, cont), cont, targets))
     # KL per unit of distortion of each (layer, kind), for the "sensitivity" budget split
@@ -433,89 +424,55 @@ def calibrate(model, tokenizer, docs, seq_len: int = 1024, segments: int = 24, g
 
 
 def default_calibration_path(fingerprint: str) -> Path:
-    from kvsqueeze.model import home
-
+    """Where the model's calibration is cached (``$KVSQUEEZE_HOME/kvtc/<model fingerprint>``)."""
     return home() / "kvtc" / f"{fingerprint}.safetensors"
 
 
-# ---------------------------------------------------------------------------------------------
-# The method
+def quick_calibration_path(fingerprint: str) -> Path:
+    """Where the model's quick calibration (8 segments, untuned) is cached."""
+    return home() / "kvtc" / f"{fingerprint}-quick.safetensors"
 
 
-@register
-class KVTC(CompressionMethod):
-    """Transform coding of the prefix cache (sinks and the recent window stay exact).
+QUICK = {"segments": 8, "tune": False}  # ~3 min on 2 CPU cores, against ~15 for the full one
 
-    ``ratio`` is the target over the compressed tokens (every blob byte against 16-bit K and V of
-    those tokens). ``ratio_achieved`` counts the exempt tokens too; the ratio over compressed tokens
-    is reported as ``ratio_compressed``. ``calibration``: a file from ``kvsqueeze kvtc calibrate``
-    or a :class:`Calibration`; without one, the model's default calibration is made on first use
-    (``$KVSQUEEZE_HOME/kvtc/<model fingerprint>.safetensors``).
+
+def calibration_for(model, tokenizer=None, given=None, quick: bool = False, log=None) -> Path:
+    """The calibration file KVTC runs with on ``model``, found or made (once) and cached.
+
+    ``given``: that file (it must exist). Else the model's full calibration if it was made; else,
+    with ``quick``, its quick calibration (:data:`QUICK`: what keeps ``kvsqueeze bench`` on a fresh
+    machine within its time budget), made if missing; else the full calibration, made now. Reports
+    and logs name the file that served.
     """
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if given:
+        if not Path(given).is_file():
+            raise bad_value("calibration", str(given), "an existing KVTC calibration file")
+        return Path(given)
+    fp = model_fingerprint(model)
+    full, fast = default_calibration_path(fp), quick_calibration_path(fp)
+    if full.is_file():
+        return full
+    if quick and fast.is_file():
+        return fast
+    out = fast if quick else full
+    if tokenizer is None:
+        from transformers import AutoTokenizer
 
-    name = "kvtc"
-    summary = "KV Cache Transform Coding: PCA + DP bit allocation + quantization + range coding"
-    ratio_unit = "bytes held (blob + exempt tokens) vs dense 16-bit K+V of the prefix"
-
-    def __init__(self, ratio=None, sinks=4, recent=64, calibration=None, **options):
-        super().__init__(ratio, sinks, recent, **options)
-        self.calibration: codec.Calibration | None = None
-        if isinstance(calibration, codec.Calibration):
-            self.calibration = calibration
-            self.calibration_path = None
-        else:
-            self.calibration_path = Path(calibration) if calibration else None
-            if self.calibration_path is not None:
-                self.calibration = codec.Calibration.load(self.calibration_path)
-
-    def prepare(self, model) -> None:
-        """Bind the calibration of ``model`` (made and cached on first use when none was given)."""
-        fp = model_fingerprint(model)
-        if self.calibration is None:
-            path = default_calibration_path(fp)
-            if path.is_file():
-                self.calibration = codec.Calibration.load(path)
-            else:
-                from transformers import AutoTokenizer
-
-                from kvsqueeze import corpus
-
-                print(f"kvtc: no calibration for this model yet; calibrating once into {path}",
-                      file=sys.stderr, flush=True)
-                tok = AutoTokenizer.from_pretrained(model.config._name_or_path)
-                cal = calibrate(model, tok, corpus.calibration_documents(),
-                                progress=_stderr_progress())
-                cal.save(path)
-                self.calibration = cal
-        if self.calibration.model_fingerprint != fp:
-            raise KvsqueezeError(
-                f"calibration={str(self.calibration_path or 'given')!r}: made for model "
-                f"{self.calibration.model_fingerprint}, this model is {fp}; calibrate for this model")
-
-    def compress(self, cache: PrefixCache) -> CompressedPrefix:
-        if self.calibration is None:
-            raise KvsqueezeError("kvtc needs a calibration: pass calibration=FILE or call prepare(model)")
-        start, end = self.exempt_slices(cache.n_tokens)
-        keys, values = [k.clone() for k in cache.keys], [v.clone() for v in cache.values]
-        blob_bytes = 0
-        if end > start:
-            blob = codec.encode(self.calibration, [k[:, start:end] for k in cache.keys],
-                                [v[:, start:end] for v in cache.values], position=start, ratio=self.ratio)
-            dk, dv = codec.decode(self.calibration, blob)
-            for layer in range(cache.n_layers):
-                keys[layer][:, start:end] = dk[layer]
-                values[layer][:, start:end] = dv[layer]
-            blob_bytes = len(blob)
-        middle = end - start
-        per_token = cache.n_layers * cache.kv_heads * cache.head_dim * 2 * DENSE_BYTES_PER_ELEMENT
-        exempt = (cache.n_tokens - middle) * per_token
-        return CompressedPrefix(keys=keys, values=values, evicted=None, bytes_held=blob_bytes + exempt,
-                                dense_bytes=cache.dense_bytes(),
-                                details={"ratio_compressed": middle * per_token / max(blob_bytes, 1),
-                                         "blob_bytes": blob_bytes})
+        tokenizer = AutoTokenizer.from_pretrained(model.config._name_or_path)
+    log(f"kvtc: no {'quick ' if quick else ''}calibration for this model yet; calibrating once into {out}")
+    t0 = time.monotonic()
+    cal = calibrate(model, tokenizer, corpus.calibration_documents(), **(QUICK if quick else {}),
+                    progress=_log_progress(log))
+    cal.info["model_path"] = str(model.config._name_or_path)
+    cal.info["seconds"] = round(time.monotonic() - t0, 1)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cal.save(out)
+    return out
 
 
-def _stderr_progress():
+def _log_progress(log):
     def show(i, n, what=""):
-        print(f"\rkvtc calibrate {what}: {i}/{n}", end="\n" if i == n else "", file=sys.stderr, flush=True)
+        if i == n or i % 10 == 0:
+            log(f"kvtc calibrate ({what}) {i}/{n}")
     return show

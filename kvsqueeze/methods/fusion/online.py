@@ -17,9 +17,7 @@ that let several page tables point at one physical page:
   the fused page *is* the representative (every member reads it in every layer): each member is within
   the threshold of the page it reads, which is the property quality depends on. (The batch method,
   ``fusion.fuse_batch(..., shared_pages=True)``, fuses a whole batch at once into the members' mean.)
-- **Reference counts.** ``extra[p]`` counts the holders of page ``p`` beyond its first. An engine frees
-  a page once per holder; :meth:`PageRefs.release` absorbs a free into ``extra`` while it is positive
-  and passes the page on to the engine's free list only when its last holder lets go.
+- **Reference counts**: :class:`~kvsqueeze.methods.fusion.refs.PageRefs`.
 """
 
 from __future__ import annotations
@@ -28,67 +26,17 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
-from kvsqueeze.errors import KvsqueezeError, bad_value
-from kvsqueeze.methods.fusion import check_similarity, check_threshold
-
-
-class DoubleFree(KvsqueezeError):
-    """A page was released more often than it has holders."""
-
-
-class PageRefs:
-    """Extra holders per page of a pool of ``num_pages`` pages (ids 0..num_pages-1)."""
-
-    def __init__(self, num_pages: int):
-        if not isinstance(num_pages, int) or num_pages < 1:
-            raise bad_value("num_pages", num_pages, "a number of pages >= 1")
-        self.extra = torch.zeros(num_pages, dtype=torch.int64)
-
-    def share(self, page: int, n: int = 1) -> None:
-        self.extra[page] += n
-
-    @property
-    def shared(self) -> int:
-        """Page references served by another page (= pages saved right now)."""
-        return int(self.extra.sum())
-
-    @property
-    def groups(self) -> int:
-        """Pages that more than one holder points at."""
-        return int((self.extra > 0).sum())
-
-    def release(self, page_ids: torch.Tensor) -> torch.Tensor:
-        """One free per entry of ``page_ids`` (a page may repeat); returns the pages now unheld."""
-        ids = page_ids.reshape(-1).to("cpu", torch.int64)
-        if ids.numel() == 0:
-            return ids
-        uniq, counts = torch.unique(ids, return_counts=True)
-        ext = self.extra[uniq]
-        absorbed = torch.minimum(ext, counts)
-        self.extra[uniq] = ext - absorbed
-        rest = counts - absorbed
-        if bool((rest > 1).any()):
-            bad = uniq[rest > 1][:8].tolist()
-            raise DoubleFree(f"pages {bad} released more often than they are held")
-        return uniq[rest == 1]
-
-    def reset(self) -> None:
-        self.extra.zero_()
-
-
-def page_similarity(x: torch.Tensor, cands: torch.Tensor, similarity: str = "block") -> torch.Tensor:
-    """Similarity of one page ``x [layers, tokens, heads*dim]`` to each of ``cands [m, layers, tokens,
-    heads*dim]`` (keys): ``[m]``, the minimum over layers (and, for ``token``, over tokens) of the cosine."""
-    check_similarity(similarity)
-    x, cands = x.double(), cands.double()
-    if similarity == "block":
-        xn = F.normalize(x.reshape(x.shape[0], -1), dim=-1)
-        cn = F.normalize(cands.reshape(cands.shape[0], cands.shape[1], -1), dim=-1)
-        return torch.einsum("ld,mld->ml", xn, cn).amin(-1)
-    xn, cn = F.normalize(x, dim=-1), F.normalize(cands, dim=-1)
-    return torch.einsum("ltd,mltd->mlt", xn, cn).flatten(1).amin(-1)
+from kvsqueeze.errors import bad_value
+from kvsqueeze.methods.fusion.config import (
+    DEFAULT_MAX_CANDIDATES,
+    DEFAULT_SIMILARITY,
+    FusionConfig,
+    check_similarity,
+    check_threshold,
+)
+from kvsqueeze.methods.fusion.refs import PageRefs
+from kvsqueeze.methods.fusion.similarity import page_similarity
 
 
 @dataclass
@@ -108,8 +56,8 @@ class OnlinePageFusion:
 
     num_pages: int
     threshold: float
-    similarity: str = "block"
-    max_candidates: int = 64
+    similarity: str = DEFAULT_SIMILARITY
+    max_candidates: int = DEFAULT_MAX_CANDIDATES
     refs: PageRefs = field(init=False)
     counters: FusionCounters = field(default_factory=FusionCounters)
 
@@ -122,6 +70,10 @@ class OnlinePageFusion:
         self.index_of = torch.full((self.num_pages,), -1, dtype=torch.int64)
         self.reps: dict[int, OrderedDict[int, None]] = {}
         self.version = 0  # bumped whenever reference counts may have changed
+
+    @classmethod
+    def from_config(cls, num_pages: int, cfg: FusionConfig) -> "OnlinePageFusion":
+        return cls(num_pages, cfg.threshold, cfg.similarity, cfg.max_candidates)
 
     # ---- engine frees ----------------------------------------------------------------------
     def release(self, page_ids: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,8 @@ import torch
 
 from kvsqueeze.attention import AttentionState, attention_state
 from kvsqueeze.errors import bad_value
-from kvsqueeze.methods.dms import DMSGates
+from kvsqueeze.methods.dms.gates import DMSGates
+from kvsqueeze.methods.dms.run import DMSRun
 
 
 def far_attention(probs: torch.Tensor, n_kv: int, window: int) -> torch.Tensor:
@@ -71,8 +72,6 @@ def head_sensitivity(model, cfg, seqs: list[torch.Tensor], log=lambda m: None) -
     """``[layers, n_kv]``: mean KL(student || teacher) of next-token distributions when one KV head
     alone evicts every key outside the window (the sinks kept), the other heads none; averaged over
     ``seqs`` (``[1, n]`` token tensors). Each layer's heads run as one batch."""
-    from kvsqueeze.methods.dms import DMSRun
-
     n_layers = model.config.num_hidden_layers
     n_kv = model.config.num_key_value_heads
     dev = next(model.parameters()).device

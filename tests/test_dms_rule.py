@@ -1,0 +1,179 @@
+"""The DMS rule against a written-out loop, and every engine adapter's decisions against that rule:
+the reference run (DMSRun), the reference cache and the page pool (what is held, which slot a token
+takes), SGLang's prefill flags and decode flag ring, TensorRT-LLM's eviction flags and keep mask.
+No server starts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvsqueeze.methods.dms import rule
+from kvsqueeze.methods.dms.config import DMSConfig
+from kvsqueeze.methods.dms.pages import HeadPagePool, WindowFlags
+from kvsqueeze.methods.dms.run import HARD_MASK, DMSRun
+
+
+def loop_flags(logits: torch.Tensor, sinks: int) -> list[list[bool]]:
+    """Written out: ``logits [heads, T]``; key j is flagged iff token j + 1's logit is positive and j is
+    not a sink; the newest key has no decision."""
+    h, t = logits.shape
+    return [[bool(j + 1 < t and logits[k, j + 1] > 0 and j >= sinks) for j in range(t)] for k in range(h)]
+
+
+def loop_visible(flags: list[bool], q: int, k: int, window: int) -> bool:
+    return k <= q and (q - k <= window or not flags[k])
+
+
+def loop_decode(flags: list[bool], n_prompt: int, t_end: int, window: int):
+    """Per step, which positions one head holds and which slot each new token takes (slots as a list
+    of positions; a new token takes the leaving position's slot iff that one is flagged)."""
+    slots = [p for p in range(n_prompt) if not flags[p] or p >= n_prompt - 1 - window]
+    history = []
+    for t in range(n_prompt, t_end):
+        leaving = t - window - 1
+        if leaving >= 0 and flags[leaving]:
+            slots[slots.index(leaving)] = t
+        else:
+            slots.append(t)
+        history.append(list(slots))
+    return history
+
+
+CASES = [(w, s, seed) for w, s, seed in ((1, 0, 0), (3, 2, 1), (5, 4, 2), (8, 1, 3))]
+
+
+@pytest.mark.parametrize("window,sinks,seed", CASES)
+def test_decisions_visibility_and_holdings_follow_the_written_out_rule(window, sinks, seed):
+    g = torch.Generator().manual_seed(seed)
+    heads, t = 3, 30
+    logits = torch.randn(heads, t, generator=g) * 3
+    want = loop_flags(logits, sinks)
+    got = rule.decide(logits, t, sinks)
+    assert got.tolist() == want
+    assert 0 < int(got.sum()) < heads * t  # both kinds of decision occur
+    vis = rule.visible(got, 0, t, window)
+    for h in range(heads):
+        for q in range(t):
+            for k in range(t):
+                assert bool(vis[h, q, k]) == loop_visible(want[h], q, k, window), (h, q, k)
+    held = rule.held(got, window)
+    assert held.tolist() == [[loop_visible(want[h], t - 1, p, window) for p in range(t)] for h in range(heads)]
+    # a query's visible keys once everything is decided are exactly what is held then
+    for n in range(1, t + 1):
+        assert torch.equal(rule.held(rule.decide(logits[:, :n], n, sinks), window),
+                           rule.visible(rule.decide(logits[:, :n], n, sinks), n - 1, 1, window)[:, 0])
+    # chunked decisions (prefill then steps) give the same flags as the whole sequence
+    flags = torch.zeros(heads, t, dtype=torch.bool)
+    for start, n in [(0, 11), (11, 5)] + [(p, 1) for p in range(16, t)]:
+        first, dec = rule.decide_chunk(logits[:, start:start + n], start, sinks)
+        flags[:, first:first + dec.shape[-1]] = dec
+    assert flags.tolist() == want
+
+
+def test_gate_logits_scale_bias_and_per_layer_granularity():
+    raw = torch.tensor([[0.01, -0.02, 0.08]])
+    assert torch.allclose(rule.gate_logits(raw, 100.0, -5.0, False), torch.tensor([[-4.0, -7.0, 3.0]]))
+    assert torch.allclose(rule.gate_logits(raw, 100.0, -5.0, True), torch.tensor([[-4.0]]))
+
+
+@pytest.mark.parametrize("window,sinks,seed", CASES)
+def test_reference_run_decides_by_the_rule(window, sinks, seed):
+    """DMSRun (the Hugging Face path's state): its hard flags are the rule's, and its additive mask hides
+    exactly the keys the rule says are gone."""
+    g = torch.Generator().manual_seed(seed)
+    heads, t = 2, 24
+    logits = torch.randn(heads, t, generator=g) * 3
+    cfg = DMSConfig(window=window, sinks=sinks)
+    run = DMSRun(cfg)
+    run.add_logits(0, logits.T[None])
+    hard, _ = run.eviction(0, t, heads)
+    assert hard[0].tolist() == loop_flags(logits, sinks)
+    gone = run.additive_mask(0, t, t, heads)[0] == HARD_MASK
+    want = loop_flags(logits, sinks)
+    for h in range(heads):
+        for q in range(t):
+            for k in range(q + 1):
+                assert bool(gone[h, q, k]) == (not loop_visible(want[h], q, k, window))
+
+
+@pytest.mark.parametrize("window,sinks,seed", CASES)
+def test_page_pool_holds_and_places_as_the_written_out_loop(window, sinks, seed):
+    """HeadPagePool: after the prefill and after each decode step a head holds exactly the loop's
+    positions, and a new token takes the leaving token's slot exactly when the loop says so (flags
+    delivered by WindowFlags, as the SGLang adapter delivers them)."""
+    g = torch.Generator().manual_seed(seed)
+    layers, heads, n, t_end, ps = 2, 2, 12, 40, 4
+    logits = torch.randn(layers, heads, t_end, generator=g) * 3
+    want = [loop_flags(logits[layer], sinks) for layer in range(layers)]
+    pool = HeadPagePool(200, ps, layers, heads, window)
+    ring = WindowFlags(1, layers, heads, window, sinks)
+    pool.begin(0, n)
+    for layer in range(layers):
+        flags = rule.decide(logits[layer, :, :n], n, sinks)
+        pool.admit_layer(0, layer, flags)
+        ring.prefill(0, layer, flags)
+    for t in range(n, t_end):
+        slot_before = {(layer, h): {p: i for i, p in enumerate(pool.seqs[0].heads[layer][h].slot_pos)}
+                       for layer in range(layers) for h in range(heads)}
+        slots = pool.append(0, ring.leaving(0, pool.seen(0)))
+        for layer in range(layers):  # the token's own forward: its logit decides t - 1
+            ring.decode(torch.tensor([0]), layer, torch.tensor([t]), logits[layer, :, t][None])
+        for layer in range(layers):
+            for h in range(heads):
+                hist = loop_decode(want[layer][h], n, t + 1, window)[-1]
+                assert pool.held_positions(0, layer, h) == set(hist), (t, layer, h)
+                leaving = rule.leaving(t, window)
+                if leaving >= 0 and want[layer][h][leaving]:  # took the leaving token's slot
+                    head = pool.seqs[0].heads[layer][h]
+                    i = slot_before[(layer, h)][leaving]
+                    assert int(slots[layer, h]) == pool._slot_id(head, i)
+    pool.check()
+
+
+def test_sglang_prefill_flags_and_decode_ring_follow_the_rule():
+    """SGLang's adapter: the prefill flags of a request's tokens and, step by step, the flags its ring
+    hands the pool for the token leaving the window."""
+    pytest.importorskip("sglang")
+    from kvsqueeze.backends.sglang import dms as sg_dms
+
+    g = torch.Generator().manual_seed(7)
+    heads, n, t_end, window, sinks = 3, 9, 30, 4, 2
+    logits = torch.randn(heads, t_end, generator=g) * 3
+    want = loop_flags(logits, sinks)
+    flags = sg_dms.prefill_flags(logits[:, :n].T, sinks)  # the adapter reads [tokens, heads]
+    assert flags.tolist() == loop_flags(logits[:, :n], sinks)
+    ring = WindowFlags(rows=3, n_layers=1, kv_heads=heads, window=window, sinks=sinks)
+    ring.prefill(2, 0, flags)
+    for t in range(n, t_end):
+        leaving = ring.leaving(2, t)
+        pos = rule.leaving(t, window)
+        if pos < 0:
+            assert leaving is None
+        else:
+            assert leaving[0].tolist() == [want[h][pos] for h in range(heads)], t
+        ring.decode(torch.tensor([2]), 0, torch.tensor([t]), logits[:, t][None])
+
+
+@pytest.mark.parametrize("granularity", ["head", "layer"])
+def test_trtllm_flags_and_keep_mask_follow_the_rule(granularity):
+    from kvsqueeze.backends.trtllm import dms as tdms
+
+    g = torch.Generator().manual_seed(3)
+    cfg = DMSConfig(window=3, sinks=2, granularity=granularity)
+    heads, t = 2, 26
+    raw = torch.randn(t, heads if granularity == "head" else 1, generator=g) * 3
+    logits = raw.expand(t, heads).T
+    want = loop_flags(logits, cfg.sinks)
+    flags = tdms.EvictionFlags(cfg, heads)
+    for start, n in [(0, 9), (9, 4)] + [(s, 1) for s in range(13, t)]:
+        flags.update(5, 1, start, raw[start:start + n])
+        end = start + n
+        have = loop_flags(logits[:, :end], cfg.sinks)  # the chunk's last token still undecided
+        assert flags.flags(5, 1).T.tolist() == have
+        keep = tdms.keep_mask(flags.flags(5, 1), start, n, cfg.window)
+        for h in range(heads):
+            for qi in range(n):
+                for k in range(end):
+                    assert bool(keep[h, qi, k]) == loop_visible(have[h], start + qi, k, cfg.window)
+    assert flags.flags(5, 1).T.tolist() == want
