@@ -396,6 +396,25 @@ def cmd_bench(args, extra: list[str]) -> int:
     return 0
 
 
+def cmd_check_server(args) -> int:
+    from kvsqueeze.harness import faults
+
+    kinds = _split([args.cases]) if args.cases else list(faults.KINDS)
+    campaign = faults.Campaign(args.url, budget_tokens=args.budget_tokens, seed=args.seed,
+                               log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(f"kvsqueeze check-server {args.url}: cases {', '.join(kinds)} (KV budget {campaign.budget} tokens)",
+          file=sys.stderr, flush=True)
+    results = campaign.run(kinds)
+    print(faults.table(results, args.label or args.url))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(faults.to_dicts(results), indent=1) + "\n")
+    bad = [r.case for r in results if not r.ok]
+    print(f"{len(results) - len(bad)}/{len(results)} cases survived with nothing leaked"
+          + (f"; failed: {', '.join(bad)}" if bad else ""))
+    return 0 if not bad else 1
+
+
 def cmd_report(args) -> int:
     from kvsqueeze.harness import report
 
@@ -556,6 +575,15 @@ def _add_bench_parsers(sub) -> None:
     b.add_argument("--no-flush", action="store_true",
                    help="keep the device prefix cache between configurations")
     b.add_argument("--out", default=None, help="run directory (default results/bench-<time>)")
+    f = sub.add_parser("check-server", help="a fault campaign against a running server: bad input, "
+                                            "overload, abort storms, slow readers; checks after each case")
+    f.add_argument("url", help="http://HOST:PORT of the server")
+    f.add_argument("--cases", default=None, help="comma-separated: input, overload, abort, slow (default all)")
+    f.add_argument("--budget-tokens", type=int, default=None,
+                   help="the KV budget the overload burst overfills (default: the server's own)")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--label", default=None, help="the server's name in the table")
+    f.add_argument("--json", default=None, help="write the results as JSON to this file")
     r = sub.add_parser("report", help="rebuild the report of a bench run, or compare several")
     r.add_argument("runs", nargs="+", help="run directories written by kvsqueeze bench")
     r.add_argument("--out", default=None, help="directory of a comparison of several runs")
@@ -592,6 +620,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_bench(args, extra)
         if args.command == "report":
             return cmd_report(args)
+        if args.command == "check-server":
+            return cmd_check_server(args)
     except KvsqueezeError as exc:
         print(f"kvsqueeze: error: {exc}", file=sys.stderr)
         return 2

@@ -29,3 +29,35 @@ def tiny_llama(layers: int = 2, max_positions: int = 256, seed: int = 0):
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions)
     cfg._attn_implementation = ATTN_IMPL
     return LlamaForCausalLM(cfg).eval()
+
+
+BAD_PROMPTS = (  # requests that used to stop the server (the scheduler's prefill of nothing)
+    ({"text": ""}, "the prompt is empty"),
+    ({"text": "  \n\t "}, "only whitespace"),
+    ({"input_ids": []}, "the prompt is empty"),
+    ({"input_ids": [1, 10 ** 8]}, "expected a token id in [0,"),
+    ({"input_ids": [-4, 2]}, "expected a token id in [0,"),
+)
+
+
+def refuses_bad_prompts_and_answers_the_next(url: str) -> None:
+    """Each request of BAD_PROMPTS gets HTTP 400 with the reason; the server then answers a normal one."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    def post(payload):
+        req = urllib.request.Request(url + "/generate", data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=300) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    for body, reason in BAD_PROMPTS:
+        status, text = post({**body, "sampling_params": {"max_new_tokens": 4}})
+        assert status == 400 and reason in text, (body, status, text)
+    status, text = post({"text": "The capital of France is", "sampling_params": {"max_new_tokens": 4,
+                                                                                  "temperature": 0}})
+    assert status == 200 and json.loads(text)["meta_info"]["completion_tokens"] >= 1, text

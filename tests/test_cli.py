@@ -81,11 +81,22 @@ def run(*args, timeout=300):
      "workload='edits': expected to be used with --method fusion alone"),
     (["eval", "--method", "fusion", "--workload", "edits", "--requests", "1"], "requests=1"),
 ])
-def test_bad_input(args, message):
-    r = run(*args)
-    assert r.returncode == 2, r.stderr
-    assert message in r.stderr
-    assert "Traceback" not in r.stderr
+def test_bad_input(args, message, capsys):
+    """In this process (the command's own entry point, as the console script calls it): one line on
+    stderr naming the value, exit code 2, no traceback. test_bad_input_from_the_shell runs a few
+    through a real process."""
+    from kvsqueeze.cli import main
+
+    assert main(list(args)) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+
+
+def test_bad_input_from_the_shell():
+    for args, message in ((["eval", "--method", "nope", "--ratio", "4"], "method='nope': expected one of"),
+                          (["serve", "--method", "dms:4+kvtc:8"], "dms and kvtc cannot run in one server")):
+        r = run(*args)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_prefix_longer_than_text(tmp_path):

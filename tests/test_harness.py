@@ -252,6 +252,70 @@ def test_a_server_that_dies_mid_run_leaves_an_incomplete_run_with_partial_result
     assert "Incomplete configurations" in (run / "report.md").read_text()
 
 
+def test_a_load_generator_killed_mid_run_marks_its_configuration_incomplete(tmp_path, monkeypatch):
+    """Locust's process killed while it runs: its rows so far are kept, the configuration says why, the
+    next configuration runs."""
+    import threading
+
+    real_popen = subprocess.Popen
+    killed = []
+
+    def kill_after_first_row(proc, rows: Path):
+        for _ in range(600):
+            if rows.is_file() and len(rows.read_text().splitlines()) >= 2:
+                break
+            time.sleep(0.05)
+        proc.kill()
+
+    def popen(cmd, *a, **kw):
+        proc = real_popen(cmd, *a, **kw)
+        if "locust" in cmd and not killed:  # the first configuration's Locust: killed once it wrote a row
+            killed.append(proc)
+            rows = Path(cmd[cmd.index("--csv") + 1]).with_name("requests.csv")
+            threading.Thread(target=kill_after_first_row, args=(proc, rows), daemon=True).start()
+        return proc
+
+    monkeypatch.setattr(sweep.subprocess, "Popen", popen)
+    with StubServer(StubConfig(ttft=0.2, gap=0.2, tokens=8)) as s:
+        run = _bench(tmp_path, s.url, ["W=1 L=8 mode=n,concurrent"], max_time=60)
+    configs = json.loads((run / "configs.json").read_text())
+    first, second = configs
+    assert first["status"] == "incomplete" and first["locust_rc"] == -9
+    assert any("Locust) exited with code -9" in r for r in first["reasons"]), first["reasons"]
+    assert 0 < first["rows"] < 6  # what it wrote before it died is kept
+    assert second["status"] == "complete" and second["rows"] == 6
+    assert json.loads((run / "run.json").read_text())["status"] == "incomplete"
+
+
+def test_a_full_results_disk_stops_the_run_with_a_clear_message_and_keeps_what_was_written(tmp_path,
+                                                                                         monkeypatch):
+    """Once the run started, configs.json is on a device that is always full (/dev/full): the bench
+    stops with one clear error, run.json says incomplete with the reason, and the rows of the
+    configuration that ran stay."""
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full on this platform")
+    out = tmp_path / "run"
+    real = sweep._write_meta
+
+    def meta_then_full(o, m):  # the run's directory exists now: its configs.json fills the disk
+        real(o, m)
+        if not (o / "configs.json").is_symlink():
+            (o / "configs.json").symlink_to("/dev/full")
+
+    monkeypatch.setattr(sweep, "_write_meta", meta_then_full)
+    with StubServer(StubConfig(ttft=0.01, gap=0.001, tokens=3)) as s:
+        spec = sweep.BenchSpec(methods=sweep.parse_methods("none"), grid=sweep.parse_grid(["W=1 L=8"]),
+                               out_dir=out, url=s.url, questions_per_task=1, users=1, max_time=60,
+                               flush_between=False)
+        with pytest.raises(KvsqueezeError, match=r"writing the results failed \(No space left on device.*"
+                                                 r"the rows written so far are kept"):
+            sweep.run_bench(spec, log=lambda m: None)
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["status"] == "incomplete" and "No space left" in meta["error"]
+    rows = list((out / "configs").glob("*/requests.csv"))
+    assert len(rows) == 1 and len(rows[0].read_text().splitlines()) == 4  # header + 3 samples
+
+
 def test_plain_locust_runs_the_default_plan(tmp_path):
     with StubServer(StubConfig(ttft=0.01, gap=0.001, tokens=3)) as s:
         out = subprocess.run([sys.executable, "-m", "locust", "-f",

@@ -425,6 +425,41 @@ def test_store_drops_a_corrupted_page_and_bounds_its_size(tiny_cal, tmp_path):
     assert small.exists("p4") and not small.exists("p0")
 
 
+def test_a_full_or_read_only_store_directory_stores_nothing_and_keeps_serving(tiny_cal, tmp_path, monkeypatch):
+    """A write the directory refuses — really full (its temporary file on /dev/full) or read-only
+    (EROFS) — stores nothing, leaves no partial file, is counted, and the store goes on: other pages
+    are stored and read back, a refused page is a miss (the engine recomputes it)."""
+    import errno
+    from pathlib import Path
+
+    from kvsqueeze.methods.kvtc.store import KVTCStore
+
+    store = KVTCStore(tiny_cal, 4.0, directory=tmp_path / "s")
+    k, v = _page(2)
+    if Path("/dev/full").exists():
+        tmp = store._tmp_path(store._path("full"))
+        tmp.symlink_to("/dev/full")
+        assert store.put("full", k, v, 0) is False
+        assert not tmp.exists() and not store._path("full").exists() and not store.exists("full")
+        assert store.get("full") is None
+    real = Path.write_bytes
+
+    def read_only(self, data):
+        if self.name.startswith(store._path("ro").name):
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", read_only)
+    assert store.put_many([("ro", k, v, 0), ("ok", k, v, 16)]) == [False, True]
+    ref = KVTCStore(tiny_cal, 4.0)  # the same page through an in-memory store: the same decoded values
+    ref.put("ok", k, v, 16)
+    assert store.get("ro") is None and torch.equal(store.get("ok")[0][0], ref.get("ok")[0][0])
+    s = store.snapshot()
+    assert s["write_errors"] == (2 if Path("/dev/full").exists() else 1)
+    assert s["pages_held"] == 1 and s["corrupt"] == 0
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [store._path("ok").name]
+
+
 def test_store_workers_code_what_the_store_codes_in_process_and_survive_their_death(tiny_cal, tmp_path):
     """Pages put and got through two codec processes: the records are the in-process records byte for
     byte, the decoded pages the in-process pages exactly; a corrupted record is a miss, never
@@ -443,6 +478,9 @@ def test_store_workers_code_what_the_store_codes_in_process_and_survive_their_de
                       allocation_dir=tmp_path / "alloc")
     try:
         assert store.workers == 2
+        store.wait_ready(timeout=300)
+        assert store._ready.value == 2  # both processes started and planned before any page
+        assert len(list((tmp_path / "alloc").rglob("*"))) > 0  # their plans are cached for the next start
         assert store.put_many(pages) == [True] * 6
         for key, *_ in pages:
             assert store._index[key][2] == local._index[key][2]

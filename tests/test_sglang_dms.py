@@ -46,7 +46,7 @@ def serve_outputs(tmp_path_factory, name, prompts, env=None, dms=False):
 @pytest.fixture(scope="module")
 def prompts(embedded):
     _, tok, _ = embedded
-    segs = corpus.token_segments(corpus.heldout_documents(), tok, 400, 20, what="held-out text")
+    segs = corpus.token_segments(corpus.heldout_documents(), tok, 400, 12, what="held-out text")
     return [list(w) for _, w in segs]  # 400 tokens: far past the 64-token window
 
 
@@ -84,7 +84,7 @@ def divergence_margin(tok, ref_toks, margins, got_text) -> tuple[int, float]:
     return len(ref_toks), float("inf")
 
 
-@pytest.mark.parametrize("ratio", [4, 8])
+@pytest.mark.parametrize("ratio", [8])  # the shipped gates that evict the most
 def test_sglang_dms_matches_the_reference_dms_inference(tmp_path_factory, embedded, prompts, vanilla,
                                                         ratio):
     _, tok, _ = embedded
@@ -113,9 +113,9 @@ def test_dms_server_frees_memory_admits_more_and_returns_every_page(tmp_path_fac
 
     _, tok, _ = embedded
     budget, burst = 1024, prompts[:8]
-    ref = reference(embedded, prompts, 4)[0][:8]
+    ref = reference(embedded, prompts, 8)[0][:8]
     log = tmp_path_factory.mktemp("dms-load") / "server.log"
-    env = {"KVSQUEEZE_DMS": str(shipped_gates_dir(4)), "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1"}
+    env = {"KVSQUEEZE_DMS": str(shipped_gates_dir(8)), "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1"}
     srv = SGLangServer(model=resolve_model(None), port=free_port(), log_path=log, env=env,
                        extra_args=["--disable-radix-cache", "--enable-metrics", "--max-total-tokens",
                                    str(budget)] + DMS_ARGS).start_and_wait(timeout=400)
@@ -138,6 +138,9 @@ def test_dms_server_frees_memory_admits_more_and_returns_every_page(tmp_path_fac
             message = json.dumps(r["meta_info"]["finish_reason"])
         except urllib.error.HTTPError as e:
             message = e.read().decode()
+        from conftest import refuses_bad_prompts_and_answers_the_next
+
+        refuses_bad_prompts_and_answers_the_next(srv.url)  # the head pool's n=0 prefill used to end it
         time.sleep(3)  # idle: SGLang checks available == total (strict), the pool's gauges settle
         with urllib.request.urlopen(srv.url + "/metrics", timeout=30) as r:
             m = parse_prometheus(r.read().decode())
@@ -150,7 +153,7 @@ def test_dms_server_frees_memory_admits_more_and_returns_every_page(tmp_path_fac
     got = [o["text"] for o in outs]
     dense_fit = budget // (len(burst[0]) + NEW)  # requests a dense pool of this budget holds at once
     peak = max(peak, m["kvsqueeze_dms_peak_sequences"])  # the pool's own count misses no step
-    print(f"DMS 4x at a {budget}-token budget: peak running {peak} (a dense pool holds {dense_fit}), "
+    print(f"DMS 8x at a {budget}-token budget: peak running {peak} (a dense pool holds {dense_fit}), "
           f"ratios {[x['ratio'] for x in meta]}, {sum(a == b for a, b in zip(got, ref))}/8 outputs = reference")
     assert peak > dense_fit  # more requests at once than a dense pool of this budget could hold
     assert sum(a == b for a, b in zip(got, ref)) >= 7

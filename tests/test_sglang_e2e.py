@@ -38,6 +38,15 @@ def test_generate_answers(server):
     assert out["meta_info"]["completion_tokens"] >= 1
 
 
+def test_a_bad_prompt_gets_a_400_and_the_server_answers_the_next_request(server):
+    """An empty prompt used to end the scheduler, and with it the server (the CPU rotary embedding
+    cannot reshape 0 elements); it and its kin are now refused before they reach the model."""
+    from conftest import refuses_bad_prompts_and_answers_the_next
+
+    refuses_bad_prompts_and_answers_the_next(server.url)
+    assert server.proc.poll() is None
+
+
 def test_chat_completions_answer(server):
     out = post(server.url + "/v1/chat/completions", {
         "model": "default", "temperature": 0, "max_tokens": 24,

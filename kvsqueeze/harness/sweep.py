@@ -232,6 +232,9 @@ def run_config(plan: Plan, workdir: Path, max_time: float, log=print,
                 break
         proc.wait(30)
     res.locust_rc = proc.returncode
+    if proc.returncode not in (0, None) and not res.reasons:
+        res.reasons.append(f"the load generator (Locust) exited with code {proc.returncode} before the "
+                           f"questions ran out; see {workdir / 'locust.log'}")
     res.wall_s = time.monotonic() - t0
     res.server = scraper.stop()
     res.rows, res.failed_rows = _count_rows(Path(plan.requests_csv))
@@ -322,8 +325,28 @@ def run_bench(spec: BenchSpec, log=print) -> Path:
             "url": spec.url, "calibration": calibration, "flush_between": spec.flush_between,
             "started": time.strftime("%Y-%m-%d %H:%M:%S"), "status": "running",
             "command": " ".join(sys.argv)}
-    (out / "questions.json").write_text(json.dumps([q.to_dict() for q in questions], indent=1))
-    _write_meta(out, meta)
+    try:
+        (out / "questions.json").write_text(json.dumps([q.to_dict() for q in questions], indent=1))
+        _write_meta(out, meta)
+        _run_all(spec, out, meta, questions, model_path, calibration, log)
+        report.build(out)
+    except OSError as e:  # the results directory is full or unwritable: keep what is there
+        meta["status"] = "incomplete"
+        meta["error"] = f"writing the results failed: {e}"
+        try:
+            _write_meta(out, meta)
+        except OSError:
+            pass
+        raise KvsqueezeError(
+            f"out={str(out)!r}: writing the results failed ({e.strerror or e}"
+            + (f": {e.filename}" if e.filename else "") + "); the rows written so far are kept and "
+            "the run is marked incomplete where run.json could be written; expected a results "
+            "directory with free space") from e
+    return out
+
+
+def _run_all(spec: BenchSpec, out: Path, meta: dict, questions, model_path: Path, calibration, log) -> None:
+    run_name = out.name
     configs = spec.configs()
     results: list[dict] = []
     total = len(spec.methods) * len(configs)
@@ -382,8 +405,6 @@ def run_bench(spec: BenchSpec, log=print) -> Path:
     meta["status"] = "complete" if all(r["status"] == "complete" for r in results) else "incomplete"
     meta["wall_s"] = round(time.monotonic() - t_run, 1)
     _write_meta(out, meta)
-    report.build(out)
-    return out
 
 
 def _skipped(label, m, W, L, mode, endpoint, why) -> dict:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from typing import Any, List, Optional
 
 import torch
@@ -30,7 +31,7 @@ from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageC
 
 from kvsqueeze.backends.sglang.metrics import gauges
 from kvsqueeze.methods.kvtc import codec
-from kvsqueeze.methods.kvtc.store import KVTCStore
+from kvsqueeze.methods.kvtc.store import KVTCStore, warm_plans
 from kvsqueeze.model import home
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ METRICS = {  # store stat -> (Prometheus gauge name, help)
     "hits": ("kvsqueeze_kvtc_hits", "pages restored from the store"),
     "misses": ("kvsqueeze_kvtc_misses", "pages asked for and not found (or undecodable)"),
     "corrupt": ("kvsqueeze_kvtc_corrupt", "pages dropped because they failed to decode"),
+    "write_errors": ("kvsqueeze_kvtc_write_errors", "pages not stored: the store directory refused the write"),
     "encode_seconds": ("kvsqueeze_kvtc_encode_seconds", "total time spent compressing pages"),
     "restore_seconds": ("kvsqueeze_kvtc_restore_seconds", "total time spent decompressing hits"),
 }
@@ -74,8 +76,16 @@ class KVTCHiCacheStorage(HiCacheStorage):
         self._warned_no_position = False
         logger.info("kvsqueeze KVTC storage: ratio %.3g, %s, calibration %s, %d codec processes",
                     self.ratio, directory or "host memory", self.cal.fingerprint(), workers)
-        if not workers:  # plan once now, not on the first page (workers plan as they start)
-            self.cal.allocation(codec._grid_ratio(self.ratio))
+        # Warm before the server says it is ready: the codec processes start and plan their bit
+        # allocations (seconds each, minutes in all on a fresh machine with no allocation cache), which
+        # otherwise happens under the first requests and stalls them behind the storage thread.
+        t0 = time.perf_counter()
+        if workers:
+            self.store.wait_ready(timeout=float(extra.get("kvtc_warm_timeout", 900)))
+        else:
+            for plan in warm_plans(self.ratio):
+                self.cal.allocation(plan)
+        logger.info("kvsqueeze KVTC storage: codec warm after %.1f s", time.perf_counter() - t0)
 
     # -- host pool pages ------------------------------------------------------------------------
 

@@ -701,16 +701,45 @@ def _parse(data: bytes) -> tuple[dict, int]:
         header = json.loads(data[10:10 + hlen])
     except ValueError as exc:  # cannot happen with a valid checksum unless written wrongly
         raise BlobError(f"blob: unreadable header ({exc})") from exc
-    try:
-        need = 10 + hlen + 4 * sum(int(n) for n in header["streams"]) + 4
-        for name in ("n_layers", "kv_heads", "head_dim", "n_tokens", "position", "dtype", "ratio",
-                     "allocation", "calibration", "model"):
-            header[name]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise BlobError(f"blob: header lacks a valid field ({exc})") from exc
+    _check_header(header)
+    need = 10 + hlen + 4 * sum(header["streams"]) + 4
     if need != len(data):
         raise BlobError(f"blob: {len(data)} bytes, header describes {need}")
     return header, 10 + hlen
+
+
+MAX_RATIO = 1e4  # what a header may claim (KVTC's useful range ends far below)
+MAX_POSITION = 1 << 26  # 67M tokens: above any model's context
+
+
+def _check_header(header) -> None:
+    """Every field of a header of the expected type and range (a well-framed, checksummed blob can
+    still describe nonsense if it was forged or written by a broken encoder)."""
+    if not isinstance(header, dict):
+        raise BlobError("blob: header is not an object")
+
+    def whole(name, lo, hi):
+        v = header.get(name)
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise BlobError(f"blob: header field {name}={v!r}; expected a whole number in [{lo}, {hi}]")
+
+    for name in ("n_layers", "kv_heads", "head_dim"):
+        whole(name, 1, 1 << 16)
+    whole("n_tokens", 1, 1 << 31)
+    whole("position", 0, MAX_POSITION)
+    if not isinstance(header.get("dtype"), str) or header["dtype"] not in _DTYPES:
+        raise BlobError(f"blob: header field dtype={header.get('dtype')!r}; expected one of {', '.join(_DTYPES)}")
+    r = header.get("ratio")
+    if isinstance(r, bool) or not isinstance(r, (int, float)) or not 1 <= r <= MAX_RATIO:
+        raise BlobError(f"blob: header field ratio={r!r}; expected a number in [1, {MAX_RATIO:g}]")
+    for name in ("allocation", "calibration", "model"):
+        if not isinstance(header.get(name), str):
+            raise BlobError(f"blob: header field {name}={header.get(name)!r}; expected a string")
+    streams = header.get("streams")
+    if (not isinstance(streams, list) or len(streams) != 2 * header["n_layers"]
+            or any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in streams)):
+        raise BlobError(f"blob: header field streams={str(streams)[:60]}; expected "
+                        f"{2 * header['n_layers']} word counts >= 0")
 
 
 def decode(cal: Calibration, blob: Blob | bytes, dtype: torch.dtype | None = None):
@@ -731,6 +760,10 @@ def decode(cal: Calibration, blob: Blob | bytes, dtype: torch.dtype | None = Non
         raise BlobError(f"blob: shape {header['n_layers']}x{header['kv_heads']}x{header['head_dim']} "
                         f"differs from the calibration's model")
     m, pos = header["n_tokens"], header["position"]
+    dense_per_token = 2 * cal.n_layers * cal.kv_heads * cal.head_dim * 2
+    if m * dense_per_token > 8 * header["ratio"] * len(data) + 64 * dense_per_token:
+        raise BlobError(f"blob: {m} tokens in {len(data)} bytes at ratio {header['ratio']:g}; a blob of that "
+                        "many tokens would be far larger")
     out_dtype = dtype or _DTYPES[header["dtype"]]
     cos, sin = rope_cos_sin(cal.rope_inv_freq, cal.rope_scaling, torch.arange(pos, pos + m))
     words = np.frombuffer(bytes(data), dtype="<u4", offset=offset, count=sum(header["streams"]))

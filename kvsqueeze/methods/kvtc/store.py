@@ -86,9 +86,9 @@ def unpack_page(cal: codec.Calibration, data: bytes):
     if exact:
         dt = keys[0].dtype
         per = cal.kv_heads * exact * cal.head_dim
-        flat = torch.frombuffer(bytearray(raw), dtype=dt)
-        if flat.numel() != 2 * cal.n_layers * per:
+        if len(raw) != 2 * cal.n_layers * per * dt.itemsize:
             raise codec.BlobError("page record: exact part has the wrong size")
+        flat = torch.frombuffer(bytearray(raw), dtype=dt)
         parts = flat.split(per)
         ex = [p.reshape(cal.kv_heads, exact, cal.head_dim) for p in parts]
         keys = [torch.cat([e, k], 1) for e, k in zip(ex[:cal.n_layers], keys)]
@@ -109,7 +109,7 @@ def warm_plans(ratio: float, steps: int = 8) -> list[float]:
     return sorted({codec._grid_ratio(ratio * 1.01 ** k) for k in range(steps + 1)})
 
 
-def _worker_init(calibration_path: str, allocation_dir: str | None, plans: list[float]) -> None:
+def _worker_init(calibration_path: str, allocation_dir: str | None, plans: list[float], ready=None) -> None:
     global _WORKER_CAL
     import random
 
@@ -122,6 +122,9 @@ def _worker_init(calibration_path: str, allocation_dir: str | None, plans: list[
     random.Random(os.getpid()).shuffle(plans)
     for plan in plans:
         _WORKER_CAL.allocation(plan)
+    if ready is not None:  # one more worker warm (KVTCStore.wait_ready counts them)
+        with ready.get_lock():
+            ready.value += 1
 
 
 def _worker_ready() -> bool:
@@ -158,6 +161,7 @@ class StoreStats:
     hits: int = 0
     misses: int = 0
     corrupt: int = 0             # pages that failed to decode (dropped)
+    write_errors: int = 0        # pages not stored because the directory refused the write (full, read-only)
     evicted: int = 0
     encode_seconds: float = 0.0   # wall time spent storing pages (a parallel batch counts once)
     restore_seconds: float = 0.0  # wall time spent decoding hits (a parallel batch counts once)
@@ -199,15 +203,33 @@ class KVTCStore:
             calibration.use_allocation_cache(allocation_dir)
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
         if workers:
+            ctx = multiprocessing.get_context("spawn")
+            self._ready = ctx.Value("i", 0)  # workers done warming
             self._pool = concurrent.futures.ProcessPoolExecutor(
-                workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
+                workers, mp_context=ctx, initializer=_worker_init,
                 initargs=(str(calibration_path), None if allocation_dir is None else str(allocation_dir),
-                          warm_plans(self.ratio)))
+                          warm_plans(self.ratio), self._ready))
             self._warming = [self._pool.submit(_worker_ready) for _ in range(workers)]  # start them now
 
     @property
     def workers(self) -> int:
         return self._pool._max_workers if self._pool is not None else 0
+
+    def wait_ready(self, timeout: float | None = None) -> float:
+        """Block until every worker process has started and planned its allocations (what would
+        otherwise delay the first pages a server stores or restores); returns the seconds waited. A
+        worker that fails to start sends the store to in-process coding, as any dead worker does."""
+        t0 = time.perf_counter()
+        while self._pool is not None and self._ready.value < self.workers:
+            if any(f.done() and f.exception() is not None for f in self._warming):
+                self._pool_failed(next(f.exception() for f in self._warming if f.done() and f.exception()))
+                break
+            if timeout is not None and time.perf_counter() - t0 > timeout:
+                logger.warning("kvtc store: codec workers not ready after %.0f s; the first pages may wait",
+                               timeout)
+                break
+            time.sleep(0.1)
+        return time.perf_counter() - t0
 
     def close(self) -> None:
         """Stop the worker processes (the store keeps working in this process)."""
@@ -276,13 +298,13 @@ class KVTCStore:
         return self.on_disk(key) and self._index_file(self._path(key))
 
     def put(self, key: str, keys: list[torch.Tensor], values: list[torch.Tensor], position: int) -> bool:
-        """Compress and store one page (``[kv_heads, n, head_dim]`` per layer, keys with RoPE)."""
+        """Compress and store one page (``[kv_heads, n, head_dim]`` per layer, keys with RoPE). False
+        when the directory refused the write (the page is then simply not stored)."""
         if self.exists(key):
             return True
         t0 = time.perf_counter()
         record = pack_page(self.cal, keys, values, position, self.ratio, self.sinks)
-        self._record(key, record, 2 * len(keys) * keys[0].numel() * 2, time.perf_counter() - t0)
-        return True
+        return self._record(key, record, 2 * len(keys) * keys[0].numel() * 2, time.perf_counter() - t0)
 
     def put_many(self, pages: list[tuple[str, list[torch.Tensor], list[torch.Tensor], int]]) -> list[bool]:
         """:meth:`put` for ``(key, keys, values, position)`` pages, encoded in parallel by the workers."""
@@ -299,20 +321,34 @@ class KVTCStore:
             self._pool_failed(exc)
             return [self.put(*page) for page in pages]
         dt = time.perf_counter() - t0
+        out = [True] * len(pages)
         for n, i in enumerate(todo):
             key, keys = pages[i][0], pages[i][1]
-            self._record(key, records[i], 2 * len(keys) * keys[0].numel() * 2, dt if n == 0 else 0.0)
-        return [True] * len(pages)
+            out[i] = self._record(key, records[i], 2 * len(keys) * keys[0].numel() * 2, dt if n == 0 else 0.0)
+        return out
 
-    def _record(self, key: str, record: bytes, before: int, seconds: float) -> None:
+    def _tmp_path(self, path: Path) -> Path:
+        return path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+
+    def _record(self, key: str, record: bytes, before: int, seconds: float) -> bool:
         if self.dir is not None:
             path = self._path(key)
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-            tmp.write_bytes(record)
-            os.replace(tmp, path)
+            tmp = self._tmp_path(path)
+            try:
+                tmp.write_bytes(record)
+                os.replace(tmp, path)
+            except OSError as exc:  # full or read-only: the page is not stored, nothing half-written stays
+                tmp.unlink(missing_ok=True)
+                with self._lock:
+                    self.stats.write_errors += 1
+                    first = self.stats.write_errors == 1
+                (logger.warning if first else logger.debug)(
+                    "kvtc store: page not stored in %s (%s); the engine recomputes it when needed",
+                    self.dir, exc.strerror or exc)
+                return False
         with self._lock:
             if self._slot(key) is not None:  # another thread stored it meanwhile
-                return
+                return True
             self._index[key] = (before, len(record), None if self.dir is not None else record)
             self.stats.pages_stored += 1
             self.stats.pages_held += 1
@@ -320,6 +356,7 @@ class KVTCStore:
             self.stats.bytes_after += len(record)
             self.stats.encode_seconds += seconds
             self._evict_locked()
+        return True
 
     def _lookup(self, key: str) -> tuple[str | None, bytes | None]:
         """``(slot, record)`` of a stored page (the record read from disk if need be); counts misses."""
