@@ -47,6 +47,20 @@ def test_a_bad_prompt_gets_a_400_and_the_server_answers_the_next_request(server)
     assert server.proc.poll() is None
 
 
+def test_every_bad_input_of_the_fault_campaign_is_answered_or_refused(server):
+    """``kvsqueeze check-server``'s whole bad-input catalogue against the real server: nothing fails,
+    the server stays up, no KV is held once idle; the fan-out limit refuses n=100000."""
+    from kvsqueeze.harness import faults
+
+    results = faults.Campaign(server.url, log=lambda m: None).run(["input"])
+    assert results and all(r.ok for r in results), faults.table(results)
+    by_case = {r.case: r for r in results}
+    for case in ("empty text", "empty input_ids", "token id outside the vocabulary", "empty chat",
+                 "absurd n", "invalid JSON", "body not UTF-8"):
+        assert by_case[case].refused == by_case[case].tried, (case, by_case[case])
+    assert server.proc.poll() is None
+
+
 def test_chat_completions_answer(server):
     out = post(server.url + "/v1/chat/completions", {
         "model": "default", "temperature": 0, "max_tokens": 24,

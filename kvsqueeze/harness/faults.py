@@ -115,8 +115,17 @@ class Target:
         except ValueError:
             return None
 
-    def alive(self) -> bool:
-        return self.request("GET", "/health", timeout=60).status == 200
+    def alive(self, wait: float = 120.0) -> bool:
+        """The server answers ``/health`` with 200 within ``wait`` seconds. A busy SGLang answers 503
+        while its scheduler is behind (its health check generates one token); that is not down, so
+        this polls until it answers or ``wait`` runs out."""
+        deadline = time.monotonic() + wait
+        while True:
+            if self.request("GET", "/health", timeout=60).status == 200:
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(2.0)
 
     def metrics(self) -> dict[str, float] | None:
         out = self.request("GET", "/metrics", timeout=30)
@@ -178,8 +187,10 @@ class Campaign:
     the server's own ``max_total_num_tokens``)."""
 
     def __init__(self, url: str, budget_tokens: int | None = None, seed: int = 0, log=print,
-                 request_timeout: float = 600.0):
+                 request_timeout: float = 600.0, busy_wait: float = 120.0, idle_wait: float = 30.0):
         self.t = Target(url, request_timeout)
+        self.busy_wait = busy_wait  # how long a server busy after a case may answer /health with 503
+        self.idle_wait = idle_wait  # how long KV may take to come back once nothing runs
         self.rng = random.Random(seed)
         self.log = log
         info = self.t.get_json("/server_info") or {}
@@ -196,9 +207,9 @@ class Campaign:
             pass
 
     # ---- checks after a case ---------------------------------------------------------------------
-    def idle_kv(self, wait: float = 30.0) -> float | None:
+    def idle_kv(self, wait: float | None = None) -> float | None:
         """KV tokens held once nothing runs and the prefix cache is flushed (polled up to ``wait``)."""
-        deadline = time.monotonic() + wait
+        deadline = time.monotonic() + (self.idle_wait if wait is None else wait)
         held = None
         while time.monotonic() < deadline:
             self.t.request("POST", "/flush_cache?timeout=60", b"", timeout=120)
@@ -213,7 +224,7 @@ class Campaign:
         return held
 
     def finish(self, res: CaseResult, t0: float) -> CaseResult:
-        res.alive = self.t.alive()
+        res.alive = self.t.alive(self.busy_wait)
         res.kv_after_idle = self.idle_kv() if res.alive else None
         res.seconds = round(time.monotonic() - t0, 1)
         self.log(f"  {res.case}: tried {res.tried}, answered {res.answered}, refused {res.refused}, "
@@ -348,7 +359,7 @@ class Campaign:
         for k in kinds:
             if k not in KINDS:
                 raise bad_value("cases", k, f"one of {', '.join(KINDS)}")
-        if not self.t.alive():
+        if not self.t.alive(wait=5.0):
             raise bad_value("url", self.t.url, "a server that answers /health")
         out = []
         if "input" in kinds:
