@@ -34,7 +34,7 @@ def tiny_llama(layers: int = 2, max_positions: int = 256, seed: int = 0):
 BAD_PROMPTS = (  # requests that used to stop the server (the scheduler's prefill of nothing)
     ({"text": ""}, "the prompt is empty"),
     ({"text": "  \n\t "}, "only whitespace"),
-    ({"input_ids": []}, "the prompt is empty"),
+    ({"input_ids": []}, "empty"),  # SGLang's own check answers first: "input_ids cannot be empty."
     ({"input_ids": [1, 10 ** 8]}, "expected a token id in [0,"),
     ({"input_ids": [-4, 2]}, "expected a token id in [0,"),
 )

@@ -133,13 +133,14 @@ def test_damaged_or_foreign_store_files_and_killed_codec_workers_are_misses_not_
         kvtc_server, embedded):
     """The store's files damaged after they were written (truncated, bit-flipped, replaced by a page of
     another calibration), and the codec's worker processes killed: the server keeps serving, the
-    damaged pages are counted and recomputed, the output equals the first pass's, no page leaks."""
+    damaged pages are counted and recomputed, the outputs keep to the first pass's (KVTC is lossy: at
+    least 90% of tokens and every first 4 equal), no page leaks."""
     from kvsqueeze import corpus
-    from kvsqueeze.methods.kvtc import calibrate as kvtc
+    from kvsqueeze.methods.kvtc import codec
     from kvsqueeze.methods.kvtc.store import pack_page
 
     srv, d = kvtc_server
-    _, tok, model = embedded
+    _, tok, _ = embedded
     segs = corpus.token_segments(corpus.heldout_documents(), tok, 640, 3)
     body = lambda ids: {"input_ids": ids, "sampling_params": {"max_new_tokens": 8, "temperature": 0}}  # noqa: E731
     prompts = [list(ids) for _, ids in segs]
@@ -148,8 +149,11 @@ def test_damaged_or_foreign_store_files_and_killed_codec_workers_are_misses_not_
     _flush(srv)
     files = sorted(set((d / "store").glob("*.kvtc")) - before)
     assert len(files) >= 9, len(files)
-    other = kvtc.calibrate(model, tok, corpus.calibration_documents(max_chars=100_000), seq_len=256,
-                           segments=2, tune=False, sample_tokens=256)
+    other = codec.Calibration.load(str(d / "cal.safetensors"))  # another calibration: one mean moved
+    first_key = sorted(other.stats)[0]
+    other.stats[first_key].means[0] += 1e-3
+    other._fingerprint = None
+    assert other.fingerprint() != codec.Calibration.load(str(d / "cal.safetensors")).fingerprint()
     g = __import__("torch").Generator().manual_seed(0)
     foreign = pack_page(other, [__import__("torch").randn(3, 64, 64, generator=g) for _ in range(30)],
                         [__import__("torch").randn(3, 64, 64, generator=g) for _ in range(30)], 64, 4.0)
@@ -163,7 +167,12 @@ def test_damaged_or_foreign_store_files_and_killed_codec_workers_are_misses_not_
     for w in workers:
         os.kill(w, signal.SIGKILL)
     again = [_generate(srv, body(p)) for p in prompts]
-    assert [a["output_ids"] for a in again] == [f["output_ids"] for f in first]
+    # KVTC at 4x is lossy, so a restored page may move a late near-tie; a damaged or foreign page
+    # decoded as if it were sound would derail a continuation from its first tokens
+    pairs = [(a["output_ids"], f["output_ids"]) for a, f in zip(again, first)]
+    assert all(a[:4] == f[:4] for a, f in pairs), pairs
+    same = sum(x == y for a, f in pairs for x, y in zip(a, f))
+    assert same >= 0.9 * sum(len(f) for _, f in pairs), pairs
     assert _stats(d)["corrupt"] - corrupt >= 1
     log = (d / "server.log").read_text()
     assert srv.proc.poll() is None, log[-3000:]
