@@ -602,3 +602,19 @@ def test_sensitivity_split_follows_the_weights_and_respects_the_total():
     assert sum(budgets.values()) <= total
     assert budgets["heavy"] > budgets["light"] > budgets["dead"]
     assert budgets["dead"] == 0
+
+
+def test_a_store_without_workers_plans_its_allocations_when_asked_to_be_ready(tiny_cal):
+    """wait_ready without worker processes plans, in this process, every plan rate control visits
+    first (the same list the workers plan as they start)."""
+    from kvsqueeze.methods.kvtc.store import KVTCStore, warm_plans
+
+    store = KVTCStore(tiny_cal, 4.0)
+    asked = []
+    real = store.cal.allocation
+    store.cal.allocation = lambda plan: asked.append(plan) or real(plan)
+    try:
+        assert store.wait_ready() >= 0.0
+    finally:
+        del store.cal.allocation
+    assert asked == warm_plans(4.0) and len(asked) > 1

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from typing import Any, List, Optional
 
 import torch
@@ -31,7 +30,7 @@ from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageC
 
 from kvsqueeze.backends.sglang.metrics import gauges
 from kvsqueeze.methods.kvtc import codec
-from kvsqueeze.methods.kvtc.store import KVTCStore, warm_plans
+from kvsqueeze.methods.kvtc.store import KVTCStore
 from kvsqueeze.model import home
 
 logger = logging.getLogger(__name__)
@@ -79,13 +78,8 @@ class KVTCHiCacheStorage(HiCacheStorage):
         # Warm before the server says it is ready: the codec processes start and plan their bit
         # allocations (seconds each, minutes in all on a fresh machine with no allocation cache), which
         # otherwise happens under the first requests and stalls them behind the storage thread.
-        t0 = time.perf_counter()
-        if workers:
-            self.store.wait_ready(timeout=float(extra.get("kvtc_warm_timeout", 900)))
-        else:
-            for plan in warm_plans(self.ratio):
-                self.cal.allocation(plan)
-        logger.info("kvsqueeze KVTC storage: codec warm after %.1f s", time.perf_counter() - t0)
+        waited = self.store.wait_ready(timeout=float(extra.get("kvtc_warm_timeout", 900)))
+        logger.info("kvsqueeze KVTC storage: codec warm after %.1f s", waited)
 
     # -- host pool pages ------------------------------------------------------------------------
 

@@ -217,12 +217,17 @@ class KVTCStore:
 
     def wait_ready(self, timeout: float | None = None) -> float:
         """Block until every worker process has started and planned its allocations (what would
-        otherwise delay the first pages a server stores or restores); returns the seconds waited. A
-        worker that fails to start sends the store to in-process coding, as any dead worker does."""
+        otherwise delay the first pages a server stores or restores), or, without workers, plan them
+        in this process; returns the seconds taken. A worker that fails to start sends the store to
+        in-process coding, as any dead worker does."""
         t0 = time.perf_counter()
+        if self._pool is None:
+            for plan in warm_plans(self.ratio):
+                self.cal.allocation(plan)
         while self._pool is not None and self._ready.value < self.workers:
-            if any(f.done() and f.exception() is not None for f in self._warming):
-                self._pool_failed(next(f.exception() for f in self._warming if f.done() and f.exception()))
+            failed = next((f.exception() for f in self._warming if f.done() and f.exception()), None)
+            if failed is not None:
+                self._pool_failed(failed)
                 break
             if timeout is not None and time.perf_counter() - t0 > timeout:
                 logger.warning("kvtc store: codec workers not ready after %.0f s; the first pages may wait",
