@@ -26,7 +26,7 @@ from kvsqueeze.errors import KvsqueezeError, bad_value
 from kvsqueeze.forward import continue_with, dense_prefill, distribution_metrics
 from kvsqueeze.methods.base import CompressionMethod, create_spec, get, parse_spec
 from kvsqueeze.methods.fusion.batch import fuse_batch
-from kvsqueeze.methods.fusion.config import check_similarity, check_threshold
+from kvsqueeze.methods.fusion.config import DEFAULT_GROUPING, check_grouping, check_similarity, check_threshold
 from kvsqueeze.workload import near_duplicate_workload
 
 
@@ -273,16 +273,25 @@ class FusionRecord:
     top1: float
     kl_per_request: list[float]
     fused_groups: int
+    grouping: str = DEFAULT_GROUPING
+    candidates: int = 0  # candidate pages, summed over the deciding layers (one for whole pages)
+    fused_away: int = 0  # of those, pages fused into another
+
+    @property
+    def ratio_paper(self) -> float:
+        """The authors' ratio: candidate blocks over distinct fused blocks (no side information, fused
+        layers only); ``fewer_than_radix`` is ours (pages held, every layer)."""
+        return self.candidates / max(self.candidates - self.fused_away, 1)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "ratio_paper": round(self.ratio_paper, 4)}
 
 
 def evaluate_batch_fusion(model, tokenizer, kinds: list[str], thresholds: list[float],
                           similarities: list[str], per_group: int = 8, groups: int = 1,
                           prefix_tokens: int = 384, scored_tokens: int = 32, block_size: int = 16,
                           shared_pages: bool = False, online: bool = False,
-                          progress=None) -> list[FusionRecord]:
+                          grouping: str = DEFAULT_GROUPING, progress=None) -> list[FusionRecord]:
     """BFF on the near-duplicate workload (``kvsqueeze.workload``): each request's prompt is prefilled
     densely, pages are counted with exact prefix sharing (radix) and with radix + fusion
     (``fuse_batch``), and each request's scored tokens are teacher-forced on its fused cache against
@@ -290,6 +299,7 @@ def evaluate_batch_fusion(model, tokenizer, kinds: list[str], thresholds: list[f
     integration's arrival-order decisions (both: ``fuse_batch``)."""
     similarities = [check_similarity(s) for s in similarities]
     thresholds = [check_threshold(t) for t in thresholds]
+    grouping = check_grouping(grouping)
     check_lengths(model, prefix_tokens + 64, scored_tokens)
     records: list[FusionRecord] = []
     for kind in kinds:
@@ -307,7 +317,7 @@ def evaluate_batch_fusion(model, tokenizer, kinds: list[str], thresholds: list[f
             for th in thresholds:
                 bf = fuse_batch(caches, [list(r.prompt_ids) for r in reqs], th,
                                 block_size=block_size, similarity=sim, shared_pages=shared_pages,
-                                online=online)
+                                online=online, grouping=grouping)
                 kls, top1 = [], []
                 for i, r in enumerate(reqs):
                     ids = torch.tensor(r.scored_ids)
@@ -320,7 +330,7 @@ def evaluate_batch_fusion(model, tokenizer, kinds: list[str], thresholds: list[f
                     kind, sim, th, len(reqs), bf.pages_dense, bf.pages_radix,
                     round(bf.pages_fused, 2), round(bf.pages_radix / bf.pages_fused, 3),
                     sum(kls) / len(kls), max(kls), sum(top1) / len(top1), kls,
-                    bf.stats.fused_groups))
+                    bf.stats.fused_groups, grouping, bf.stats.candidates, bf.stats.saved))
                 if progress:
                     progress(f"{kind} fusion", len(records), None)
     if len(kinds) > 1:
@@ -333,5 +343,6 @@ def evaluate_batch_fusion(model, tokenizer, kinds: list[str], thresholds: list[f
                     "all", sim, th, len(kls), sum(r.pages_dense for r in rs), radix,
                     round(fused, 2), round(radix / fused, 3), sum(kls) / len(kls), max(kls),
                     sum(r.top1 * r.requests for r in rs) / len(kls), kls,
-                    sum(r.fused_groups for r in rs)))
+                    sum(r.fused_groups for r in rs), grouping, sum(r.candidates for r in rs),
+                    sum(r.fused_away for r in rs)))
     return records

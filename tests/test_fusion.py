@@ -17,7 +17,7 @@ from kvsqueeze.errors import KvsqueezeError
 from kvsqueeze.kernels.fusion_gram import block_gram_reference
 from kvsqueeze.methods.fusion.batch import fuse_batch, radix_pages
 from kvsqueeze.methods.fusion.config import parse_layers
-from kvsqueeze.methods.fusion.grouping import blocks_of, fuse_vectors, group_blocks, unblock
+from kvsqueeze.methods.fusion.grouping import blocks_of, fuse_vectors, group_blocks, group_items, unblock
 from kvsqueeze.methods.fusion.method import BlockFusion
 from kvsqueeze.methods.fusion.similarity import similarity_matrix
 
@@ -47,6 +47,73 @@ def test_groups_partition_the_candidates_and_every_pair_in_a_group_passes(n, t, 
         assert len(groups) == 1
     if all(gram[i, j] < t for i in range(n) for j in range(n) if i != j):
         assert all(len(grp) == 1 for grp in groups)
+
+
+def _unit(x):
+    return torch.nn.functional.normalize(x.double(), dim=-1)
+
+
+def test_paper_grouping_against_a_written_out_merge_tree():
+    """Four one-block items: level 1 merges 0 with 1 (identical) and 2 with 3 (not similar); level 2
+    compares the left representatives {0,1}, with the right ones {2}, {3}: 3 joins {0,1}, and the
+    representative is the renormalised mean of the two representatives met (not of the members)."""
+    e = torch.eye(4, dtype=torch.float64)
+    x = torch.stack([e[0], 3 * e[0], e[1], e[0] + 0.3 * e[2]])
+    groups, [rep] = group_items([x], 1, [[0], [1], [2], [3]], 0.9)
+    assert groups == [[0, 1, 3], [2]]
+    expected = _unit(_unit(e[0]) + _unit(x[3]))
+    assert torch.allclose(rep[0], expected) and torch.allclose(rep[1], e[1])
+
+
+def test_paper_grouping_never_fuses_blocks_of_one_item():
+    x = torch.stack([torch.ones(5), torch.ones(5), -torch.ones(5)])
+    assert group_items([x], 1, [[0, 1], [2]], 0.5)[0] == [[0], [1], [2]]
+    assert group_items([x], 1, [[0], [1, 2]], 0.5)[0] == [[0, 1], [2]]
+
+
+def test_paper_grouping_a_right_block_joins_its_most_similar_left_one():
+    e = torch.eye(3, dtype=torch.float64)
+    x = torch.stack([e[0], e[1], e[0] + 0.9 * e[1]])  # 2 is closer to 0 (cos .74) than to 1 (.67)
+    groups, _ = group_items([x], 1, [[0, 1], [2]], 0.6)
+    assert groups == [[0, 2], [1]]
+
+
+def test_paper_grouping_values_follow_the_key_merges():
+    g = torch.Generator().manual_seed(3)
+    k = torch.randn(1, 16, generator=g).repeat(4, 1) + 1e-3 * torch.randn(4, 16, generator=g)
+    v = torch.randn(4, 16, generator=g)
+    groups, (rk, rv) = group_items([k, v], 1, [[0], [1], [2], [3]], 0.99)
+    assert groups == [[0, 1, 2, 3]]
+    # ((0,1),(2,3)) merged: mean of the two level-1 means of unit values
+    expected = _unit(_unit(_unit(v[0]) + _unit(v[1])) + _unit(_unit(v[2]) + _unit(v[3])))
+    assert torch.allclose(rv[0], expected)
+
+
+@pytest.mark.parametrize("n", [4, 64, 256])
+def test_planted_near_duplicates_fuse_whatever_the_number_of_candidates(n):
+    """A pair at cosine ~0.87-0.9 among n random blocks (threshold 0.75) fuses in every trial, in the
+    grouping and through the eval method (each block its own item)."""
+    g = torch.Generator().manual_seed(n)
+    for _ in range(20):
+        x = torch.randn(n, 96, generator=g)
+        i, j = torch.randperm(n, generator=g)[:2].tolist()
+        x[j] = x[i] + 0.5 * torch.randn(96, generator=g)
+        assert torch.nn.functional.cosine_similarity(x[i], x[j], dim=0) > 0.8
+        groups, _ = group_items([x], 1, [[r] for r in range(n)], 0.75)
+        assert any(i in grp and j in grp for grp in groups)
+    # the same through BlockFusion: n blocks of 16 tokens x 2 heads x 3 dims = 96, one pair planted
+    heads, dim, blk = 2, 3, 16
+    cache = _cache(n_layers=1, heads=heads, tokens=n * blk, dim=dim, seed=n)
+    k = cache.keys[0]
+    a, b = 1, n - 1
+    k[:, b * blk:(b + 1) * blk] = k[:, a * blk:(a + 1) * blk] + 0.3 * torch.randn(heads, blk, dim,
+                                                                                 generator=g)
+    m = BlockFusion(threshold=0.75, block_size=blk, similarity="block", sinks=0, recent=0, scope="any")
+    out = m.compress(cache)
+    assert out.details["blocks_fused_away"] >= 1
+    fused = out.keys[0]
+    cos = _unit(fused[:, a * blk:(a + 1) * blk].reshape(-1)) @ _unit(fused[:, b * blk:(b + 1) * blk].reshape(-1))
+    assert cos == pytest.approx(1.0, abs=1e-5)  # one shared direction
 
 
 def test_grouping_respects_candidate_sets():
@@ -90,7 +157,7 @@ def test_token_similarity_is_the_minimum_over_positions():
 # ---- the eval method (CFF) ----------------------------------------------------------------------------
 def test_when_no_pair_reaches_the_threshold_nothing_changes():
     cache = _cache()
-    out = BlockFusion(threshold=1.0, block_size=16).compress(cache)  # random blocks: cos < 1
+    out = BlockFusion(threshold=1.0, block_size=16, scope="any").compress(cache)  # random: cos < 1
     for a, b in zip(out.keys + out.values, cache.keys + cache.values):
         assert torch.equal(a, b)
     assert out.bytes_held == cache.dense_bytes() and out.details["blocks_fused_away"] == 0
@@ -104,12 +171,47 @@ def test_identical_blocks_fuse_losslessly():
                 x[:, 4 + b * 16:4 + (b + 1) * 16] = x[:, 4:20]
             for b in (3, 5):
                 x[:, 4 + b * 16:4 + (b + 1) * 16] = 2 * x[:, 20:36]
-    out = BlockFusion(threshold=0.999, block_size=16).compress(cache)
+    out = BlockFusion(threshold=0.999, block_size=16, scope="any").compress(cache)
     for a, b in zip(out.keys + out.values, cache.keys + cache.values):
         assert torch.allclose(a, b, atol=1e-5)
     fused_layers = len(parse_layers(None, cache.n_layers))
     assert out.details["blocks_fused_away"] == 4 * fused_layers
     assert out.bytes_held < cache.dense_bytes()
+
+
+def test_chunk_scope_fuses_across_chunks_of_one_complete_window_only():
+    """CFF as published: 16-token blocks on the grid, chunks of 32 tokens (2 blocks), windows of 2
+    chunks. Block 0 copied to 1 (same chunk: never fused), to 2 (other chunk, same window: fused) and
+    to 4 (next window: not fused); the last window is incomplete, so its copy of block 0 stays."""
+    blk = 16
+    cache = _cache(n_layers=1, tokens=7 * blk)  # windows: blocks 0-3, 4-7 (incomplete: 7 blocks)
+    for x in (cache.keys[0], cache.values[0]):
+        for b in (1, 2, 4, 6):
+            x[:, b * blk:(b + 1) * blk] = x[:, :blk]
+    m = BlockFusion(threshold=0.99, block_size=blk, scope="chunks", chunk_tokens=32, window_chunks=2,
+                    sinks=0, recent=0, similarity="block")
+    out = m.compress(cache)
+    assert out.details["blocks_fused_away"] == 1  # block 2 into block 0 (or 1's group: one only)
+    assert out.details["ratio_paper"] == pytest.approx(4 / 3)  # 4 candidate blocks, 3 distinct
+    for a, b in zip(out.keys + out.values, cache.keys + cache.values):
+        assert torch.allclose(a, b, atol=1e-5)  # identical blocks: lossless
+    held = cache.dense_bytes() - 2 * 3 * blk * 8 * 2 + 2 * (2 * 2 + 4)
+    assert out.bytes_held == held  # one block pair fused away, two members' norms and indices
+    exact = BlockFusion(threshold=0.99, block_size=blk, scope="chunks", chunk_tokens=32,
+                        window_chunks=2, sinks=16, recent=0, similarity="block").compress(cache)
+    # block 0 is a sink now: blocks 1 (chunk 0) and 2 (chunk 1) still fuse, of 3 candidates
+    assert exact.details["blocks_fused_away"] == 1 and exact.details["ratio_paper"] == pytest.approx(1.5)
+
+
+def test_chunk_scope_bad_settings_are_named():
+    with pytest.raises(KvsqueezeError, match="chunk_tokens=24"):
+        BlockFusion(scope="chunks", chunk_tokens=24)
+    with pytest.raises(KvsqueezeError, match="grouping='split'"):
+        BlockFusion(grouping="split")  # the default scope is the paper's
+    with pytest.raises(KvsqueezeError, match="window_chunks=0"):
+        BlockFusion(scope="chunks", window_chunks=0)
+    with pytest.raises(KvsqueezeError, match="scope='all'"):
+        BlockFusion(scope="all")
 
 
 @pytest.mark.parametrize("kw,msg", [({"threshold": 0}, "threshold=0"),
@@ -152,6 +254,23 @@ def test_batch_fusion_pages_against_closed_form():
     for r in range(2):
         for a, b in zip(bf.keys[r] + bf.values[r], c.keys + c.values):
             assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_batch_fusion_in_the_papers_grouping_never_fuses_pages_of_one_request():
+    """Across positions (same_position=False): request 0's two pages are identical, request 1's are
+    unrelated; the paper's grouping compares requests, never one request with itself, so nothing
+    fuses, while complete linkage fuses request 0's pair."""
+    c1, c2 = _cache(seed=1, tokens=32), _cache(seed=2, tokens=32)
+    for x in c1.keys + c1.values:
+        x[:, 16:32] = x[:, :16]
+    toks = [list(range(32)), [5] * 32]
+    paper = fuse_batch([c1, c2], toks, 0.99, same_position=False, layers="all")
+    assert paper.stats.saved == 0 and paper.pages_fused == paper.pages_radix == 4
+    split = fuse_batch([c1, c2], toks, 0.99, same_position=False, grouping="split", layers="all")
+    assert split.pages_fused == 3
+    c3 = PrefixCache([k.clone() for k in c1.keys], [v.clone() for v in c1.values])
+    across = fuse_batch([c1, c3], [list(range(32)), [5] * 32], 0.99, same_position=False, layers="all")
+    assert across.pages_fused == 2  # across requests all four identical pages become one
 
 
 def test_batch_fusion_without_similar_pages_changes_nothing():

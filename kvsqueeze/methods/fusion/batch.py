@@ -12,8 +12,25 @@ import torch
 
 from kvsqueeze.cache import PrefixCache
 from kvsqueeze.errors import bad_value
-from kvsqueeze.methods.fusion.config import DEFAULT_BLOCK, DEFAULT_SIMILARITY, check_block_size, check_threshold, parse_layers
-from kvsqueeze.methods.fusion.grouping import FusionStats, LayerFusion, fuse_layer_blocks, fuse_vectors, group_blocks
+from kvsqueeze.methods.fusion.config import (
+    DEFAULT_BLOCK,
+    DEFAULT_GROUPING,
+    DEFAULT_SIMILARITY,
+    check_block_size,
+    check_grouping,
+    check_threshold,
+    parse_layers,
+)
+from kvsqueeze.methods.fusion.grouping import (
+    FusionStats,
+    LayerFusion,
+    apply_representatives,
+    fuse_layer_blocks,
+    fuse_vectors,
+    group_blocks,
+    group_items,
+    items_of,
+)
 from kvsqueeze.methods.fusion.online import OnlinePageFusion
 from kvsqueeze.methods.fusion.similarity import similarity_matrix
 
@@ -69,6 +86,10 @@ class _Batch:
         return torch.stack([_block(self.caches, self.owner[pid], layer, self.block, key)
                             for pid in self.full])
 
+    def requests(self) -> list[int]:
+        """The request that owns each candidate page (the items of the paper's grouping)."""
+        return [self.owner[pid][0] for pid in self.full]
+
     def partition(self, same_position: bool) -> list[list[int]]:
         if not same_position:
             return [list(range(len(self.full)))]
@@ -109,7 +130,8 @@ def _batch(caches, token_lists, block_size, keep_first_blocks) -> _Batch:
 def fuse_batch(caches: list[PrefixCache], token_lists: list[list[int]], threshold: float,
                block_size: int = DEFAULT_BLOCK, layers=None, same_position: bool = True,
                keep_first_blocks: int = 0, similarity: str = DEFAULT_SIMILARITY,
-               shared_pages: bool = False, online: bool = False) -> BatchFusion:
+               shared_pages: bool = False, online: bool = False,
+               grouping: str = DEFAULT_GROUPING) -> BatchFusion:
     """BFF over the distinct full pages of a batch (radix-shared pages are one copy already).
 
     ``same_position``: only pages at the same block index fuse (keeps RoPE positions consistent:
@@ -124,8 +146,11 @@ def fuse_batch(caches: list[PrefixCache], token_lists: list[list[int]], threshol
     (:mod:`kvsqueeze.methods.fusion.online`): requests arrive in order; each new page fuses into the most
     similar earlier unfused page at its block index (if at the threshold) and then *reads that page*,
     unchanged, in every layer.
+    ``grouping``: ``batch`` (the paper's: the batch of requests halved recursively, pages of one
+    request never fused with each other) or ``split`` (see :mod:`kvsqueeze.methods.fusion.grouping`).
     """
     threshold = check_threshold(threshold)
+    grouping = check_grouping(grouping)
     block_size = check_block_size(block_size)
     b = _batch(caches, token_lists, block_size, keep_first_blocks)
     n_layers, h = caches[0].n_layers, caches[0].kv_heads
@@ -141,6 +166,9 @@ def fuse_batch(caches: list[PrefixCache], token_lists: list[list[int]], threshol
         if not (shared_pages and same_position):
             raise bad_value("online", online, "to be used with shared_pages=True and same_position=True")
         return _fuse_online(b, keys, values, pages, layer_ids, threshold, similarity, stats)
+    if shared_pages and grouping == "batch":
+        return _fuse_shared_batch(b, keys, values, pages, layer_ids, partition, threshold,
+                                  similarity, stats)
     if shared_pages:
         sim = None
         for layer in layer_ids:
@@ -158,13 +186,39 @@ def fuse_batch(caches: list[PrefixCache], token_lists: list[list[int]], threshol
     layer_pages = [b.distinct] * n_layers
     for layer in layer_ids:
         kf, vf, groups = fuse_layer_blocks(b.blocks(layer, True), b.blocks(layer, False), threshold,
-                                           partition, similarity, h, block_size)
+                                           partition, similarity, h, block_size, grouping,
+                                           b.requests())
         lf = LayerFusion(layer, len(b.full), groups)
         stats.per_layer.append(lf)
         layer_pages[layer] -= lf.saved
         if lf.saved:
             b.write(keys, values, layer, kf, vf)
     return BatchFusion(keys, values, pages, b.distinct, layer_pages, stats)
+
+
+def _fuse_shared_batch(b: _Batch, keys, values, pages, layer_ids, partition, threshold, similarity,
+                       stats) -> BatchFusion:
+    """Whole pages, the paper's grouping: the fused layers' keys decide together (the minimum of their
+    similarities), and every layer's keys and values follow the same merges; each member page reads
+    the merged block times the members' mean norm."""
+    c0 = b.caches[0]
+    n_layers, h = c0.n_layers, c0.kv_heads
+    deciding = [b.blocks(layer, True) for layer in layer_ids]
+    rest = [b.blocks(layer, key) for layer in range(n_layers) for key in (True, False)]
+    owners = b.requests()
+    groups, reps = [], [x.clone() for x in rest]
+    for cand in partition:
+        g, r = group_items(deciding + rest, len(deciding), items_of(cand, owners), threshold,
+                           similarity, h, b.block)
+        for j, x in enumerate(rest):
+            apply_representatives(x, g, r[len(deciding) + j], own_norms=False, out=reps[j])
+        groups += g
+    lf = LayerFusion(-1, len(b.full), sorted(groups, key=lambda grp: grp[0]))
+    stats.per_layer.append(lf)
+    if lf.saved:
+        for layer in range(n_layers):
+            b.write(keys, values, layer, reps[2 * layer], reps[2 * layer + 1])
+    return BatchFusion(keys, values, pages, b.distinct, [b.distinct - lf.saved] * n_layers, stats)
 
 
 def _fuse_online(b: _Batch, keys, values, pages, layer_ids, threshold, similarity, stats) -> BatchFusion:

@@ -18,6 +18,17 @@ DEFAULT_THRESHOLD = 0.9
 SIMILARITIES = ("block", "token")
 DEFAULT_SIMILARITY = "token"
 DEFAULT_MAX_CANDIDATES = 64
+# How candidates group (kvsqueeze/methods/fusion/grouping.py): "batch", the paper's recursive halving
+# of the batch of requests or chunks, or "split", complete linkage around two pivots.
+GROUPINGS = ("batch", "split")
+DEFAULT_GROUPING = "batch"
+# What a prefix's blocks fuse with (the ``fusion`` eval method): "any" other block of the compressible
+# middle, or, as the paper's CFF, "chunks": blocks on the page grid, only across the chunks of one
+# window of ``window_chunks`` consecutive chunks of ``chunk_tokens`` tokens.
+SCOPES = ("any", "chunks")
+DEFAULT_SCOPE = "chunks"
+DEFAULT_CHUNK_TOKENS = 128
+DEFAULT_WINDOW_CHUNKS = 8
 NORM_BYTES = 2
 INDEX_BYTES = 4
 
@@ -39,6 +50,24 @@ def check_similarity(similarity) -> str:
     if similarity not in SIMILARITIES:
         raise bad_value("similarity", similarity, f"one of {', '.join(SIMILARITIES)}")
     return similarity
+
+
+def check_grouping(grouping) -> str:
+    if grouping not in GROUPINGS:
+        raise bad_value("grouping", grouping, f"one of {', '.join(GROUPINGS)}")
+    return grouping
+
+
+def check_scope(scope) -> str:
+    if scope not in SCOPES:
+        raise bad_value("scope", scope, f"one of {', '.join(SCOPES)}")
+    return scope
+
+
+def check_count(name: str, value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise bad_value(name, value, f"{what} >= 1")
+    return value
 
 
 def default_layers(n_layers: int) -> list[int]:

@@ -34,3 +34,16 @@ def page_similarity(x: torch.Tensor, cands: torch.Tensor, similarity: str = "blo
         return torch.einsum("ld,mld->ml", xn, cn).amin(-1)
     xn, cn = F.normalize(x, dim=-1), F.normalize(cands, dim=-1)
     return torch.einsum("ltd,mltd->mlt", xn, cn).flatten(1).amin(-1)
+
+
+def cross_similarity(a: torch.Tensor, b: torch.Tensor, similarity: str = "block", heads: int = 1,
+                     block: int = 1) -> torch.Tensor:
+    """Similarity of each row of ``a [m, heads*block*dim]`` to each row of ``b [n, ...]``: ``[m, n]``
+    (float64), with the layout and meaning of :func:`similarity_matrix`."""
+    a, b = a.double(), b.double()
+    if check_similarity(similarity) == "block":
+        return F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T
+    def per_token(x):  # [block, rows, heads*dim], unit rows
+        return F.normalize(x.reshape(x.shape[0], heads, block, -1).permute(2, 0, 1, 3)
+                           .reshape(block, x.shape[0], -1), dim=-1)
+    return torch.bmm(per_token(a), per_token(b).transpose(1, 2)).amin(0)
