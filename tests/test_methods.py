@@ -5,6 +5,7 @@ import torch
 
 from kvsqueeze.errors import KvsqueezeError
 from kvsqueeze.methods import PrefixCache, available, create
+from kvsqueeze.methods.base import create_spec
 from kvsqueeze.methods.quant import fake_quantize
 
 
@@ -62,6 +63,31 @@ def test_snapkv_keeps_highest_attended_tokens_per_head():
         assert 20 + 10 * head in kept
         assert set(range(4)) <= kept and set(range(90, 100)) <= kept
         assert len(kept) == 15
+
+
+def test_snapkv_paper_preset_against_a_written_out_selection():
+    """The published setting: no sinks, the last 32 tokens kept, max pooling (kernel 7) of the
+    summed observation-window attention; the rest of the budget by the top pooled scores."""
+    n, h = 200, 3
+    g = torch.Generator().manual_seed(7)
+    observed = [torch.rand(h * 3, 32, n, generator=g) ** 8 for _ in range(2)]
+    c = _cache(n=n, observed=observed, h=h)
+    m = create_spec("snapkv:4:paper", sinks=4, recent=64)  # the preset overrides the caller's exempt tokens
+    assert (m.sinks, m.recent, m.pooling) == (0, 32, "max") and m.describe() == "snapkv@4x/paper"
+    out = m.compress(c)
+    for layer in range(2):
+        score = observed[layer].reshape(h, 3, 32, n).sum((1, 2))  # [kv heads, n]
+        for head in range(h):
+            pooled = [max(score[head, max(0, i - 3):i + 4].tolist()) for i in range(n)]
+            top = sorted((pooled[i] for i in range(n - 32)), reverse=True)[:50 - 32]
+            kept = (~out.evicted[layer][head]).nonzero()[:, 0].tolist()
+            assert len(kept) == 50 and kept[-32:] == list(range(n - 32, n))
+            # the kept middle tokens carry the top pooled scores (neighbours under one maximum tie)
+            assert sorted((pooled[i] for i in kept[:-32]), reverse=True) == pytest.approx(top)
+    default = create_spec("snapkv:4", sinks=4, recent=64)
+    assert (default.sinks, default.recent, default.pooling) == (4, 64, "avg")
+    with pytest.raises(KvsqueezeError, match="snapkv:4:wide"):
+        create_spec("snapkv:4:wide")
 
 
 def test_fake_quantize_error_bounded_and_grid_exact():

@@ -72,24 +72,44 @@ class SlidingWindow(_EvictionMethod):
         return pos.expand(cache.kv_heads, -1)  # newest first
 
 
+SNAPKV_PRESETS = ("default", "paper")
+
+
 @register
 class SnapKV(_EvictionMethod):
     """SnapKV (Li et al., 2024): keep the tokens the last prefix queries attend to, per KV head.
 
-    Scores are the attention probabilities of the last ``observation_window`` prefix queries, summed
-    over those queries and over the query heads of each GQA group, then smoothed by average pooling
-    (kernel ``pool``) so that neighbours of important tokens survive with them.
+    Scores are the attention probabilities of the last ``observation_window`` (32) prefix queries,
+    summed over those queries and over the query heads of each GQA group, then smoothed by pooling
+    (kernel ``pool``) so that neighbours of important tokens survive with them. Two presets
+    (``snapkv:RATIO:PRESET``):
+
+    - ``default``: average pooling, the ``sinks`` first and ``recent`` last tokens (4 and 64 in
+      ``kvsqueeze eval``) kept, as every eviction method here;
+    - ``paper``: the published setting: max pooling, kernel 7, the 32 observation-window tokens kept,
+      no fixed sinks (the preset sets sinks 0 and recent 32 whatever the caller passes).
     """
 
     name = "snapkv"
     summary = "attention-score eviction per KV head from a recent observation window"
     observation_window = 32
+    variant, variants = "preset", SNAPKV_PRESETS
 
-    def __init__(self, ratio=None, sinks=4, recent=64, pool: int = 7, **options):
+    def __init__(self, ratio=None, sinks=4, recent=64, pool: int = 7, preset: str = "default",
+                 **options):
+        if preset not in SNAPKV_PRESETS:
+            raise bad_value("preset", preset, f"one of {', '.join(SNAPKV_PRESETS)}")
+        if preset == "paper":
+            sinks, recent = 0, self.observation_window
         super().__init__(ratio, sinks, recent, **options)
-        if pool < 1 or pool % 2 == 0:
+        if isinstance(pool, bool) or not isinstance(pool, int) or pool < 1 or pool % 2 == 0:
             raise bad_value("pool", pool, "an odd kernel size >= 1")
         self.pool = pool
+        self.preset = preset
+        self.pooling = "max" if preset == "paper" else "avg"
+
+    def describe(self) -> str:
+        return super().describe() + ("/paper" if self.preset == "paper" else "")
 
     def middle_scores(self, cache, layer, start, end):
         if cache.observed is None:
@@ -97,6 +117,9 @@ class SnapKV(_EvictionMethod):
         obs = cache.observed[layer]  # [heads, n_obs, n]
         h = cache.kv_heads
         s = obs.reshape(h, -1, obs.shape[-1]).sum(dim=1)  # [kv_heads, n]
-        s = F.avg_pool1d(s[:, None, :], self.pool, stride=1, padding=self.pool // 2,
-                         count_include_pad=False)[:, 0, :]
+        if self.pooling == "max":
+            s = F.max_pool1d(s[:, None, :], self.pool, stride=1, padding=self.pool // 2)[:, 0, :]
+        else:
+            s = F.avg_pool1d(s[:, None, :], self.pool, stride=1, padding=self.pool // 2,
+                             count_include_pad=False)[:, 0, :]
         return s[:, start:end]
