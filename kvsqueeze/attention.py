@@ -64,9 +64,11 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     hkv, k_len = key.shape[1], key.shape[2]
     if scaling is None:
         scaling = d ** -0.5
-    scores = grouped_scores(query, key, scaling)  # [b, hkv, g, q, k]
     state = _STATE.get()
     layer = getattr(module, "layer_idx", None)
+    if state is not None and state.dms is not None and layer is not None:
+        query = state.dms.rotated_query(query, hkv)  # the query after RoPE (query-neuron gates)
+    scores = grouped_scores(query, key, scaling)  # [b, hkv, g, q, k]
     if state is not None and layer in state.valid:  # decode over a compacted per-head cache
         scores = scores.masked_fill(~state.valid[layer][None, :, None, None, :], float("-inf"))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
@@ -81,7 +83,9 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
         hide[:, :n] = ev.to(scores.device)
         scores = scores.masked_fill(hide[None, :, None, None, :], float("-inf"))
     if state is not None and state.dms is not None and layer is not None:
-        scores = scores + state.dms.additive_mask(layer, q, k_len, hkv)[:, :, None].to(scores.dtype)
+        mask = state.dms.additive_mask(layer, q, k_len, hkv)
+        if mask is not None:
+            scores = scores + mask[:, :, None].to(scores.dtype)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     if state is not None and state.capture_last and layer is not None:
         n_obs = min(state.capture_last, q)

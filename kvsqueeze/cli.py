@@ -11,11 +11,17 @@ import time
 from pathlib import Path
 
 from kvsqueeze.errors import KvsqueezeError, bad_value
-from kvsqueeze.methods.base import get, parse_spec
+from kvsqueeze.methods.base import create_spec, get, parse_spec
 from kvsqueeze.methods.fusion.config import (
     DEFAULT_BLOCK,
+    DEFAULT_CHUNK_TOKENS,
+    DEFAULT_GROUPING,
+    DEFAULT_SCOPE,
     DEFAULT_SIMILARITY,
     DEFAULT_THRESHOLD,
+    DEFAULT_WINDOW_CHUNKS,
+    GROUPINGS,
+    SCOPES,
     check_similarity,
     check_threshold,
 )
@@ -98,6 +104,10 @@ def _format_passkey_table(records) -> str:
     return "\n".join(rows)
 
 
+FUSION_FLAG_DEFAULTS = {"grouping": DEFAULT_GROUPING, "scope": DEFAULT_SCOPE,
+                        "chunk_tokens": DEFAULT_CHUNK_TOKENS, "window_chunks": DEFAULT_WINDOW_CHUNKS}
+
+
 def cmd_eval(args) -> int:
     from kvsqueeze import corpus, evaluate
     from kvsqueeze.model import load_hf, resolve_model
@@ -118,7 +128,13 @@ def cmd_eval(args) -> int:
             raise bad_value("calibration", args.calibration, "to be used with --method kvtc")
         per_method["kvtc"] = {"calibration": args.calibration}
     if "fusion" in names:
-        per_method["fusion"] = {"block_size": args.block_size}
+        per_method["fusion"] = {"block_size": args.block_size, "grouping": args.grouping,
+                                "scope": args.scope, "chunk_tokens": args.chunk_tokens,
+                                "window_chunks": args.window_chunks}
+    else:
+        for flag in ("grouping", "scope", "chunk_tokens", "window_chunks"):
+            if getattr(args, flag) != FUSION_FLAG_DEFAULTS[flag]:
+                raise bad_value(flag.replace("_", "-"), getattr(args, flag), "to be used with --method fusion")
     specs = _fusion_specs(specs, names, args)
     if args.workload is not None:
         return _eval_fusion_workload(args, specs)
@@ -126,6 +142,9 @@ def cmd_eval(args) -> int:
         if getattr(args, flag):
             raise bad_value(flag.replace("_", "-"), True, "to be used with --workload")
     methods = evaluate.build_methods(specs, ratios, per_method, **options)
+    if args.task == "kl":  # before the model loads: a prefix a method cannot take is refused at once
+        for m in methods:
+            m.validate_prefix(args.prefix_tokens)
     if args.json:  # fail before the long run, not after it
         out = Path(args.json)
         if out.parent and not out.parent.exists():
@@ -145,8 +164,6 @@ def cmd_eval(args) -> int:
         print(_format_passkey_table(records))
     else:
         evaluate.check_lengths(model, args.prefix_tokens, args.scored_tokens)
-        for m in methods:
-            m.validate_prefix(args.prefix_tokens)
         segs = corpus.token_segments(docs, tok, args.prefix_tokens + args.scored_tokens + 1,
                                      args.segments, what="--text file" if args.text else "held-out text")
         print(f"{len(segs)} segments of {args.prefix_tokens}+{args.scored_tokens} tokens from "
@@ -200,7 +217,8 @@ def _eval_fusion_workload(args, specs: list[str]) -> int:
     recs = evaluate.evaluate_batch_fusion(model, tok, kinds, thresholds, sims,
                                           per_group=args.requests, block_size=args.block_size,
                                           shared_pages=args.shared_pages or args.online,
-                                          online=args.online, progress=progress)
+                                          online=args.online, grouping=args.grouping,
+                                          progress=progress)
     head = (f"{'workload':9s} {'sim':6s} {'thresh':>6s} {'radix':>6s} {'fused':>7s} "
             f"{'fewer':>6s} {'KL mean':>8s} {'KL max':>8s} {'top-1':>6s}")
     print(head + "\n" + "-" * len(head))
@@ -316,6 +334,36 @@ def cmd_serve(args, extra: list[str]) -> int:
         server.stop()
 
 
+def cmd_dms_offset(args) -> int:
+    import torch
+
+    from kvsqueeze import corpus
+    from kvsqueeze.methods.dms.offset import calibrate_offset, save_with_offset
+    from kvsqueeze.model import load_hf, resolve_model
+
+    spec = parse_spec(args.method)
+    if spec.name != "dms":
+        raise bad_value("method", args.method, "dms:RATIO (shipped gates) or dms:DIR")
+    method = create_spec(spec)
+    if args.segments < 1:
+        raise bad_value("segments", args.segments, "at least 1 segment")
+    target = method.ratio if args.target is None else args.target
+    if not target > 1:
+        raise bad_value("target", target, "a ratio > 1")
+    method.validate_prefix(args.prefix_tokens)
+    docs = corpus.read_text_files(args.text)
+    tok, model = load_hf(resolve_model(args.model))
+    segs = [torch.tensor(ids) for _, ids in corpus.token_segments(docs, tok, args.prefix_tokens,
+                                                                  args.segments, what="--text file")]
+    print(f"fitting {method.describe()} to {target:g}x on {len(segs)} segments of {args.prefix_tokens} "
+          "tokens", file=sys.stderr)
+    fit = calibrate_offset(model, method, segs, target, log=lambda m: print(m, file=sys.stderr, flush=True))
+    out = save_with_offset(method, fit["offset"], target, args.out, fit)
+    print(f"offset {fit['offset']:+.3f}: ratio {fit['ratio_before']:.2f}x -> {fit['ratio']:.2f}x on this "
+          f"text; checkpoint {out} (use --method dms:{out})")
+    return 0
+
+
 def cmd_dms_train(args) -> int:
     from kvsqueeze.methods.dms.train import TrainConfig, train
     from kvsqueeze.model import resolve_model
@@ -325,7 +373,8 @@ def cmd_dms_train(args) -> int:
                       window=args.window, sinks=args.sinks, forward=args.forward, gate=args.gate, granularity=args.granularity,
                       seed=args.seed, save_every=args.save_every, threads=args.threads,
                       precision=args.precision, lr_decay=args.lr_decay, init=args.init,
-                      init_sequences=args.init_sequences)
+                      init_sequences=args.init_sequences, teacher=args.teacher,
+                      compression_loss=args.compression_loss)
     if args.device != "cpu":
         import torch
 
@@ -456,6 +505,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--similarity", default=None,
                    help="fusion: block (cosine of whole key blocks) and/or token (min per-token cosine; "
                         "the default)")
+    e.add_argument("--grouping", choices=GROUPINGS, default=DEFAULT_GROUPING,
+                   help="fusion: batch (the paper's recursive halving of the requests or chunks, the "
+                        "default) or split (complete linkage around two pivots)")
+    e.add_argument("--scope", choices=SCOPES, default=DEFAULT_SCOPE,
+                   help="fusion (one prefix): chunks (the default, the paper's CFF: blocks on the page "
+                        "grid, across the chunks of one window) or any (any two blocks of the "
+                        "compressible middle)")
+    e.add_argument("--chunk-tokens", type=int, default=DEFAULT_CHUNK_TOKENS,
+                   help="fusion --scope chunks: tokens per chunk (a multiple of --block-size)")
+    e.add_argument("--window-chunks", type=int, default=DEFAULT_WINDOW_CHUNKS,
+                   help="fusion --scope chunks: chunks fused together (the last N chunks)")
     e.add_argument("--workload", default=None,
                    help="fusion across requests of near-duplicate traffic: edits, fewshot, chat "
                         "(comma-separated)")
@@ -512,6 +572,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "attends least once they leave the window (a warm start at the target ratio)")
     t.add_argument("--init-sequences", type=int, default=8,
                    help="calibration sequences read by --init attention")
+    t.add_argument("--teacher", choices=("zeroed", "intact"), default="zeroed",
+                   help="query_neuron gates: the teacher has the repurposed neuron zeroed too (the "
+                        "released recipe) or is the original model")
+    t.add_argument("--compression-loss", choices=("sequence", "batch"), default="sequence",
+                   help="hinge per sequence over every decision (the released recipe) or of the batch "
+                        "mean (how the shipped gates were trained)")
+
+    o = dsub.add_parser("offset", help="fit the gates' offset to a target ratio on your own text")
+    o.add_argument("--method", default="dms:8", metavar="dms:RATIO|dms:DIR",
+                   help="the gates to fit (default: the shipped 8x gates)")
+    o.add_argument("--text", nargs="+", required=True, help="text file(s) like the traffic to serve")
+    o.add_argument("--out", required=True, help="new checkpoint directory (use as dms:DIR)")
+    o.add_argument("--target", type=float, default=None,
+                   help="ratio to reach (default: the method's: dms:8 -> 8)")
+    o.add_argument("--segments", type=int, default=4, help="prefills of --prefix-tokens to fit on")
+    o.add_argument("--prefix-tokens", type=int, default=1024)
+    o.add_argument("--model", default=None, help="a local Hugging Face checkpoint (default: embedded)")
 
     k = sub.add_parser("kvtc", help="KVTC: calibration of the transform codec")
     ksub = k.add_subparsers(dest="kvtc_command", required=True)
@@ -613,7 +690,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             return cmd_serve(args, extra)
         if args.command == "dms":
-            return cmd_dms_train(args)
+            return cmd_dms_offset(args) if args.dms_command == "offset" else cmd_dms_train(args)
         if args.command == "kvtc":
             return cmd_kvtc_calibrate(args)
         if args.command == "bench":

@@ -11,6 +11,7 @@ Default split, by source file (the two parts never share one):
 from __future__ import annotations
 
 import ast
+import functools
 import sys
 import sysconfig
 from dataclasses import dataclass
@@ -32,7 +33,76 @@ def heldout_documents() -> list[Document]:
     return [Document(src, "\n\n".join(body for _, body in sorted(topics.topics.items())))]
 
 
+def heldout_sources(max_chars: int = 1_500_000) -> dict[str, list[Document]]:
+    """Held-out text of several kinds, for measuring how a learned method's behaviour depends on the
+    text (none shares a file with the calibration text); only the sources present on this machine:
+
+    * ``python-docs``: the Python documentation topics (:func:`heldout_documents`);
+    * ``package-readmes``: the long descriptions (READMEs) of the installed Python distributions;
+    * ``release-notes``: upstream ``NEWS`` and ``changelog`` files under ``/usr/share/doc``;
+    * ``python-code``: the source code of the installed ``transformers`` package.
+
+    Each source is capped at about ``max_chars`` characters, read in sorted order (deterministic for
+    one environment).
+    """
+    import gzip
+    from importlib import metadata
+
+    out: dict[str, list[Document]] = {"python-docs": heldout_documents()}
+
+    def capped(items):
+        docs, total = [], 0
+        for src, text in items:
+            if total > max_chars:
+                break
+            if text and len(text) > 500:
+                docs.append(Document(src, text))
+                total += len(text)
+        return docs
+
+    def readmes():
+        for dist in sorted(metadata.distributions(), key=lambda d: (d.metadata["Name"] or "").lower()):
+            name = dist.metadata["Name"] or ""
+            if name.lower() == "kvsqueeze":
+                continue
+            body = dist.metadata.get_payload() or dist.metadata.get("Description") or ""
+            yield f"{name} README", str(body)
+
+    def notes():
+        doc = Path("/usr/share/doc")
+        if not doc.is_dir():
+            return
+        for p in sorted(doc.glob("*/*.gz")):
+            if p.name.startswith(("NEWS", "changelog.gz")) and not p.is_symlink():
+                try:
+                    yield str(p), gzip.decompress(p.read_bytes()).decode("utf-8", errors="replace")
+                except (OSError, EOFError):
+                    continue
+
+    def code():
+        try:
+            import transformers
+        except ImportError:
+            return
+        root = Path(transformers.__file__).parent
+        for p in sorted(root.rglob("*.py")):
+            yield str(p), p.read_text(errors="replace")
+
+    for name, items in (("package-readmes", readmes()), ("release-notes", notes()), ("python-code", code())):
+        docs = capped(items)
+        if docs:
+            out[name] = docs
+    return out
+
+
 def calibration_documents(max_chars: int = 2_000_000) -> list[Document]:
+    """The calibration text (see the module's docstring), up to about ``max_chars`` characters; read
+    once per process (parsing every stdlib module takes seconds)."""
+    return list(_calibration_documents(max_chars))
+
+
+@functools.lru_cache(maxsize=4)
+def _calibration_documents(max_chars: int) -> tuple[Document, ...]:
     docs: list[Document] = []
     lic = Path("/usr/share/common-licenses")
     if lic.is_dir():
@@ -55,7 +125,7 @@ def calibration_documents(max_chars: int = 2_000_000) -> list[Document]:
         if text:
             docs.append(Document(str(p), text))
             total += len(text)
-    return docs
+    return tuple(docs)
 
 
 def read_text_files(paths: list[str]) -> list[Document]:

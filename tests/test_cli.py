@@ -47,6 +47,20 @@ def run(*args, timeout=300):
      "threshold='0.8': expected to be used with --method fusion"),
     (["eval", "--method", "fusion", "--block-size", "0"], "block_size=0: expected a number of tokens"),
     (["eval", "--method", "fusion", "--online"], "online=True: expected to be used with --workload"),
+    (["eval", "--method", "fusion", "--scope", "chunks", "--chunk-tokens", "24"],
+     "chunk_tokens=24: expected a multiple of the block size (16)"),
+    (["eval", "--method", "fusion", "--grouping", "split"],
+     "grouping='split': expected batch with scope chunks"),
+    (["eval", "--method", "window", "--ratio", "2", "--scope", "any"],
+     "scope='any': expected to be used with --method fusion"),
+    (["eval", "--method", "fusion", "--scope", "chunks", "--window-chunks", "0"], "window_chunks=0"),
+    (["eval", "--method", "fusion", "--prefix-tokens", "512"],
+     "prefix_tokens=512: expected at least one window of 8 chunks x 128 tokens (1024)"),
+    (["eval", "--method", "snapkv:4:wide"], "expected a variant of snapkv: one of default, paper"),
+    (["dms", "offset", "--method", "window", "--text", "x", "--out", "/tmp/kvsq-never"],
+     "method='window': expected dms:RATIO (shipped gates) or dms:DIR"),
+    (["dms", "offset", "--text", "/no/such.txt", "--out", "/tmp/kvsq-never"], "--text='/no/such.txt': no such file"),
+    (["dms", "offset", "--target", "0.5", "--text", "x", "--out", "/tmp/kvsq-never"], "target=0.5"),
     (["serve", "--method", "window"], "method='window': expected a method that runs in SGLang"),
     (["serve", "--method", "dms:3"], "ratio=3.0: expected a ratio the shipped DMS gates have (4, 8)"),
     (["serve", "--method", "dms:/tmp"], "dms_config.json is missing"),
@@ -151,12 +165,14 @@ def test_eval_dms_scored_protocols(tmp_path):
     """--dms-scored picks the protocol; both run on the shipped gates, at the same prefix ratio, and the
     records say which one ran. (Both DMS methods share one model in one run: a regression check of
     gate sets feeding each other's runs.)"""
+    from kvsqueeze.cli import main  # in this process: two model loads fewer than two subprocesses
+
     ratios = {}
     for scored in ("keep", "evict"):
         out = tmp_path / f"{scored}.json"
-        r = run("eval", "--method", "dms", "--ratio", "4,8", "--prefix-tokens", "256",
-                "--scored-tokens", "64", "--segments", "1", "--dms-scored", scored, "--json", str(out))
-        assert r.returncode == 0, r.stderr
+        assert main(["eval", "--method", "dms", "--ratio", "4,8", "--prefix-tokens", "256",
+                     "--scored-tokens", "64", "--segments", "1", "--dms-scored", scored,
+                     "--json", str(out)]) == 0
         recs = json.loads(out.read_text())
         assert [x["method"] for x in recs] == ["dms", "dms"]
         assert all(x["details"]["evict_scored"] == float(scored == "evict") for x in recs)

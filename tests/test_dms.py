@@ -12,7 +12,7 @@ from kvsqueeze.errors import KvsqueezeError
 from kvsqueeze.methods.dms.config import DMSConfig
 from kvsqueeze.methods.dms.gates import DMSGates, install, query_neuron_index
 from kvsqueeze.methods.dms.run import HARD_MASK, DMSRun
-from kvsqueeze.methods.dms.train import TrainConfig, compression_loss, kl_student_teacher
+from kvsqueeze.methods.dms.train import TrainConfig, compression_loss, kl_student_teacher, teacher_run
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +99,32 @@ def test_compression_loss_zero_once_target_met():
     assert compression_loss(torch.tensor(0.80), 4.0).item() == 0.0
     assert compression_loss(torch.tensor(0.75), 4.0).item() == 0.0
     assert compression_loss(torch.tensor(0.50), 4.0).item() == pytest.approx(0.25)
+    # per sequence (the released code's): one sequence over the target does not pay for another
+    assert compression_loss(torch.tensor([0.95, 0.50]), 4.0).item() == pytest.approx(0.125)
+    assert compression_loss(torch.tensor([0.95, 0.50]).mean(), 4.0).item() == pytest.approx(0.025)
+
+
+def test_the_teacher_of_query_neuron_gates_has_the_neuron_zeroed_by_default():
+    zeroed = teacher_run(TrainConfig(gate="query_neuron"))
+    assert zeroed is not None and not zeroed.evict and zeroed.config.gate == "query_neuron"
+    assert teacher_run(TrainConfig(gate="query_neuron", teacher="intact")) is None
+    assert teacher_run(TrainConfig()) is None  # projection gates: the original model
+    with pytest.raises(KvsqueezeError, match="teacher='student'"):
+        TrainConfig(teacher="student")
+    with pytest.raises(KvsqueezeError, match="compression_loss='all'"):
+        TrainConfig(compression_loss="all")
+
+
+def test_evicted_fraction_per_sequence_against_a_written_out_mean():
+    run = DMSRun(DMSConfig(), mode="train")
+    g = torch.Generator().manual_seed(0)
+    run.alphas = {0: torch.rand(2, 3, 9, generator=g), 1: torch.rand(2, 3, 9, generator=g)}
+    per_seq = run.evicted_fraction(per_sequence=True)
+    for b in range(2):
+        expected = sum(run.alphas[layer][b].sum().item() / 27 for layer in (0, 1)) / 2
+        assert per_seq[b].item() == pytest.approx(expected)
+    legacy = sum(run.alphas[layer][..., :-1].mean().item() for layer in (0, 1)) / 2
+    assert run.evicted_fraction().item() == pytest.approx(legacy)
 
 
 def test_kl_student_teacher_zero_for_equal_and_positive_otherwise():
@@ -152,28 +178,78 @@ def test_decode_after_prefill_equals_single_pass(tiny):
             h.remove()
 
 
-def test_repurposed_query_neuron_no_longer_changes_attention(tiny):
-    """With query_neuron gates and no eviction reachable, the model equals one whose neuron is zeroed."""
+def _recording_queries(monkeypatch, zero_neuron_of_group: int | None = None):
+    """Record the query every attention call scores (after RoPE); optionally zero the last dimension
+    of every ``zero_neuron_of_group``-th query head first (a written-out post-RoPE zeroing)."""
+    import kvsqueeze.attention as attention
+
+    seen, original = [], attention.grouped_scores
+
+    def record(query, key, scaling):
+        if zero_neuron_of_group:
+            query = query.clone()
+            query[:, ::zero_neuron_of_group, :, -1] = 0.0
+        seen.append(query.detach().clone())
+        return original(query, key, scaling)
+
+    monkeypatch.setattr(attention, "grouped_scores", record)
+    return seen
+
+
+def test_repurposed_query_neuron_is_zeroed_before_and_after_rope(tiny, monkeypatch):
+    """With query_neuron gates and no eviction reachable: the query attention scores has the neuron
+    zeroed after RoPE (RoPE rotates part of its pair, dimension d/2 - 1, back into it), the other
+    dimensions are those of the model whose q_proj row is zeroed, and the logits equal that model's
+    with the post-RoPE zero written out here."""
     cfg = DMSConfig(window=1000, gate="query_neuron")
     gates = DMSGates.for_model(tiny, cfg)
-    handles = install(tiny, gates)
     ids = torch.randint(0, 97, (1, 25))
     idx = query_neuron_index(tiny)
     assert idx.tolist() == [15, 47]  # head_dim 16, 2 query heads per group: heads 0 and 2
     ref = copy.deepcopy(tiny)
-    for h in handles:
-        h.remove()
     with torch.no_grad():
+        original = tiny(ids).logits
         for layer in ref.model.layers:
             layer.self_attn.q_proj.weight[idx] = 0.0
+        seen_pre = _recording_queries(monkeypatch)
+        pre_only = ref(ids).logits  # zeroed before RoPE only
+        rope_q = seen_pre[0]
+        assert rope_q[:, ::2, :, -1].abs().max() > 1e-3  # RoPE put something back into the neuron
+        seen_ref = _recording_queries(monkeypatch, zero_neuron_of_group=2)
         expected = ref(ids).logits
-        original = tiny(ids).logits
     handles = install(tiny, gates)
     try:
-        with torch.no_grad(), attention_state(AttentionState(dms=DMSRun(cfg))):
-            got = tiny(ids).logits
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        for run in (DMSRun(cfg), DMSRun(cfg, evict=False)):
+            seen = _recording_queries(monkeypatch)
+            with torch.no_grad(), attention_state(AttentionState(dms=run)):
+                got = tiny(ids).logits
+            q0 = seen[0]
+            assert torch.equal(q0[:, ::2, :, -1], torch.zeros_like(q0[:, ::2, :, -1]))
+            keep = torch.ones(q0.shape[1], q0.shape[-1], dtype=torch.bool)
+            keep[::2, -1] = False
+            torch.testing.assert_close(q0.permute(0, 2, 1, 3)[..., keep], rope_q.permute(0, 2, 1, 3)[..., keep])
+            torch.testing.assert_close(seen[1], seen_ref[1], rtol=1e-5, atol=1e-5)  # layer 1 too
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
         assert not torch.allclose(got, original, atol=1e-4)
+        assert not torch.allclose(got, pre_only, atol=1e-5)  # the post-RoPE zero matters
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def test_a_run_that_does_not_evict_masks_nothing(tiny):
+    cfg = DMSConfig(window=2)
+    handles = install(tiny, _random_gates(tiny, cfg, seed=1, std=1.0))  # most tokens flagged
+    ids = torch.randint(0, 97, (1, 30))
+    try:
+        with torch.no_grad():
+            dense = tiny(ids).logits
+            with attention_state(AttentionState(dms=DMSRun(cfg, evict=False))):
+                kept = tiny(ids).logits
+            with attention_state(AttentionState(dms=DMSRun(cfg))):
+                evicting = tiny(ids).logits
+        torch.testing.assert_close(kept, dense)
+        assert not torch.allclose(evicting, dense, atol=1e-3)
     finally:
         for h in handles:
             h.remove()
@@ -426,3 +502,46 @@ def test_two_gate_sets_on_one_model_do_not_mix(tiny, tmp_path):
         assert toks == b2.greedy(tiny, ids[:24], max_new=4)[0]
     finally:
         b2.unbind(tiny)
+
+
+def test_gate_offset_shifts_every_logit_and_its_fit_reaches_the_target(tiny, tmp_path):
+    """``offset`` adds to every gate logit (layer 0's logits, upstream of any eviction, move by exactly
+    the offset; more offset, more evicted); calibrate_offset finds the offset that reaches a target
+    ratio on the given prefills, and that offset reproduces the ratio it reports."""
+    from kvsqueeze.methods.dms.method import DMSMethod
+    from kvsqueeze.methods.dms.offset import calibrate_offset, prefill_ratio, save_with_offset
+
+    cfg = DMSConfig(window=4, target_ratio=3)
+    _save_checkpoint(tiny, tmp_path, cfg, seed=5, std=0.05)
+    g = torch.Generator().manual_seed(2)
+    segs = [torch.randint(0, 97, (64,), generator=g) for _ in range(3)]
+    n_layer0 = (64 - 1 - cfg.sinks) * 2  # deciding logits of layer 0, 2 KV heads, one segment
+    ratios = {}
+    for off in (-0.5, 0.0, 0.5):
+        m = DMSMethod(checkpoint=str(tmp_path), offset=off)
+        ratios[off], logits = prefill_ratio(tiny, m, segs[:1])
+        m.unbind(tiny)
+        if off == 0.0:
+            base = logits[:n_layer0]
+        elif off == 0.5:
+            torch.testing.assert_close(logits[:n_layer0], base + 0.5)
+    assert ratios[-0.5] < ratios[0.0] < ratios[0.5]
+    method = DMSMethod(checkpoint=str(tmp_path))
+    fit = calibrate_offset(tiny, method, segs, target=2.0, iterations=6, tolerance=0.05)
+    assert abs(fit["ratio"] / 2.0 - 1) <= 0.05
+    for off, expected in ((0.0, fit["ratio_before"]), (fit["offset"], fit["ratio"])):
+        m = DMSMethod(checkpoint=str(tmp_path), offset=off)
+        try:
+            assert prefill_ratio(tiny, m, segs)[0] == pytest.approx(expected)
+        finally:
+            m.unbind(tiny)
+    # folded into a checkpoint of its own: dms:OUT reaches the same ratio with no offset given
+    out = save_with_offset(DMSMethod(checkpoint=str(tmp_path)), fit["offset"], 2.0, tmp_path / "fitted", fit)
+    m = DMSMethod(checkpoint=str(out))
+    try:
+        assert m.ratio == 2.0 and m.config.logit_bias == pytest.approx(cfg.logit_bias + fit["offset"])
+        assert prefill_ratio(tiny, m, segs)[0] == pytest.approx(fit["ratio"])
+    finally:
+        m.unbind(tiny)
+    with pytest.raises(KvsqueezeError, match="offset=nan"):
+        DMSMethod(checkpoint=str(tmp_path), offset=float("nan"))

@@ -13,7 +13,8 @@ sliding window. Modules, from the bottom up:
 - ``cache``: the reference inference cache (tokens really dropped per head);
 - ``pages``: per-(sequence, layer, KV head) pages of a serving pool where eviction frees memory;
 - ``train`` / ``warmstart``: retrofit training by self-distillation and its optional warm start;
-- ``method``: the ``dms`` method of ``kvsqueeze eval``.
+- ``method``: the ``dms`` method of ``kvsqueeze eval``;
+- ``offset``: fitting an offset of the gate logits to a target ratio on a user's own text.
 
 Nothing here imports an engine; docs/dms.md describes the method and its measurements.
 """

@@ -78,6 +78,15 @@ def query_neuron_index(model) -> torch.Tensor:
     return torch.tensor([(g * group) * d + d - 1 for g in range(c.num_key_value_heads)])
 
 
+def zero_query_neuron(query: torch.Tensor, n_kv: int) -> torch.Tensor:
+    """``query [b, heads, q, head_dim]`` after RoPE with the repurposed neuron (last dimension of each
+    group's first query head, :func:`query_neuron_index`) zeroed again: RoPE rotates part of the
+    neuron's pair back into it, and the released code zeroes it both before and after RoPE."""
+    q = query.clone()
+    q[:, ::query.shape[1] // n_kv, :, -1] = 0.0
+    return q
+
+
 def install(model, gates: DMSGates) -> list:
     """Register the hooks that compute gate logits into the active DMS run.
 
@@ -108,7 +117,8 @@ def install(model, gates: DMSGates) -> list:
         idx = query_neuron_index(model)
         for i, layer in enumerate(layers):
             attn = layer.self_attn
-            # after q_norm where the model has one (Qwen3), before RoPE either way
+            # after q_norm where the model has one (Qwen3), before RoPE; the attention zeroes the
+            # neuron once more after RoPE (DMSRun.rotated_query)
             target = getattr(attn, "q_norm", None) or attn.q_proj
 
             def q_hook(module, args, out, i=i, has_norm=target is not attn.q_proj):

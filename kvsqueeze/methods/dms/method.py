@@ -3,6 +3,8 @@ with :meth:`DMSMethod.run_segment` and :meth:`DMSMethod.greedy`, not by compress
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -16,6 +18,11 @@ from kvsqueeze.methods.dms.gates import DMSGates, install
 from kvsqueeze.methods.dms.run import DMSRun, held_after
 
 SCORED = ("keep", "evict")
+
+
+def with_offset(config, offset: float):
+    """``config`` with ``offset`` added to its gate logit bias."""
+    return config if not offset else replace(config, logit_bias=config.logit_bias + offset)
 
 
 def resolve_checkpoint(ratio: float | None, checkpoint: str | Path | None) -> Path:
@@ -47,6 +54,10 @@ class DMSMethod(CompressionMethod):
     most recent tokens, and the tokens its gates keep. The achieved ratio is the prefix tokens over
     the tokens actually held after prefill, summed over layers and KV heads.
 
+    ``offset``: added to every gate logit (to the config's ``logit_bias``): positive evicts more; see
+    :func:`kvsqueeze.methods.dms.offset.calibrate_offset`, which fits it to a target ratio on a
+    user's own text.
+
     ``scored``: what happens to the scored continuation. ``"keep"`` (default): DMS compresses the
     prefix only and holds every scored token, as every other method of ``kvsqueeze eval`` does
     (their ratio is the prefix's, and so is DMS's); flagged prefix tokens still leave as the window
@@ -61,13 +72,16 @@ class DMSMethod(CompressionMethod):
     ratio_unit = "prefix tokens / tokens held after prefill (layers x KV heads)"
 
     def __init__(self, ratio=None, sinks=4, recent=64, checkpoint: str | None = None, scored: str = "keep",
-                 **options):
+                 offset: float = 0.0, **options):
         if scored not in SCORED:
             raise bad_value("scored", scored, "'keep' (prefix-only eviction) or 'evict' (scored "
                             "tokens evicted too)")
+        if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset):
+            raise bad_value("offset", offset, "a finite number added to the gate logits")
         self.scored = scored
+        self.offset = float(offset)
         self.checkpoint = resolve_checkpoint(ratio, checkpoint)
-        self.config = load_config(self.checkpoint)
+        self.config = with_offset(load_config(self.checkpoint), self.offset)
         super().__init__(self.config.target_ratio if ratio is None else ratio, sinks, recent, **options)
         self._bound: dict[int, tuple[DMSGates, list]] = {}
 
@@ -88,6 +102,7 @@ class DMSMethod(CompressionMethod):
         them)."""
         if id(model) not in self._bound:
             gates = load_gates(self.checkpoint, model)
+            gates.config = self.config  # the checkpoint's, with this method's offset
             self._bound[id(model)] = (gates, install(model, gates))
         return self._bound[id(model)][0]
 
@@ -98,7 +113,8 @@ class DMSMethod(CompressionMethod):
                 h.remove()
 
     def describe(self) -> str:
-        return f"{self.name}@{self.ratio:g}x" + ("" if self.scored == "keep" else "(evict-scored)")
+        return (f"{self.name}@{self.ratio:g}x" + (f"{self.offset:+g}" if self.offset else "")
+                + ("" if self.scored == "keep" else "(evict-scored)"))
 
     def segment_details(self) -> dict:
         """Recorded with each evaluation: 1 where the scored tokens were evicted too, 0 where kept."""

@@ -14,6 +14,7 @@ import torch
 from kvsqueeze.errors import bad_value
 from kvsqueeze.methods.dms import rule
 from kvsqueeze.methods.dms.config import DMSConfig
+from kvsqueeze.methods.dms.gates import zero_query_neuron
 
 HARD_MASK = -1e4  # finite: a fully masked row can never produce NaN
 _KEEP_LOGIT = -1e4  # a relaxed logit that keeps a token (newest, sinks)
@@ -27,12 +28,14 @@ class DMSRun:
     whole history. ``keep_from``: keys at this position and later are never evicted (the
     evaluation's prefix-only protocol: the scored tokens are held, as every other method holds
     them); ``None``: every key is subject to the gates. ``gates``: the gate set whose hooks feed this
-    run (others installed on the same model stay silent); ``None``: any installed.
+    run (others installed on the same model stay silent); ``None``: any installed. ``evict=False``:
+    nothing is evicted, but query-neuron gates still take their neuron out of the query (the
+    released code's teacher mode and ``dms_disable_eviction``).
     """
 
     def __init__(self, config: DMSConfig, mode: str = "hard", generator: torch.Generator | None = None,
                  noise: bool = True, forward: str = "soft", keep_from: int | None = None,
-                 gates=None):
+                 gates=None, evict: bool = True):
         if mode not in ("hard", "train"):
             raise bad_value("mode", mode, "'hard' or 'train'")
         if forward not in ("soft", "straight_through"):
@@ -46,6 +49,7 @@ class DMSRun:
         self.forward = forward
         self.keep_from = keep_from
         self.gates = gates
+        self.evict = evict
         self.generator = generator
         self.noise = noise  # Gumbel noise in training (off only to compare with hard decisions)
         self.logits: dict[int, torch.Tensor] = {}  # layer -> [b, heads_or_1, T]
@@ -81,6 +85,8 @@ class DMSRun:
             hard, alpha = self._relaxed(layer, lg)
         else:
             hard, alpha = rule.hard(lg), None
+        if not self.evict:
+            hard, alpha = torch.zeros_like(hard), None
         sinks = self.config.sinks
         hard = rule.protect_sinks(rule.with_newest(hard, False), sinks)
         if self.keep_from is not None and self.keep_from < n_keys:
@@ -93,9 +99,18 @@ class DMSRun:
                 alpha = alpha.expand(-1, n_kv, -1)
         return hard, alpha
 
-    def additive_mask(self, layer: int, q_len: int, k_len: int, n_kv: int) -> torch.Tensor:
+    def rotated_query(self, query: torch.Tensor, n_kv: int) -> torch.Tensor:
+        """The query after RoPE ``[b, heads, q, d]`` as attention must see it: query-neuron gates zero
+        their neuron again (:func:`~kvsqueeze.methods.dms.gates.zero_query_neuron`)."""
+        if self.config.gate != "query_neuron":
+            return query
+        return zero_query_neuron(query, n_kv)
+
+    def additive_mask(self, layer: int, q_len: int, k_len: int, n_kv: int) -> torch.Tensor | None:
         """``[b, n_kv, q_len, k_len]`` additive mask for the queries of this call (causality is the
-        model's own mask)."""
+        model's own mask); None when the run does not evict."""
+        if not self.evict:
+            return None
         hard, alpha = self.eviction(layer, k_len, n_kv)
         q_pos = torch.arange(k_len - q_len, k_len, device=hard.device)[:, None]
         k_pos = torch.arange(k_len, device=hard.device)[None, :]
@@ -114,8 +129,14 @@ class DMSRun:
             val = hard_val + soft - soft.detach()
         return torch.where(outside, val[:, :, None, :], torch.zeros((), dtype=val.dtype, device=val.device))
 
-    def evicted_fraction(self) -> torch.Tensor:
-        """Mean straight-through alpha over layers, heads and decided tokens (training)."""
+    def evicted_fraction(self, per_sequence: bool = False) -> torch.Tensor:
+        """Mean straight-through alpha over layers, heads and decided tokens (training).
+
+        ``per_sequence``: ``[batch]``, over every decided key (0..T-2), as the released code averages
+        its decisions per sequence; otherwise a scalar over the batch and keys 0..T-3 (the loss the
+        shipped gates were trained with)."""
+        if per_sequence:
+            return torch.stack([a.mean(dim=(1, 2)) for a in self.alphas.values()]).mean(0)
         return torch.stack([a[..., :-1].mean() for a in self.alphas.values()]).mean()
 
 

@@ -1,11 +1,20 @@
 """Retrofit training of DMS gates by self-distillation (``kvsqueeze dms train``).
 
-Teacher: the same model with eviction disabled. Student: the model with DMS gates, Gumbel-sigmoid
-decisions and straight-through estimation. Loss = KL(student || teacher) on next-token
-distributions + ``max(0, a* - mean alpha)`` with ``a* = 1 - 1 / CR(step)``, the target ratio rising
-linearly from 1 to CR over ``ramp_steps`` and held there after. Adapter mode freezes the base model
-and trains the gates (for ``query_neuron`` gates: the repurposed rows of ``q_proj`` only); full mode
-trains every weight. Checkpoints are written every ``save_every`` steps and resumed automatically.
+Teacher: the same model with eviction disabled (with ``query_neuron`` gates, by default, also with
+the repurposed neuron zeroed before and after RoPE, as the released code's teacher mode; ``teacher
+="intact"``: the original model). Student: the model with DMS gates and Gumbel-sigmoid decisions.
+The training forward (``forward``) is by default ``soft``, the released code's: the relaxed decision
+``alpha`` enters attention as ``log(1 - alpha)`` for keys outside the window; ``straight_through``
+uses the hard decision forward and the soft mask's gradient backward (see
+:mod:`kvsqueeze.methods.dms.run`). Loss = KL(student || teacher) on next-token distributions +
+the compression loss ``max(0, a* - evicted fraction)`` with ``a* = 1 - 1 / CR(step)``, the target
+ratio rising linearly from 1 to CR over ``ramp_steps`` and held there after; by default
+(``compression_loss="sequence"``, the released code's) the hinge is taken per sequence over every
+decided key and averaged over the batch; ``"batch"`` hinges the batch mean over keys 0..T-3 (how the
+shipped gates were trained; identical at batch 1 but for one key per sequence). Adapter mode freezes
+the base model and trains the gates (for ``query_neuron`` gates: the repurposed rows of ``q_proj``
+only); full mode trains every weight. Checkpoints are written every ``save_every`` steps and resumed
+automatically.
 """
 
 from __future__ import annotations
@@ -47,6 +56,8 @@ class TrainConfig:
     lr_decay: str = "none"  # "cosine": after the ramp, lr falls to 0 at the last step (a cosine)
     init: str = "zeros"  # "attention": gates fitted to the teacher's far attention first (warmstart.py)
     init_sequences: int = 8  # calibration sequences the attention warm start reads
+    teacher: str = "zeroed"  # query_neuron gates: the teacher has the neuron zeroed too ("intact": not)
+    compression_loss: str = "sequence"  # hinge per sequence over every decision ("batch": batch mean)
 
     def __post_init__(self):
         if not self.target_ratio >= 1:
@@ -72,6 +83,12 @@ class TrainConfig:
         if self.init == "attention" and self.gate != "projection":
             raise bad_value("init", self.init, "'zeros' for query_neuron gates (the warm start fits "
                             "projection gates)")
+        if self.teacher not in ("zeroed", "intact"):
+            raise bad_value("teacher", self.teacher, "'zeroed' (query-neuron gates: the neuron zeroed in "
+                            "the teacher too, as the released code) or 'intact' (the original model)")
+        if self.compression_loss not in ("sequence", "batch"):
+            raise bad_value("compression_loss", self.compression_loss, "'sequence' (hinged per sequence, "
+                            "the released code's) or 'batch' (hinge of the batch mean)")
         if self.init_sequences < 1:
             raise bad_value("init_sequences", self.init_sequences, "a number of sequences >= 1")
 
@@ -102,16 +119,38 @@ def kl_student_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tenso
 
 
 def compression_loss(evicted_fraction: torch.Tensor, target_ratio: float) -> torch.Tensor:
+    """``max(0, a* - evicted fraction)``, averaged when the fraction is per sequence (``[batch]``)."""
     a_star = 1.0 - 1.0 / target_ratio
-    return torch.clamp(a_star - evicted_fraction, min=0.0)
+    return torch.clamp(a_star - evicted_fraction, min=0.0).mean()
+
+
+def teacher_run(cfg: TrainConfig) -> DMSRun | None:
+    """The teacher's DMS state: None (the original model: the gate hooks stay silent), or, for
+    ``query_neuron`` gates with ``teacher="zeroed"``, a run that evicts nothing but takes the neuron
+    out of the query before and after RoPE (the released code's teacher mode)."""
+    if cfg.gate == "query_neuron" and cfg.teacher == "zeroed":
+        return DMSRun(cfg.dms(), evict=False)
+    return None
+
+
+_CALIBRATION_IDS: dict[tuple, list[int]] = {}  # per tokenizer: tokenising the text takes seconds
+
+
+def _calibration_ids(tokenizer) -> list[int]:
+    from kvsqueeze.corpus import calibration_documents
+
+    key = (tokenizer.name_or_path, len(tokenizer), tokenizer.eos_token_id)
+    if key not in _CALIBRATION_IDS:
+        ids: list[int] = []
+        for doc in calibration_documents():
+            ids += tokenizer(doc.text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        _CALIBRATION_IDS.clear()
+        _CALIBRATION_IDS[key] = ids
+    return _CALIBRATION_IDS[key]
 
 
 def _batches(tokenizer, seq_len: int, batch: int, seed: int):
-    from kvsqueeze.corpus import calibration_documents
-
-    ids: list[int] = []
-    for doc in calibration_documents():
-        ids += tokenizer(doc.text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = _calibration_ids(tokenizer)
     if len(ids) < seq_len * 4:
         raise KvsqueezeError(f"only {len(ids)} calibration tokens found; expected at least {seq_len * 4}")
     rng = random.Random(seed)
@@ -218,15 +257,16 @@ def train(model_path: Path, out_dir: Path, cfg: TrainConfig, progress: bool = Tr
         try:
             while step < cfg.steps:
                 ids = next(data).to(device)
-                with torch.no_grad(), attention_state(AttentionState()), autocast():
+                with torch.no_grad(), attention_state(AttentionState(dms=teacher_run(cfg))), autocast():
                     teacher = model(ids).logits
                 run = DMSRun(dms_cfg, mode="train", generator=gen, forward=cfg.forward)
                 with attention_state(AttentionState(dms=run)), autocast():
                     student = model(ids).logits
                 target = cfg.target_at(step + 1)
                 kl = kl_student_teacher(student, teacher)
-                frac = run.evicted_fraction()
-                comp = compression_loss(frac, target)
+                per_seq = run.evicted_fraction(per_sequence=cfg.compression_loss == "sequence")
+                comp = compression_loss(per_seq, target)
+                frac = per_seq.mean()
                 loss = kl + comp
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
