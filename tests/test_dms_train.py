@@ -1,4 +1,5 @@
-"""`kvsqueeze dms train` end to end on the embedded model (a few short steps): the output directory,
+"""`kvsqueeze dms train` end to end (a few short steps, on a small random model with the embedded
+model's tokenizer: the mechanics do not depend on the weights): the output directory,
 resumption after an interruption (bit-for-bit the uninterrupted run), bf16 autocast, the cosine
 learning-rate decay and flushing subnormals."""
 
@@ -20,8 +21,8 @@ def _gates(d):
     return load_file(str(d / "dms_gates.safetensors"))
 
 
-def test_train_writes_a_loadable_checkpoint_and_resumes_exactly(embedded, tmp_path, monkeypatch):
-    path, _, _ = embedded
+def test_train_writes_a_loadable_checkpoint_and_resumes_exactly(small_model, tmp_path, monkeypatch):
+    path = small_model
     cfg = TrainConfig(**CFG)
     full = tmp_path / "full"
     summary = train(path, full, cfg, progress=False)
@@ -62,8 +63,8 @@ def test_train_writes_a_loadable_checkpoint_and_resumes_exactly(embedded, tmp_pa
     assert train(path, part, cfg, progress=False)["steps"] == 4
 
 
-def test_train_under_bf16_autocast(embedded, tmp_path):
-    path, _, _ = embedded
+def test_train_under_bf16_autocast(small_model, tmp_path):
+    path = small_model
     summary = train(path, tmp_path / "bf16", TrainConfig(**{**CFG, "precision": "bfloat16"}), progress=False)
     hist = json.loads((tmp_path / "bf16" / "train_history.json").read_text())
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in hist)
@@ -156,14 +157,14 @@ def _seen_in_training_loop(probe, path, out, monkeypatch) -> list:
     return seen
 
 
-def test_training_loop_keeps_freed_memory_on_cpu(embedded, tmp_path, monkeypatch):
+def test_training_loop_keeps_freed_memory_on_cpu(small_model, tmp_path, monkeypatch):
     _skip_unless_glibc()
-    seen = _seen_in_training_loop(_big_tensor_mmapped, embedded[0], tmp_path / "one", monkeypatch)
+    seen = _seen_in_training_loop(_big_tensor_mmapped, small_model, tmp_path / "one", monkeypatch)
     assert seen == [False]  # inside the loop big tensors come from the heap
     assert _big_tensor_mmapped(GIB)  # and glibc's mmap is back afterwards
 
 
-def test_cosine_lr_decay_schedule_and_its_use(embedded, tmp_path, monkeypatch):
+def test_cosine_lr_decay_schedule_and_its_use(small_model, tmp_path, monkeypatch):
     cfg = TrainConfig(**{**CFG, "steps": 6, "ramp_steps": 2, "lr_decay": "cosine"})
     # closed form: constant through the ramp, then lr * (1 + cos(pi * (s - ramp) / (steps - ramp + 1))) / 2
     assert [cfg.lr_at(s) for s in (1, 2)] == [1e-3, 1e-3]
@@ -176,7 +177,7 @@ def test_cosine_lr_decay_schedule_and_its_use(embedded, tmp_path, monkeypatch):
 
     # the optimiser really uses the schedule: with the rate forced to 0 after step 2, four steps leave
     # the gates exactly where a two-step run (same data, same ramp) leaves them
-    path, _, _ = embedded
+    path = small_model
     two = tmp_path / "two"
     train(path, two, TrainConfig(**{**CFG, "steps": 2, "ramp_steps": 2}), progress=False)
     monkeypatch.setattr(TrainConfig, "lr_at", lambda self, s: self.lr if s <= 2 else 0.0)
@@ -188,13 +189,13 @@ def test_cosine_lr_decay_schedule_and_its_use(embedded, tmp_path, monkeypatch):
     assert [h["lr"] for h in hist] == [1e-3, 1e-3, 0.0, 0.0]
 
 
-def test_subnormals_flushed_during_cpu_training_only(embedded, tmp_path, monkeypatch):
+def test_subnormals_flushed_during_cpu_training_only(small_model, tmp_path, monkeypatch):
     def subnormal_survives():
         return bool((torch.tensor([1e-39]) * torch.tensor([1.0])).item() != 0.0)
 
     if not torch.set_flush_denormal(False):
         pytest.skip("this CPU cannot flush subnormal floats")
-    path, _, _ = embedded
+    path = small_model
     seen = _seen_in_training_loop(subnormal_survives, path, tmp_path / "one", monkeypatch)
     assert seen == [False]  # flushed inside the loop (the x86 slow path for soft masks)
     assert subnormal_survives()  # and restored afterwards

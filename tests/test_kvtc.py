@@ -299,18 +299,18 @@ def test_method_keeps_exempt_tokens_exact_and_reports_both_ratios(tiny, tiny_cal
         m.compress(PrefixCache([k[:, :10] for k in cache.keys], [v[:, :10] for v in cache.values]))
 
 
-def test_kvtc_on_the_embedded_model_quality_falls_with_ratio(embedded):
-    """A quick calibration on the embedded model: KL grows with the ratio and stays small at 4x."""
+def test_kvtc_on_the_embedded_model_quality_falls_with_ratio(embedded, embedded_kvtc_calibration):
+    """A quick calibration on the embedded model (shared with the SGLang storage-tier tests): KL grows
+    with the ratio and stays small at 8x (planning a 4x allocation costs twice the time of an 8x one)."""
     from kvsqueeze import corpus
     from kvsqueeze.evaluate import evaluate_kl
 
     _, tok, model = embedded
-    docs = corpus.calibration_documents(max_chars=200_000)
-    cal = kvtc.calibrate(model, tok, docs, seq_len=256, segments=4, tune=False, sample_tokens=1024)
+    cal = embedded_kvtc_calibration[0]
     segs = corpus.token_segments(corpus.heldout_documents(), tok, 256 + 64 + 1, 2)
-    methods = [KVTC(ratio=r, calibration=cal) for r in (4, 16)]
+    methods = [KVTC(ratio=r, calibration=cal) for r in (8, 16)]
     recs = evaluate_kl(model, [s for _, s in segs], methods, 256, 64, "smollm2")
-    assert recs[0].kl_mean < 0.02
+    assert recs[0].kl_mean < 0.05
     assert recs[0].kl_mean < recs[1].kl_mean
     for r in recs:
         assert r.details["ratio_compressed"] >= r.ratio_target * 0.999

@@ -178,5 +178,7 @@ def test_gates_that_never_evict_give_the_vanilla_outputs(tmp_path_factory, embed
     gates = load_gates(src, model)
     save_file({k: torch.zeros_like(v) if k.endswith("dms_proj_alpha.weight") else v.contiguous()
                for k, v in gates.state_dict().items()}, str(d / GATES_FILE))  # logit = -5: keep all
-    got = serve_outputs(tmp_path_factory, "dms0", prompts, {"KVSQUEEZE_DMS": str(d)}, dms=True)
-    assert got == vanilla
+    # half the prompts: a gate that never evicts either changes nothing or shows on any prompt
+    half = len(prompts) // 2
+    got = serve_outputs(tmp_path_factory, "dms0", prompts[:half], {"KVSQUEEZE_DMS": str(d)}, dms=True)
+    assert got == vanilla[:half]

@@ -5,6 +5,7 @@ workers killed) turning into misses, never into wrong answers or a dead server."
 
 import json
 import os
+import shutil
 import signal
 import urllib.request
 
@@ -33,15 +34,9 @@ def _flush(srv):
 
 
 @pytest.fixture(scope="module")
-def kvtc_server(tmp_path_factory, embedded):
-    from kvsqueeze import corpus
-    from kvsqueeze.methods.kvtc import calibrate as kvtc
-
+def kvtc_server(tmp_path_factory, embedded_kvtc_calibration):
     d = tmp_path_factory.mktemp("kvtc-sglang")
-    _, tok, model = embedded
-    cal = kvtc.calibrate(model, tok, corpus.calibration_documents(max_chars=300_000), seq_len=512,
-                         segments=4, tune=False, sample_tokens=1024)
-    cal.save(d / "cal.safetensors")
+    shutil.copyfile(embedded_kvtc_calibration[1], d / "cal.safetensors")
     ctx = ServeContext(model=resolve_model(None), calibration=str(d / "cal.safetensors"),
                        store_dir=str(d / "store"), stats_file=str(d / "stats.json"))
     plan = plan_server(parse_server("kvtc:4+fusion:0.9:token"), ctx)

@@ -145,14 +145,22 @@ def allocate(dist: np.ndarray, cost: np.ndarray, budget: int) -> np.ndarray:
     choice = np.zeros((n, budget + 1), dtype=np.int16)
     pad = int(cost.max(initial=0))
     padded = np.full(pad + budget + 1, np.inf)
+    width = budget + 1
+    cand = np.empty(width)
+    better = np.empty(width, dtype=bool)
     for i in range(n):
         padded[pad:] = best
-        # cand[j, c] = best[c - cost[i, j]] + dist[i, j]  (inf where c < cost)
-        cand = np.stack([padded[pad - int(cost[i, j]):pad - int(cost[i, j]) + budget + 1]
-                         for j in range(n_opt)]) + dist[i][:, None]
-        arg = np.argmin(cand, axis=0)
-        best = cand[arg, np.arange(budget + 1)]
-        choice[i] = arg
+        # best'[c] = min_j best[c - cost[i, j]] + dist[i, j] (inf where c < cost), the first j on
+        # ties; one contiguous pass per option (a strided argmin over options is ~10x slower)
+        new = padded[pad:] + dist[i, 0]
+        arg = choice[i]
+        for j in range(1, n_opt):
+            lo = pad - int(cost[i, j])
+            np.add(padded[lo:lo + width], dist[i, j], out=cand)
+            np.less(cand, new, out=better)
+            np.copyto(new, cand, where=better)
+            arg[better] = j
+        best = new
     out = np.zeros(n, dtype=np.int64)
     c = budget
     for i in range(n - 1, -1, -1):
@@ -646,14 +654,15 @@ def encode(cal: Calibration, keys: list[torch.Tensor], values: list[torch.Tensor
                 best = (blob, plan)
             if achieved <= ratio * 1.03:
                 break
-            nxt = _grid_ratio(plan * ratio / achieved)  # overshot: try a looser allocation
+            nxt = min(_grid_ratio(plan * ratio / achieved), MAX_RATIO)  # overshot: looser
         else:
             failed.add(plan)
-            nxt = _grid_ratio(plan * (ratio / achieved) * (1.002 + 0.01 * attempt))
+            # tighter; a few tokens cannot pay the header: the plan stops at what a header may say
+            nxt = min(_grid_ratio(plan * (ratio / achieved) * (1.002 + 0.01 * attempt)), MAX_RATIO)
         if nxt in failed or (best is not None and nxt == best[1]) or nxt == plan:
-            if best is not None:
+            if best is not None or plan >= MAX_RATIO:
                 break
-            nxt = _grid_ratio(plan * 1.02)
+            nxt = min(_grid_ratio(plan * 1.02), MAX_RATIO)
         plan = nxt
     return blob if best is None else best[0]
 
