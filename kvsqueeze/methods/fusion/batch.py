@@ -203,8 +203,8 @@ def _fuse_shared_batch(b: _Batch, keys, values, pages, layer_ids, partition, thr
     the merged block times the members' mean norm."""
     c0 = b.caches[0]
     n_layers, h = c0.n_layers, c0.kv_heads
-    deciding = [b.blocks(layer, True) for layer in layer_ids]
     rest = [b.blocks(layer, key) for layer in range(n_layers) for key in (True, False)]
+    deciding = [rest[2 * layer] for layer in layer_ids]  # the fused layers' keys, gathered once
     owners = b.requests()
     groups, reps = [], [x.clone() for x in rest]
     for cand in partition:

@@ -135,19 +135,9 @@ def apply_representatives(x: torch.Tensor, groups: list[list[int]], reps: torch.
 def fuse_vectors(x: torch.Tensor, groups: list[list[int]], own_norms: bool = True) -> torch.Tensor:
     """Each member replaced by its group's renormalised mean direction times its own norm (or, with
     ``own_norms=False``, the group's mean norm: one block shared by every member)."""
-    out = x.clone()
-    for grp in groups:
-        if len(grp) < 2:
-            continue
-        t = torch.tensor(grp)
-        m = x[t].double()
-        norms = m.norm(dim=1)
-        mean = (m / norms.clamp_min(1e-12)[:, None]).mean(0)
-        mean = mean / mean.norm().clamp_min(1e-12)
-        scale = norms[:, None] if own_norms else norms.mean()
-        out[t] = (scale * mean[None]).to(x.dtype)
-    return out
-
+    reps = [F.normalize(F.normalize(x[torch.tensor(grp)].double(), dim=1).mean(0), dim=0)
+            if len(grp) > 1 else None for grp in groups]
+    return apply_representatives(x, groups, reps, own_norms)
 
 def blocks_of(x: torch.Tensor, start: int, n_blocks: int, block: int) -> torch.Tensor:
     """``x [heads, tokens, dim]`` -> ``[n_blocks, heads*block*dim]`` for tokens from ``start``."""
