@@ -429,16 +429,21 @@ def cmd_bench(args, extra: list[str]) -> int:
         raise bad_value("questions", args.questions, "a number of questions per task >= 1")
     if not 0 <= args.temperature <= 2:
         raise bad_value("temperature", args.temperature, "a sampling temperature in [0, 2]")
-    out = Path(args.out) if args.out else Path("results") / time.strftime("bench-%Y%m%d-%H%M%S")
+    if args.resume and args.out:
+        raise bad_value("out", args.out, "no --out with --resume (the run continues in its own directory)")
+    if args.pilot < 1:
+        raise bad_value("pilot", args.pilot, "a number of pilot questions >= 1")
+    out = Path(args.resume or args.out or Path("results") / time.strftime("bench-%Y%m%d-%H%M%S"))
     spec = sweep.BenchSpec(methods=methods, grid=grid, out_dir=out, url=args.url, model=args.model,
                            tasks=tasks, questions_per_task=args.questions, users=args.users,
                            temperature=args.temperature, max_time=args.max_time, seed=args.seed,
                            calibration=args.calibration, flush_between=not args.no_flush,
-                           server_args=extra)
+                           server_args=extra, budget_tokens=args.budget or None, pilot=args.pilot,
+                           resume=bool(args.resume))
     n = len(methods) * len(spec.configs())
     print(f"kvsqueeze bench: {len(methods)} method(s) x {len(spec.configs())} configuration(s) = {n} "
-          f"runs of {len(tasks) * args.questions} questions, at most {args.max_time:.0f} s each; "
-          f"writing {out}", file=sys.stderr, flush=True)
+          f"runs of {len(tasks) * args.questions} questions, at most {args.max_time:.0f} s per phase; "
+          f"KV budget {args.budget or 'SGLang default'} tokens; writing {out}", file=sys.stderr, flush=True)
     run = sweep.run_bench(spec, log=lambda m: print(m, file=sys.stderr, flush=True))
     print((run / "report.md").read_text())
     print(f"report: {run / 'report.md'}")
@@ -629,24 +634,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_bench_parsers(sub) -> None:
+    from kvsqueeze.backends.sglang.serving import DEFAULT_SERVERS
+    from kvsqueeze.harness.tasks import DEFAULT_TASKS, TASKS
+
     b = sub.add_parser("bench", help="W-L load sweep with Locust against SGLang servers it starts "
                                      "(or --url), with a report (arguments after -- go to SGLang)")
     b.add_argument("--grid", nargs="*", default=None,
                    help="KEY=V1,V2 items: W (samples per question), L (max generated tokens), "
                         "mode (n: one request with n=W; concurrent: W requests), endpoint "
-                        "(generate, completions, chat); default W=1,4 L=32,64 mode=n "
+                        "(generate, completions, chat); default W=1,4 L=8,32 mode=n "
                         "endpoint=generate")
     b.add_argument("--methods", default=None,
                    help="servers, comma-separated, each METHOD[:SETTING[:VARIANT]] or several joined by + "
                         "(as kvsqueeze serve --method): none, dms:4, dms:8, dms:DIR, kvtc:RATIO, "
-                        "fusion:THRESHOLD[:block|token] (default none,kvtc:8,fusion:0.9:token)")
+                        "fusion:THRESHOLD[:block|token] (default " + ",".join(DEFAULT_SERVERS) + ")")
     b.add_argument("--url", default=None, help="target this running server instead of starting one")
     b.add_argument("--model", default=None, help="a local Hugging Face checkpoint (default: embedded)")
-    b.add_argument("--tasks", default="passkey,lookup,arithmetic")
-    b.add_argument("--questions", type=int, default=3, help="questions per task and configuration")
-    b.add_argument("--users", type=int, default=2, help="concurrent Locust users (questions in flight)")
+    b.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
+                   help=f"comma-separated, of {', '.join(TASKS)} (default {','.join(DEFAULT_TASKS)})")
+    b.add_argument("--questions", type=int, default=6, help="questions per task and configuration")
+    b.add_argument("--users", type=int, default=2,
+                   help="questions in flight in the pilot phase (the batch phase runs as many as fit)")
+    b.add_argument("--pilot", type=int, default=2,
+                   help="questions of the pilot phase, which measures a question's peak KV")
+    b.add_argument("--budget", type=int, default=8192,
+                   help="KV tokens of every server started (--max-total-tokens; 0: SGLang's own)")
     b.add_argument("--temperature", type=float, default=0.7)
-    b.add_argument("--max-time", type=float, default=150.0, help="seconds per configuration at most")
+    b.add_argument("--max-time", type=float, default=600.0, help="seconds per phase of a configuration at most")
+    b.add_argument("--resume", default=None, metavar="RUN",
+                   help="continue the run in directory RUN: its finished configurations are kept")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--calibration", default=None, help="KVTC calibration for kvtc methods")
     b.add_argument("--no-flush", action="store_true",

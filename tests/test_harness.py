@@ -184,7 +184,7 @@ def test_bad_bench_arguments_fail_before_anything_starts(tmp_path):
 
 
 def test_defaults_parse():
-    assert [s.label for s in sweep.parse_methods(None)] == ["none", "kvtc:8", "fusion:0.9:token"]
+    assert [s.label for s in sweep.parse_methods(None)] == ["none", "dms:4", "dms:8"]
     assert [s.label for s in sweep.parse_methods("none,dms:4,dms:8,kvtc:8,fusion")] == [
         "none", "dms:4", "dms:8", "kvtc:8", "fusion:0.9:token"]
     assert sweep.parse_grid(["W=1,2 L=8", "mode=n,concurrent"]) == {
@@ -195,7 +195,7 @@ def test_defaults_parse():
 def _bench(tmp_path, url, grid, name="run", max_time=60.0):
     spec = sweep.BenchSpec(methods=sweep.parse_methods("none"), grid=sweep.parse_grid(grid),
                            out_dir=tmp_path / name, url=url, questions_per_task=2, users=2,
-                           max_time=max_time, flush_between=False)
+                           max_time=max_time, flush_between=False, tasks=["passkey", "lookup", "arithmetic"])
     return sweep.run_bench(spec, log=lambda m: None)
 
 
@@ -216,9 +216,8 @@ def test_a_sweep_against_the_stub_writes_rows_summary_report_and_plots(tmp_path)
         assert row["accuracy_majority"] == pytest.approx(expected)
         assert abs(row["ttft_p50_s"] - 0.03) < 0.015
         assert row["kv_reads_source"] == "computed"
-    for f in ("report.md", "summary.csv", "samples.csv", "plots/accuracy_vs_kv_reads.png",
-              "plots/accuracy_vs_peak_kv.png", "plots/accuracy_vs_throughput.png",
-              "plots/latency_percentiles.png"):
+    for f in ("report.md", "summary.csv", "samples.csv", "plots/hyperscaling.png",
+              "plots/accuracy_vs_W.png", "plots/latency_percentiles.png"):
         assert (run / f).is_file() and (run / f).stat().st_size > 0, f
 
 
@@ -261,28 +260,29 @@ def test_a_load_generator_killed_mid_run_marks_its_configuration_incomplete(tmp_
     killed = []
 
     def kill_after_first_row(proc, rows: Path):
-        for _ in range(600):
-            if rows.is_file() and len(rows.read_text().splitlines()) >= 2:
+        for _ in range(600):  # the pilot's two rows, then one of the batch phase
+            if rows.is_file() and len(rows.read_text().splitlines()) >= 4:
                 break
             time.sleep(0.05)
         proc.kill()
 
     def popen(cmd, *a, **kw):
         proc = real_popen(cmd, *a, **kw)
-        if "locust" in cmd and not killed:  # the first configuration's Locust: killed once it wrote a row
+        if "locust" in cmd and cmd[cmd.index("--csv") + 1].endswith("locust-batch") and not killed:
+            # the first configuration's batch phase: killed once it wrote a row
             killed.append(proc)
             rows = Path(cmd[cmd.index("--csv") + 1]).with_name("requests.csv")
             threading.Thread(target=kill_after_first_row, args=(proc, rows), daemon=True).start()
         return proc
 
     monkeypatch.setattr(sweep.subprocess, "Popen", popen)
-    with StubServer(StubConfig(ttft=0.2, gap=0.2, tokens=8)) as s:
+    with StubServer(StubConfig(ttft=0.2, gap=0.2, tokens=8, budget=1500)) as s:  # one question at a time
         run = _bench(tmp_path, s.url, ["W=1 L=8 mode=n,concurrent"], max_time=60)
     configs = json.loads((run / "configs.json").read_text())
     first, second = configs
     assert first["status"] == "incomplete" and first["locust_rc"] == -9
     assert any("Locust) exited with code -9" in r for r in first["reasons"]), first["reasons"]
-    assert 0 < first["rows"] < 6  # what it wrote before it died is kept
+    assert 3 <= first["rows"] < 6  # what it wrote before it died is kept
     assert second["status"] == "complete" and second["rows"] == 6
     assert json.loads((run / "run.json").read_text())["status"] == "incomplete"
 
@@ -306,7 +306,7 @@ def test_a_full_results_disk_stops_the_run_with_a_clear_message_and_keeps_what_w
     with StubServer(StubConfig(ttft=0.01, gap=0.001, tokens=3)) as s:
         spec = sweep.BenchSpec(methods=sweep.parse_methods("none"), grid=sweep.parse_grid(["W=1 L=8"]),
                                out_dir=out, url=s.url, questions_per_task=1, users=1, max_time=60,
-                               flush_between=False)
+                               flush_between=False, tasks=["passkey", "lookup", "arithmetic"])
         with pytest.raises(KvsqueezeError, match=r"writing the results failed \(No space left on device.*"
                                                  r"the rows written so far are kept"):
             sweep.run_bench(spec, log=lambda m: None)

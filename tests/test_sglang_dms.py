@@ -141,6 +141,16 @@ def test_dms_server_frees_memory_admits_more_and_returns_every_page(tmp_path_fac
         from conftest import refuses_bad_prompts_and_answers_the_next
 
         refuses_bad_prompts_and_answers_the_next(srv.url)  # the head pool's n=0 prefill used to end it
+        # the harness against this server: KV reads and peaks are the server's own per-request figures
+        from kvsqueeze.harness import sweep
+
+        bench = sweep.run_bench(sweep.BenchSpec(
+            methods=sweep.parse_methods("dms:8"), grid=sweep.parse_grid(["W=2 L=6"]), url=srv.url,
+            out_dir=tmp_path_factory.mktemp("dms-bench") / "run", tasks=["lookup"], questions_per_task=3,
+            users=1, pilot=1, temperature=0.0, max_time=120, flush_between=False), log=lambda m: None)
+        bench_q = json.loads((bench / "questions.json").read_text())
+        solo = post(srv.url + "/generate", {"text": bench_q[0]["prompt"], "sampling_params": {
+            "max_new_tokens": 6, "temperature": 0}})["meta_info"]["kvsqueeze_dms"][0]
         time.sleep(3)  # idle: SGLang checks available == total (strict), the pool's gauges settle
         with urllib.request.urlopen(srv.url + "/metrics", timeout=30) as r:
             m = parse_prometheus(r.read().decode())
@@ -162,6 +172,12 @@ def test_dms_server_frees_memory_admits_more_and_returns_every_page(tmp_path_fac
         assert x["ratio"] > 2 and x["held_tokens"] < x["dense_tokens"] / 2
         assert x["reads_per_step"] < x["dense_reads_per_step"] / 2
     assert aborted["meta_info"]["finish_reason"]["type"] == "abort"
+    (row,) = json.loads((bench / "summary.json").read_text())
+    (cfg,) = json.loads((bench / "configs.json").read_text())
+    assert row["status"] == "complete" and row["kv_reads_source"] == "server"
+    assert cfg["max_batch"]["budget_tokens"] == budget and cfg["max_batch"]["peak_source"] == "server"
+    # greedy: both samples of the pilot question are the lone request's twin, so its peak is twice that one's
+    assert cfg["max_batch"]["pilot_peaks"][0] == pytest.approx(2 * solo["peak_held_tokens"], rel=0.02)
     assert "exceeds the maximum allowed length" in message, message
     total_pages = -(-budget * 30 * 3 // 16)
     assert m["kvsqueeze_dms_free_pages"] == total_pages  # every page back

@@ -94,19 +94,23 @@ class RequestResult:
 
 
 def build_body(endpoint: str, prompt: str, n: int, max_tokens: int, temperature: float,
-               model: str = "default", seed: int | None = None) -> dict:
+               model: str = "default", seed: int | None = None, ignore_eos: bool = False) -> dict:
     if endpoint not in ENDPOINTS:
         raise bad_value("endpoint", endpoint, f"one of {', '.join(ENDPOINTS)}")
     if endpoint == "generate":
         sp = {"max_new_tokens": max_tokens, "n": n, "temperature": temperature}
         if seed is not None:
             sp["sampling_seed"] = seed
+        if ignore_eos:
+            sp["ignore_eos"] = True
         return {"text": prompt, "sampling_params": sp, "stream": True}
     body = {"model": model, "max_tokens": max_tokens, "n": n, "temperature": temperature,
             "stream": True,
             "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
     if seed is not None:
         body["seed"] = seed
+    if ignore_eos:  # SGLang's extra sampling parameter on its OpenAI endpoints
+        body["ignore_eos"] = True
     if endpoint == "chat":
         body["messages"] = [{"role": "user", "content": prompt}]
     else:

@@ -86,14 +86,16 @@ class KVSqueezeUser(User):
         _state["next"] += 1
         q = PLAN.questions[i]
         if PLAN.mode == "n":
-            body = build_body(PLAN.endpoint, q["prompt"], PLAN.W, PLAN.L, PLAN.temperature)
+            body = build_body(PLAN.endpoint, q["prompt"], PLAN.W, PLAN.L, PLAN.temperature,
+                              ignore_eos=PLAN.ignore_eos)
             results = [self.clients[0].stream(PLAN.endpoint, body)]
         else:
-            body = build_body(PLAN.endpoint, q["prompt"], 1, PLAN.L, PLAN.temperature)
+            body = build_body(PLAN.endpoint, q["prompt"], 1, PLAN.L, PLAN.temperature,
+                              ignore_eos=PLAN.ignore_eos)
             jobs = [gevent.spawn(c.stream, PLAN.endpoint, body) for c in self.clients]
             gevent.joinall(jobs)
             results = [j.value for j in jobs]
-        rows = rows_for(PLAN, q, f"{PLAN.config}#{i}", results)
+        rows = rows_for(PLAN, q, f"{PLAN.config}#{q['qid']}", results)
         _writer(self.environment).write(rows)
         for res in results:
             exc = None if res.ok else RuntimeError(res.error)

@@ -22,8 +22,8 @@ MODES = ("n", "concurrent")
 ROW_FIELDS = ["run", "method", "config", "endpoint", "mode", "W", "L", "group", "qid", "task",
               "answer", "sample", "start_unix", "ok", "error", "ttft_s", "e2e_s", "tpot_s",
               "gap_mean_s", "gap_p99_s", "gaps_s", "output_tokens", "tokens_source",
-              "prompt_tokens", "cached_tokens", "kv_token_reads_server", "finish_reason",
-              "extracted", "correct", "text"]
+              "prompt_tokens", "cached_tokens", "kv_token_reads_server", "kv_held_peak_server",
+              "finish_reason", "extracted", "correct", "phase", "text"]
 
 
 @dataclass
@@ -41,6 +41,8 @@ class Plan:
     config: str = ""
     users: int = 2
     progress_file: str | None = None
+    ignore_eos: bool = False  # every sample generates L tokens (as benchmark clients do)
+    phase: str = ""  # "pilot" (measures a question's KV peak) or "batch" (at the maximum batch), or ""
 
     def __post_init__(self):
         if not isinstance(self.W, int) or self.W < 1:
@@ -103,9 +105,9 @@ def rows_for(plan: Plan, q: Question | dict, group: str, results: list[RequestRe
                 "gaps_s": json.dumps([round(g, 6) for g in gaps]),
                 "output_tokens": s.output_tokens, "tokens_source": s.tokens_source,
                 "prompt_tokens": s.prompt_tokens, "cached_tokens": s.cached_tokens,
-                "kv_token_reads_server": s.kv_token_reads, "finish_reason": s.finish_reason,
-                "extracted": extracted, "correct": int(extracted == q["answer"]),
-                "text": s.text,
+                "kv_token_reads_server": s.kv_token_reads, "kv_held_peak_server": s.kv_tokens_held_peak,
+                "finish_reason": s.finish_reason, "extracted": extracted,
+                "correct": int(extracted == q["answer"]), "phase": plan.phase, "text": s.text,
             })
             k += 1
     return rows

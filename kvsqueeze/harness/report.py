@@ -13,20 +13,8 @@ import json
 from pathlib import Path
 
 from kvsqueeze.errors import KvsqueezeError, bad_value
-from kvsqueeze.harness.tasks import majority
-
-
-def kv_reads_computed(prompt_tokens, output_tokens, layers: int, kv_heads: int):
-    """KV token reads of a sample's decode steps on a dense cache, summed over layers and KV heads.
-
-    The decode step that produces output token t (t = 2..T) attends to the P prompt tokens and the
-    t-1 output tokens before it: sum_{t=2..T} (P + t - 1) = (T-1) P + T (T-1) / 2 token positions,
-    times layers x KV heads. The first output token comes from prefill, whose reads are not counted.
-    """
-    P, T = int(prompt_tokens), int(output_tokens)
-    if T < 2:
-        return 0
-    return layers * kv_heads * ((T - 1) * P + T * (T - 1) // 2)
+from kvsqueeze.harness.axes import kv_reads_computed, question_peak_tokens  # noqa: F401
+from kvsqueeze.harness.stats import majority
 
 
 def load_run(run_dir: Path):
@@ -61,37 +49,60 @@ def _pct(series, q):
     return float(s.quantile(q)) if len(s) else float("nan")
 
 
+def _question_outcomes(sub, dims, mode: str):
+    """Per question of one configuration: its scored outcome and its peak KV tokens."""
+    from kvsqueeze.harness.stats import score_question
+
+    outcomes, peaks = {}, {}
+    for _, g in sub.groupby("qid"):
+        qid = str(g["qid"].iloc[0])
+        extracted = [a if isinstance(a, str) else None for a in g["extracted"]]
+        outcomes[qid] = score_question(qid, extracted, str(g["answer"].iloc[0]))
+        if (g["ok"] == 1).all():
+            recs = g[["prompt_tokens", "output_tokens"] + (["kv_held_peak_server"] if "kv_held_peak_server"
+                                                           in g else [])].to_dict("records")
+            peaks[qid] = question_peak_tokens(recs, int(dims.get("layers", 0)), int(dims.get("kv_heads", 0)),
+                                              mode == "n")
+    return outcomes, peaks
+
+
 def summarize(meta: dict, configs: list[dict], df):
     """One row per configuration (configurations that produced no rows still appear)."""
     import numpy as np
     import pandas as pd
 
+    from kvsqueeze.harness import axes
+    from kvsqueeze.harness.stats import accuracy
+
     dims = meta.get("dims") or {}
     bytes_per_token = (2 * int(dims.get("layers", 0)) * int(dims.get("kv_heads", 0))
                        * int(dims.get("head_dim", 0)) * 2)
+    bw = [b["bytes_s"] for b in meta.get("bandwidth") or [] if b.get("bytes_s")]
+    bandwidth = float(np.median(bw)) if bw else None
     rows = []
     for c in configs:
         sub = df[df["config"] == c["config"]] if not df.empty else df
         ok = sub[sub["ok"] == 1] if len(sub) else sub
         srv = c.get("server") or {}
+        mb = c.get("max_batch") or {}
         r = {"run": meta.get("run"), "config": c["config"], "method": c["method"], "W": c["W"],
              "L": c["L"], "mode": c["mode"], "endpoint": c["endpoint"], "status": c["status"],
              "samples": int(len(sub)), "failed": int(len(sub) - len(ok))}
         if len(sub):
             groups = sub.groupby("group")
-            votes = [int(majority([a if isinstance(a, str) else None for a in g["extracted"]])
-                         == str(g["answer"].iloc[0])) for _, g in groups]
-            t_start = sub["start_unix"].min()
-            t_end = (sub["start_unix"] + sub["e2e_s"].fillna(0)).max()
+            outcomes, peaks = _question_outcomes(sub, dims, c["mode"])
+            acc = accuracy(list(outcomes.values()))
+            batch = ok[ok["phase"] == "batch"] if "phase" in ok and (ok["phase"] == "batch").any() else ok
+            t_start = batch["start_unix"].min()
+            t_end = (batch["start_unix"] + batch["e2e_s"].fillna(0)).max()
             span = max(float(t_end - t_start), 1e-9)
-            n_req = groups.ngroups if c["mode"] == "n" else len(sub)
+            n_req = batch["group"].nunique() if c["mode"] == "n" else len(batch)
             reads = ok.groupby("group")["kv_reads"].sum(min_count=1)
+            peak_q = [v for v in peaks.values() if v]
+            r.update(acc.as_dict())
             r.update({
-                "questions": int(groups.ngroups),
-                "accuracy": float(sub["correct"].mean()),
-                "accuracy_majority": float(np.mean(votes)),
                 "output_tokens": int(ok["output_tokens"].sum()),
-                "output_tok_s": float(ok["output_tokens"].sum() / span),
+                "output_tok_s": float(batch["output_tokens"].sum() / span),
                 "req_s": float(n_req / span),
                 "ttft_p50_s": _pct(ok["ttft_s"], .5), "ttft_p90_s": _pct(ok["ttft_s"], .9),
                 "ttft_p99_s": _pct(ok["ttft_s"], .99),
@@ -101,10 +112,30 @@ def summarize(meta: dict, configs: list[dict], df):
                 "kv_reads_per_question": float(reads.mean()) if len(reads) else float("nan"),
                 "kv_reads_source": ",".join(sorted(set(ok["kv_reads_source"]))) if len(ok) else "",
                 "cached_tokens_mean": float(ok["cached_tokens"].mean()) if len(ok) else float("nan"),
+                "peak_kv_per_question": float(np.mean(peak_q)) if peak_q else float("nan"),
+                "peak_kv_per_question_max": float(np.max(peak_q)) if peak_q else float("nan"),
+                "batch_tpot_p50_s": _pct(batch["tpot_s"], .5),
             })
+            used = mb.get("used")
+            r["max_batch"] = used if used else float("nan")
+            r["max_batch_predicted"] = mb.get("predicted", float("nan"))
+            r["max_batch_capped"] = bool(mb.get("capped_by_questions")) if used else None
+            r["retractions"] = mb.get("retractions", float("nan"))
+            r["max_batch_verified"] = mb.get("verified")
+            tpot = r["batch_tpot_p50_s"]
+            r["decode_tok_s"] = used * c["W"] / tpot if used and tpot and tpot == tpot else float("nan")
+            if bandwidth and used and peak_q and meta.get("weight_bytes"):
+                bound = axes.decode_bound_tok_s(bandwidth, meta["weight_bytes"], meta.get("kv_bytes_per_token", 0),
+                                                used, c["W"], float(np.mean(peak_q)))
+                r["bound_tok_s"] = bound
+                r["pct_of_bound"] = 100 * r["decode_tok_s"] / bound if r["decode_tok_s"] == r["decode_tok_s"] \
+                    else float("nan")
         # what the server holds: DMS's per-head pool (in dense-token equivalents), else SGLang's slots
-        peak = srv.get("peak kvsqueeze_dms_held_tokens", srv.get("peak kvsqueeze_kv_tokens_held",
-                                                                  srv.get("peak sglang:num_used_tokens")))
+        peaks_srv = [v.get("peak kvsqueeze_dms_held_tokens", v.get("peak kvsqueeze_kv_tokens_held",
+                                                                    v.get("peak sglang:num_used_tokens")))
+                     for v in (srv, c.get("pilot_server") or {})]
+        peaks_srv = [v for v in peaks_srv if v is not None]
+        peak = max(peaks_srv) if peaks_srv else None
         r["peak_kv_tokens"] = float(peak) if peak is not None else float("nan")
         r["peak_kv_mib_16bit"] = (r["peak_kv_tokens"] * bytes_per_token / 2**20
                                   if bytes_per_token else float("nan"))
@@ -123,6 +154,85 @@ def summarize(meta: dict, configs: list[dict], df):
     return pd.DataFrame(rows)
 
 
+def question_table(df, dims) -> dict:
+    """config -> {qid: QuestionOutcome}: what paired comparisons read."""
+    out = {}
+    if df.empty:
+        return out
+    for cfg, sub in df.groupby("config"):
+        out[cfg] = _question_outcomes(sub, dims, str(sub["mode"].iloc[0]))[0]
+    return out
+
+
+def paired_rows(summary, outcomes: dict, baseline: str = "none") -> list[dict]:
+    """Each method against ``baseline`` at the same (W, L, mode, endpoint), on the questions both ran."""
+    from kvsqueeze.harness.stats import paired
+
+    out = []
+    if not len(summary):
+        return out
+    base = summary[summary["method"] == baseline]
+    for _, r in summary[summary["method"] != baseline].iterrows():
+        b = base[(base["W"] == r["W"]) & (base["L"] == r["L"]) & (base["mode"] == r["mode"])
+                 & (base["endpoint"] == r["endpoint"])]
+        if b.empty or r["config"] not in outcomes or b["config"].iloc[0] not in outcomes:
+            continue
+        a_o, b_o = outcomes[r["config"]], outcomes[b["config"].iloc[0]]
+        maj = paired({q: o.majority for q, o in a_o.items()}, {q: o.majority for q, o in b_o.items()})
+        per = paired({q: o.per_sample for q, o in a_o.items()}, {q: o.per_sample for q, o in b_o.items()})
+        out.append({"method": r["method"], "baseline": baseline, "W": r["W"], "L": r["L"], "mode": r["mode"],
+                    "questions": maj.questions, "d_majority": maj.diff, "d_majority_lo": maj.ci[0],
+                    "d_majority_hi": maj.ci[1], "wins": maj.wins, "losses": maj.losses,
+                    "d_per_sample": per.diff, "d_per_sample_lo": per.ci[0], "d_per_sample_hi": per.ci[1]})
+    return out
+
+
+AXES = (("kv_reads_per_question", "KV-cache token reads per question", True, True),
+        ("peak_kv_per_question", "peak KV tokens in memory per question", True, True),
+        ("output_tok_s", "output tokens/s at the maximum batch", False, False))
+
+
+def frontier_verdicts(summary, baseline: str = "none") -> list[str]:
+    """Where each method's Pareto frontier (maj@W against each axis) lies above the baseline's by more
+    than the 95% intervals, and where it does not: each frontier point against the best baseline point
+    that costs no more on that axis (reads, peak: at most as many; throughput: at least as much)."""
+    lines = []
+    s = summary[summary["samples"] > 0].reset_index(drop=True) if len(summary) else summary
+    if not len(s) or baseline not in set(s["method"]):
+        return lines
+    base = s[s["method"] == baseline]
+    for method in [m for m in dict.fromkeys(s["method"]) if m != baseline]:
+        mine = s[s["method"] == method].reset_index(drop=True)
+        for col, name, minimize, _ in AXES:
+            if col not in s or mine[col].isna().all():
+                continue
+            front = pareto(list(mine[col]), list(mine["accuracy_majority"]), minimize_x=minimize)
+            above, level, below, beyond = [], [], [], []
+            for i in front:
+                r = mine.iloc[i]
+                ok = base[(base[col] <= r[col]) if minimize else (base[col] >= r[col])]
+                tag = f"{r['W']}-{r['L']}"
+                if ok.empty:
+                    beyond.append(tag)
+                    continue
+                best = ok.loc[ok["accuracy_majority"].idxmax()]
+                if r["accuracy_majority_lo"] > best["accuracy_majority_hi"]:
+                    above.append(f"{tag} ({r['accuracy_majority']:.2f} vs {best['W']}-{best['L']}'s "
+                                 f"{best['accuracy_majority']:.2f})")
+                elif r["accuracy_majority_hi"] < best["accuracy_majority_lo"]:
+                    below.append(f"{tag} ({r['accuracy_majority']:.2f} vs {best['W']}-{best['L']}'s "
+                                 f"{best['accuracy_majority']:.2f})")
+                else:
+                    level.append(f"{tag} ({r['accuracy_majority']:.2f} vs {best['W']}-{best['L']}'s "
+                                 f"{best['accuracy_majority']:.2f})")
+            lines.append(f"- **{method}** vs {baseline}, {name}: above by more than the intervals at "
+                         f"{', '.join(above) or 'no point'}; within the intervals at {', '.join(level) or 'no point'}"
+                         + (f"; below at {', '.join(below)}" if below else "")
+                         + (f"; beyond every {baseline} point (none costs as little) at {', '.join(beyond)}"
+                            if beyond else "") + ".")
+    return lines
+
+
 def pareto(xs, ys, minimize_x: bool = True) -> list[int]:
     """Indices of the points no other point beats (higher y and better x), sorted by x."""
     pts = [(x, y, i) for i, (x, y) in enumerate(zip(xs, ys)) if x == x and y == y]
@@ -135,7 +245,47 @@ def pareto(xs, ys, minimize_x: bool = True) -> list[int]:
     return sorted(front, key=lambda i: xs[i])
 
 
+def _place_labels(ax, xs, ys, texts, fontsize=7):
+    """Labels beside their points, each at the first of a few offsets where it overlaps no label
+    placed before it and no other point (display coordinates; greedy)."""
+    fig = ax.figure
+    fig.canvas.draw()
+    to_disp = ax.transData.transform
+    pts = [to_disp((x, y)) for x, y in zip(xs, ys)]
+    char_w, h = fontsize * 0.62 * fig.dpi / 72, fontsize * 1.2 * fig.dpi / 72
+    offsets = [(5, 4), (5, -12), (-8, 8), (-8, -16), (5, 14), (5, -22), (-8, 20), (-8, -28), (12, 26), (12, -34)]
+    boxes = []
+
+    def hits(b):
+        x0, y0, x1, y1 = b
+        return any(not (x1 < c0 or c1 < x0 or y1 < d0 or d1 < y0) for c0, d0, c1, d1 in boxes) or \
+            any(x0 - 3 < px < x1 + 3 and y0 - 3 < py < y1 + 3 for px, py in pts)
+
+    for (px, py), text, x, y in zip(pts, texts, xs, ys):
+        w = char_w * len(text)
+        choice = None
+        for dx, dy in offsets:
+            ox = dx * fig.dpi / 72
+            oy = dy * fig.dpi / 72
+            bx0 = px + ox if dx >= 0 else px + ox - w
+            box = (bx0, py + oy, bx0 + w, py + oy + h)
+            if not hits(box):
+                choice = (dx, dy, box)
+                break
+        if choice is None:
+            dx, dy = offsets[0]
+            bx0 = px + dx * fig.dpi / 72
+            choice = (dx, dy, (bx0, py + dy * fig.dpi / 72, bx0 + w, py + dy * fig.dpi / 72 + h))
+        dx, dy, box = choice
+        boxes.append(box)
+        ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=fontsize,
+                    ha="left" if dx >= 0 else "right", va="bottom", zorder=5)
+
+
 def plot(summary, out_dir: Path) -> list[Path]:
+    """``hyperscaling.png``: maj@W (95% intervals) against the three axes, points labelled W-L, one
+    colour per method, each method's Pareto frontier; ``accuracy_vs_W.png``: maj@W and per-sample
+    accuracy against W per method, one line per L; ``latency_percentiles.png``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -146,53 +296,70 @@ def plot(summary, out_dir: Path) -> list[Path]:
     paths = []
     if not len(s):
         return paths
-    methods = list(dict.fromkeys(s["method"]))
-    colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
-    label_of = (lambda r: f"{r['run']}:{r['method']}") if s["run"].nunique() > 1 else \
-        (lambda r: r["method"])
-    for xcol, xlabel, fname, minimize, logx in (
-            ("kv_reads_per_question", "KV token reads per question (decode, summed over layers "
-             "and KV heads, W samples)", "accuracy_vs_kv_reads.png", True, True),
-            ("peak_kv_tokens", "peak KV tokens held by the server", "accuracy_vs_peak_kv.png",
-             True, False),
-            ("output_tok_s", "output tokens/s (all samples)", "accuracy_vs_throughput.png",
-             False, False)):
-        fig, ax = plt.subplots(figsize=(7.5, 5))
-        seen = set()
-        for _, r in s.iterrows():
-            lab = label_of(r)
-            ax.scatter(r[xcol], r["accuracy_majority"], color=colors[r["method"]], s=50,
-                       marker="o" if r["mode"] == "n" else "s",
-                       label=None if lab in seen else lab, zorder=3)
-            seen.add(lab)
-            ax.annotate(f"W{r['W']} L{r['L']}", (r[xcol], r["accuracy_majority"]), fontsize=7,
-                        xytext=(4, 3), textcoords="offset points")
-        for key in dict.fromkeys(s["method"]):  # one frontier per method, in its colour
-            idx = [i for i in range(len(s)) if s["method"][i] == key]
-            sub_front = [idx[j] for j in pareto([s[xcol][i] for i in idx],
-                                                [s["accuracy_majority"][i] for i in idx],
-                                                minimize_x=minimize)]
-            ax.plot([s[xcol][i] for i in sub_front], [s["accuracy_majority"][i] for i in sub_front],
-                    "--", color=colors[key], lw=1.2, zorder=2)
-        front = pareto(list(s[xcol]), list(s["accuracy_majority"]), minimize_x=minimize)
-        ax.scatter([s[xcol][i] for i in front], [s["accuracy_majority"][i] for i in front], s=160,
-                   facecolors="none", edgecolors="k", lw=1.2, zorder=4,
-                   label="Pareto-optimal over all (dashed: per method)")
-        if s["mode"].nunique() > 1:
-            ax.scatter([], [], color="gray", marker="o", label="mode n (one request, n=W)")
-            ax.scatter([], [], color="gray", marker="s", label="mode concurrent (W requests)")
-        if logx and (s[xcol] > 0).all():
-            ax.set_xscale("log")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("accuracy (majority vote over W samples)")
+    multi = s["run"].nunique() > 1
+    s = s.assign(series=[f"{r['run']}:{r['method']}" if multi else r["method"] for _, r in s.iterrows()])
+    series = list(dict.fromkeys(s["series"]))
+    colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(series)}
+    fig, axs = plt.subplots(1, 3, figsize=(17, 5.6), sharey=True)
+    for ax, (col, xlabel, minimize, logx) in zip(axs, AXES):
+        have = s[s[col].notna()] if col in s else s.iloc[0:0]
+        for key in series:
+            m = have[have["series"] == key].reset_index(drop=True)
+            if m.empty:
+                continue
+            y = m["accuracy_majority"]
+            err = [(y - m["accuracy_majority_lo"]).clip(lower=0), (m["accuracy_majority_hi"] - y).clip(lower=0)]
+            ax.errorbar(m[col], y, yerr=err, fmt="o", color=colors[key], ms=5, capsize=2.5, lw=0.9,
+                        label=key, zorder=3)
+            front = pareto(list(m[col]), list(y), minimize_x=minimize)
+            ax.plot([m[col][i] for i in front], [y[i] for i in front], "-", color=colors[key], lw=1.4,
+                    alpha=0.7, zorder=2)
+        if len(have):
+            if logx and (have[col] > 0).all():
+                ax.set_xscale("log")
+            ax.set_ylim(-0.05, 1.08)
+            _place_labels(ax, list(have[col]), list(have["accuracy_majority"]),
+                          [f"{r['W']}-{r['L']}" for _, r in have.iterrows()])
+        ax.set_xlabel(xlabel + (" (log)" if logx else "") + ("  (better: left)" if minimize else "  (better: right)"))
+        ax.grid(alpha=0.3)
+    axs[0].set_ylabel("accuracy, majority vote over W samples (95% interval)")
+    handles = [h for ax in axs for h in ax.get_legend_handles_labels()[0]]
+    if handles:
+        labelled = next(ax for ax in axs if ax.get_legend_handles_labels()[0])
+        labelled.legend(fontsize=8, loc="lower right", title="method (line: its Pareto frontier)", title_fontsize=8)
+    fig.suptitle("W-L configurations (label W-L: W samples per question, L tokens at most)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(out_dir / "hyperscaling.png", dpi=110)
+    plt.close(fig)
+    paths.append(out_dir / "hyperscaling.png")
+    Ls = sorted(set(s["L"]))
+    fig, axs = plt.subplots(1, len(series), figsize=(4.2 * len(series) + 1, 4.2), sharey=True, squeeze=False)
+    for ax, key in zip(axs[0], series):
+        m = s[s["series"] == key]
+        for j, L in enumerate(Ls):
+            g = m[m["L"] == L].sort_values("W")
+            if g.empty:
+                continue
+            for col, style in (("accuracy_majority", "-o"), ("accuracy", ":s")):
+                lo, hi = g[f"{col}_lo"], g[f"{col}_hi"]
+                ax.errorbar(g["W"] * (1 + 0.04 * (j - (len(Ls) - 1) / 2)), g[col],
+                            yerr=[(g[col] - lo).clip(lower=0), (hi - g[col]).clip(lower=0)], fmt=style,
+                            color=plt.cm.viridis(j / max(1, len(Ls) - 1) * 0.8), ms=4, capsize=2, lw=1,
+                            label=f"L={L} " + ("maj@W" if col == "accuracy_majority" else "per sample"))
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(set(s["W"])))
+        ax.set_xticklabels([str(w) for w in sorted(set(s["W"]))])
+        ax.set_title(key, fontsize=10)
+        ax.set_xlabel("W (samples per question)")
         ax.set_ylim(-0.05, 1.05)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        ax.set_title(fname[:-4].replace("_", " "))
-        fig.tight_layout()
-        fig.savefig(out_dir / fname, dpi=110)
-        plt.close(fig)
-        paths.append(out_dir / fname)
+    axs[0][0].set_ylabel("accuracy (95% interval)")
+    axs[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "accuracy_vs_W.png", dpi=110)
+    plt.close(fig)
+    paths.append(out_dir / "accuracy_vs_W.png")
+    label_of = (lambda r: r["series"])
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 0.9 * len(s) + 4), 5))
     x = range(len(s))
     names = [f"{label_of(r)} W{r['W']} L{r['L']}" + ("" if r["mode"] == "n" else " conc")
@@ -216,22 +383,47 @@ def plot(summary, out_dir: Path) -> list[Path]:
     return paths
 
 
+def _ci(key):
+    def cell(r):
+        v, lo, hi = r.get(key), r.get(f"{key}_lo"), r.get(f"{key}_hi")
+        if v is None or v != v:
+            return "–"
+        return f"{v:.2f} [{lo:.2f}, {hi:.2f}]" if lo == lo and hi == hi else f"{v:.2f}"
+    return cell
+
+
+def _batch(r):
+    used = r.get("max_batch")
+    if used is None or used != used:
+        return "–"
+    mark = "" if r.get("max_batch_verified") else (" (retracted!)" if r.get("max_batch_verified") is False else " (?)")
+    return f"{used:.0f}" + (f" of {r.get('max_batch_predicted'):.0f}" if r.get("max_batch_capped") else "") + mark
+
+
+ACCURACY_COLUMNS = [("method", "method", "{}"), ("W", "W", "{}"), ("L", "L", "{}"),
+                    ("status", "status", "{}"), ("questions", "questions", "{:.0f}"),
+                    ("failed", "failed", "{:.0f}"), ("accuracy", "acc/sample [95%]", _ci("accuracy")),
+                    ("accuracy_majority", "maj@W [95%]", _ci("accuracy_majority")),
+                    ("pass_at_w", "pass@W [95%]", _ci("pass_at_w")),
+                    ("kv_reads_per_question", "KV reads/question", "{:.3g}"),
+                    ("peak_kv_per_question", "peak KV tok/question", "{:.0f}"),
+                    ("max_batch", "max batch (questions)", _batch),
+                    ("output_tok_s", "out tok/s at max batch", "{:.1f}"),
+                    ("decode_tok_s", "decode tok/s", "{:.1f}"),
+                    ("pct_of_bound", "% of bandwidth bound", "{:.1f}")]
 _COLUMNS = [("method", "method", "{}"), ("W", "W", "{}"), ("L", "L", "{}"), ("mode", "mode", "{}"),
-            ("status", "status", "{}"), ("questions", "questions", "{:.0f}"),
-            ("failed", "failed", "{:.0f}"), ("accuracy", "acc/sample", "{:.2f}"),
-            ("accuracy_majority", "acc/majority", "{:.2f}"),
-            ("output_tok_s", "out tok/s", "{:.1f}"), ("ttft_p50_s", "TTFT p50 s", "{:.3f}"),
+            ("ttft_p50_s", "TTFT p50 s", "{:.3f}"),
             ("ttft_p99_s", "TTFT p99 s", "{:.3f}"), ("tpot_p50_s", "TPOT p50 s", "{:.3f}"),
             ("e2e_p50_s", "E2E p50 s", "{:.2f}"), ("e2e_p99_s", "E2E p99 s", "{:.2f}"),
-            ("kv_reads_per_question", "KV reads/question", "{:.3g}"),
-            ("peak_kv_tokens", "peak KV tokens", "{:.0f}"),
+            ("peak_kv_tokens", "server peak KV tokens", "{:.0f}"),
+            ("peak_running_reqs", "peak running", "{:.0f}"), ("retractions", "retractions", "{:.0f}"),
             ("cached_tokens_mean", "cached tok", "{:.0f}"),
             ("store_ratio", "store ratio", "{:.2f}"), ("store_hits", "store hits", "{:.0f}"),
             ("fused_pages", "fused pages", "{:.0f}"), ("fused_share", "fused share", "{:.2f}")]
 
 
-def markdown_table(summary) -> str:
-    cols = [c for c in _COLUMNS if c[0] in summary.columns]
+def markdown_table(summary, columns=None) -> str:
+    cols = [c for c in (columns or ACCURACY_COLUMNS) if c[0] in summary.columns]
     if len(summary) and "run" in summary and summary["run"].nunique() > 1:
         cols = [("run", "run", "{}")] + cols
     lines = ["| " + " | ".join(h for _, h, _ in cols) + " |",
@@ -240,7 +432,9 @@ def markdown_table(summary) -> str:
         cells = []
         for key, _, fmt in cols:
             v = r.get(key)
-            if v is None or (isinstance(v, float) and v != v):
+            if callable(fmt):
+                cells.append(fmt(r))
+            elif v is None or (isinstance(v, float) and v != v):
                 cells.append("–")
             else:
                 cells.append(fmt.format(v))
@@ -248,7 +442,19 @@ def markdown_table(summary) -> str:
     return "\n".join(lines)
 
 
-def write_report(metas: list[dict], summary, out_dir: Path, plots: list[Path]) -> Path:
+def paired_table(rows: list[dict]) -> str:
+    lines = ["| method | vs | W | L | questions | Δ maj@W [95%] | wins / losses | Δ acc/sample [95%] |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['baseline']} | {r['W']} | {r['L']} | {r['questions']} | "
+                     f"{r['d_majority']:+.2f} [{r['d_majority_lo']:+.2f}, {r['d_majority_hi']:+.2f}] | "
+                     f"{r['wins']} / {r['losses']} | {r['d_per_sample']:+.2f} "
+                     f"[{r['d_per_sample_lo']:+.2f}, {r['d_per_sample_hi']:+.2f}] |")
+    return "\n".join(lines)
+
+
+def write_report(metas: list[dict], summary, out_dir: Path, plots: list[Path], paired: list[dict] | None = None,
+                 verdicts: list[str] | None = None) -> Path:
     incomplete = summary[summary["status"] != "complete"] if len(summary) else summary
     parts = [f"# Load report: {', '.join(m.get('run', '?') for m in metas)}", ""]
     for m in metas:
@@ -259,7 +465,23 @@ def write_report(metas: list[dict], summary, out_dir: Path, plots: list[Path]) -
                   f"started {m.get('started')}, {m.get('wall_s', '?')} s"
                   + (f", KVTC calibration `{m['calibration']}`" if m.get("calibration") else "")
                   + (f"; command `{m['command']}`" if m.get("command") else "")]
-    parts += ["", "## Configurations", "", markdown_table(summary), ""]
+        bw = [b["bytes_s"] for b in m.get("bandwidth") or []]
+        if bw:
+            parts.append(f"- KV budget {m.get('budget_tokens') or 'SGLang default'} tokens per server; memory "
+                         f"bandwidth (copy benchmark, this machine) {sorted(bw)[len(bw) // 2] / 1e9:.1f} GB/s; "
+                         f"weights {m.get('weight_bytes', 0) / 2**20:.0f} MiB and "
+                         f"{m.get('kv_bytes_per_token', 0)} KV bytes per token at the servers' dtype "
+                         f"({m.get('server_dtype')}); prompts {m.get('prompt_tokens_mean', 0):.0f} tokens on average"
+                         + (f"; resumed {', '.join(m['resumed'])}" if m.get("resumed") else ""))
+    parts += ["", "## Accuracy and the three axes", "", markdown_table(summary), ""]
+    if verdicts:
+        parts += ["## Frontiers against vanilla", "",
+                  "Each point of a method's Pareto frontier (maj@W against the axis) against the most "
+                  "accurate vanilla (`none`) point that costs no more on that axis; *above* means the two "
+                  "95% intervals do not overlap.", ""] + verdicts + [""]
+    if paired:
+        parts += ["## Paired against vanilla (same questions, same W and L)", "", paired_table(paired), ""]
+    parts += ["## Latency and server figures", "", markdown_table(summary, _COLUMNS), ""]
     if len(incomplete):
         parts += ["## Incomplete configurations", ""]
         parts += [f"- `{r['config']}`: {r['reasons'] or r['status']}" for _, r in
@@ -289,17 +511,23 @@ def write_report(metas: list[dict], summary, out_dir: Path, plots: list[Path]) -
         parts += ["## Methods", ""] + [f"- {notes[m]}" for m in sorted(methods) if m in notes] + [""]
     parts += ["## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots] + [""]
     parts += ["## How to read it", "",
-              "acc/sample: share of samples whose first number equals the answer; acc/majority: "
-              "share of questions whose majority answer over the W samples is right. TTFT, TPOT "
-              "and E2E are per sample (docs/metrics.md). KV reads/question: decode-step KV token "
-              "reads of the W samples of a question, summed over layers and KV heads; `computed` "
-              "from prompt and output lengths for a dense cache where the server does not report "
-              "them. Peak KV tokens: the largest `sglang:num_used_tokens` seen while polling "
-              "`/metrics` every 0.5 s (radix-cached tokens included). Store ratio: 16-bit bytes "
-              "over stored bytes of the pages in the KVTC storage tier after the configuration's "
-              "flush; store hits: pages restored from it during the configuration. The device "
-              "cache is flushed before each configuration, so a prompt seen in an earlier "
-              "configuration is restored from the storage tier (kvtc) or recomputed (none).", ""]
+              "Intervals are 95% over questions (docs/metrics.md): Wilson for maj@W (the majority answer "
+              "over the W samples is right) and pass@W (any sample is right), a bootstrap over questions "
+              "for acc/sample (the share of samples that are right). KV reads/question: decode-step KV "
+              "token reads of the W samples of a question, summed over layers and KV heads (the server's "
+              "own count for DMS, computed from lengths for a dense cache). Peak KV tok/question: what one "
+              "question holds at its peak whatever else runs (DMS: its samples' own peaks in its per-head "
+              "pool; a dense cache: the prompt once, shared by the W samples through the prefix cache, "
+              "plus every generated token). Max batch: the questions of that size the server's KV budget "
+              "holds at once (predicted from a pilot of a few questions, then the rest of the questions "
+              "run at that concurrency; `of N`: fewer questions were left than fit; `retracted!`: the "
+              "server retracted requests at it). Out tok/s at max batch: output tokens of that phase over "
+              "its span. Decode tok/s: max batch x W / TPOT p50 of that phase; % of bandwidth bound: "
+              "decode tok/s over what the measured memory bandwidth allows when each decode step reads "
+              "the weights and the KV held (max batch x peak per question). Server peak KV tokens: the "
+              "largest `sglang:num_used_tokens` (or DMS's held tokens) seen while polling `/metrics` "
+              "every 0.5 s. Store ratio and store hits: the KVTC storage tier after the configuration's "
+              "flush. The device cache is flushed before each configuration.", ""]
     path = out_dir / "report.md"
     path.write_text("\n".join(parts))
     return path
@@ -325,7 +553,12 @@ def build_many(run_dirs: list[Path], out_dir: Path | None = None) -> Path:
     summary.to_csv(out_dir / "summary.csv", index=False)
     (out_dir / "summary.json").write_text(summary.to_json(orient="records", indent=1))
     plots = plot(summary, out_dir / "plots")
-    return write_report(metas, summary, out_dir, plots)
+    outcomes = {}
+    for meta, df in zip(metas, samples):
+        outcomes.update(question_table(df, meta.get("dims") or {}))
+    pairs = paired_rows(summary, outcomes) if len(metas) == 1 else []
+    verdicts = frontier_verdicts(summary) if len(metas) == 1 else []
+    return write_report(metas, summary, out_dir, plots, pairs, verdicts)
 
 
 def build(run_dir: Path) -> Path:

@@ -23,12 +23,22 @@ import time
 
 
 class StubConfig:
+    """``budget``: the KV tokens the stub says it holds (``sglang:max_total_num_tokens``) and, unless
+    ``real_budget`` says otherwise, what it really holds: a request whose KV at its peak does not fit
+    beside the running ones counts as retracted (``sglang:num_retracted_requests_total``; it is served
+    all the same). A request's peak: the prompt once plus every sample's stored tokens (a prefix cache
+    shared by its samples), or with ``kv_ratio`` (a DMS-like server) each sample's own prompt and
+    tokens over the ratio, reported per sample in ``meta_info["kvsqueeze_dms"]`` as
+    ``kv_tokens_held_peak`` (slots: tokens x layers x KV heads) and ``kv_token_reads``."""
+
     def __init__(self, ttft: float = 0.05, gap: float = 0.01, tokens: int = 8,
                  answer: str | None = None, die_after: int | None = None,
-                 layers: int = 30, kv_heads: int = 3):
+                 layers: int = 30, kv_heads: int = 3, budget: int = 1_000_000,
+                 real_budget: int | None = None, kv_ratio: float | None = None):
         self.ttft, self.gap, self.tokens = ttft, gap, tokens
         self.answer, self.die_after = answer, die_after
         self.layers, self.kv_heads = layers, kv_heads
+        self.budget, self.real_budget, self.kv_ratio = budget, real_budget or budget, kv_ratio
 
 
 class StubServer:
@@ -38,6 +48,10 @@ class StubServer:
         self.running = 0
         self.peak_running = 0
         self.generated = 0
+        self.reserved = 0.0  # KV tokens the running requests hold at their peaks
+        self.retracted = 0
+        self.peak_questions = 0  # most requests running at once
+        self._requests_running = 0
         self._server = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -82,7 +96,9 @@ class StubServer:
             text = (f"# TYPE sglang:num_running_reqs gauge\n"
                     f'sglang:num_running_reqs{{model_name="stub"}} {self.running}\n'
                     f'sglang:num_used_tokens{{model_name="stub"}} {self.running * 100}\n'
-                    f'sglang:generation_tokens_total{{model_name="stub"}} {self.generated}\n')
+                    f'sglang:generation_tokens_total{{model_name="stub"}} {self.generated}\n'
+                    f'sglang:max_total_num_tokens{{model_name="stub"}} {cfg.budget}\n'
+                    f'sglang:num_retracted_requests_total{{model_name="stub"}} {self.retracted}\n')
             await self._send(writer, 200, text.encode(), "text/plain")
             return True
         if method != "POST" or path not in ("/generate", "/v1/completions",
@@ -116,6 +132,21 @@ class StubServer:
                      b"Transfer-Encoding: chunked\r\n\r\n")
         self.running += n
         self.peak_running = max(self.peak_running, self.running)
+        stored = k - 1  # the last sampled token is never stored
+        if cfg.kv_ratio:
+            peak = n * (prompt_tokens + stored) / cfg.kv_ratio
+        else:
+            peak = prompt_tokens + n * stored
+        if self.reserved + peak > cfg.real_budget + 1e-6:
+            self.retracted += 1
+        self.reserved += peak
+        self._requests_running += 1
+        self.peak_questions = max(self.peak_questions, self._requests_running)
+        extra = None
+        if cfg.kv_ratio:
+            slots = cfg.layers * cfg.kv_heads
+            extra = {"kv_tokens_held_peak": int(round((prompt_tokens + stored) / cfg.kv_ratio * slots)),
+                     "kv_token_reads": int(sum((prompt_tokens + t) / cfg.kv_ratio for t in range(1, k)) * slots)}
 
         def event(obj) -> bytes:
             data = b"data: " + json.dumps(obj).encode() + b"\n\n"
@@ -130,7 +161,8 @@ class StubServer:
                 last = step == k - 1
                 for i in range(n):
                     self.generated += 1
-                    writer.write(event(self._chunk(path, i, words, step, last, prompt_tokens)))
+                    writer.write(event(self._chunk(path, i, words, step, last, prompt_tokens,
+                                                   extra if last else None)))
                 await writer.drain()
             if not native:
                 usage = {"prompt_tokens": prompt_tokens, "completion_tokens": k * n,
@@ -141,14 +173,18 @@ class StubServer:
             await writer.drain()
         finally:
             self.running -= n
+            self.reserved -= peak
+            self._requests_running -= 1
 
     @staticmethod
-    def _chunk(path, i, words, step, last, prompt_tokens) -> dict:
+    def _chunk(path, i, words, step, last, prompt_tokens, extra=None) -> dict:
         fr = "length" if last else None
         if path == "/generate":
             meta = {"id": f"r{i}", "prompt_tokens": prompt_tokens, "completion_tokens": step + 1,
                     "cached_tokens": 0,
                     "finish_reason": {"type": "length", "length": step + 1} if last else None}
+            if extra:
+                meta["kvsqueeze_dms"] = [extra]
             return {"text": "".join(words[:step + 1]), "index": i, "meta_info": meta}
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": step + 1,
                  "total_tokens": prompt_tokens + step + 1}
@@ -208,9 +244,10 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=8)
     p.add_argument("--answer", default=None)
     p.add_argument("--die-after", type=int, default=None)
+    p.add_argument("--budget", type=int, default=1_000_000)
     a = p.parse_args(argv)
     os.environ["KVSQUEEZE_STUB_SUBPROCESS"] = "1"
-    srv = StubServer(StubConfig(a.ttft, a.gap, a.tokens, a.answer, a.die_after), a.host, a.port)
+    srv = StubServer(StubConfig(a.ttft, a.gap, a.tokens, a.answer, a.die_after, budget=a.budget), a.host, a.port)
     print(f"stub server on http://{a.host}:{a.port}", flush=True)
     started = threading.Event()
     try:

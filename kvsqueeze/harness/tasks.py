@@ -7,9 +7,21 @@ Three tasks the embedded 135M model can partly solve (so that accuracy moves wit
 - ``lookup``: an in-context table of ``name: number`` pairs (~250 tokens), then a question about one
   name; exact match on the number.
 - ``arithmetic``: few-shot two-number addition; exact match on the sum.
+- ``needle``: a 5-digit pass key hidden at a random depth of the middle half of ~650 tokens of held-out
+  prose (Python's documentation, a random excerpt per question); the answer is the key. What a cache
+  evicts from the middle of the context decides it.
+- ``facts``: three ``(NAME's locker number is NNN.)`` notes at random places of the middle half of ~650
+  tokens of held-out prose, then a question about one of them; exact match on the number. Retrieval
+  with distractors: the wrong notes are plausible answers.
 - ``neardup``: near-duplicate traffic (what block fusion and prefix caching are for): every question is
   the same held-out document (~1k tokens of Python's documentation) with 4 word substitutions at random
   places and a 5-digit key at a random depth; the answer is the key.
+
+``needle`` and ``facts`` are the tasks of the hyper-scaling reproduction: on the embedded model at
+temperature 0.7 a single sample is right about a quarter to a half of the time and the majority of 8
+samples markedly more often (``benchmarks/harness_tasks.py``, results/harness/tasks.md, measured on the
+``dev`` split). Questions come from two disjoint seed ranges: ``dev`` (for choosing settings) and
+``eval`` (what ``kvsqueeze bench`` runs; never used to choose anything).
 
 Every question is plain completion text (the same text goes to ``/generate``, ``/v1/completions``, and
 as the user message to ``/v1/chat/completions``). The extracted answer of a completion is its first
@@ -22,13 +34,15 @@ from __future__ import annotations
 import functools
 import random
 import re
-from collections import Counter
 from dataclasses import asdict, dataclass
 
 from kvsqueeze.corpus import heldout_documents, passkey_text
 from kvsqueeze.errors import bad_value
+from kvsqueeze.harness.stats import majority  # noqa: F401  (where the harness has always found it)
 
-TASKS = ("passkey", "lookup", "arithmetic", "neardup")
+TASKS = ("passkey", "lookup", "arithmetic", "neardup", "needle", "facts")
+SPLITS = ("eval", "dev")
+DEFAULT_TASKS = ("needle", "facts")
 
 _NAMES = ("Alice", "Bruno", "Chen", "Dara", "Emil", "Farah", "Goran", "Hana", "Ivan", "Jonas",
           "Kemal", "Lena", "Mateo", "Nadia", "Oskar", "Priya", "Quinn", "Rosa", "Sami", "Tomas",
@@ -97,8 +111,44 @@ def neardup_question(rng: random.Random, qid: str) -> Question:
     return Question(qid, "neardup", text, str(key))
 
 
+@functools.lru_cache(maxsize=1)
+def _prose() -> str:
+    return heldout_documents()[0].text
+
+
+def _excerpt_words(rng: random.Random, chars: int) -> list[str]:
+    """A random excerpt of held-out prose, from a paragraph start, split on spaces."""
+    text = _prose()
+    start = text.find("\n\n", rng.randint(0, len(text) - 2 * chars)) + 2
+    return text[start:start + chars].split(" ")
+
+
+def needle_question(rng: random.Random, qid: str, chars: int = 2500) -> Question:
+    """~650 tokens with the embedded tokenizer at the default 2500 characters."""
+    words = _excerpt_words(rng, chars)
+    key = rng.randint(10000, 99999)
+    words.insert(rng.randint(len(words) // 4, 3 * len(words) // 4), f"The pass key is {key}. Remember it.")
+    text = ("Read the text below. A pass key is hidden in it.\n\n" + " ".join(words)
+            + "\n\nWhat is the pass key? The pass key is")
+    return Question(qid, "needle", text, str(key))
+
+
+def facts_question(rng: random.Random, qid: str, facts: int = 3, chars: int = 2500) -> Question:
+    words = _excerpt_words(rng, chars)
+    names = rng.sample(_NAMES, facts)
+    values = {n: rng.randint(100, 999) for n in names}
+    places = sorted(rng.sample(range(len(words) // 4, 3 * len(words) // 4), facts), reverse=True)
+    for at, name in zip(places, names):  # from the back, so earlier places stay where they were
+        words.insert(at, f"({name}'s locker number is {values[name]}.)")
+    asked = rng.choice(names)
+    text = ("Read the text below. Some locker numbers are hidden in it.\n\n" + " ".join(words)
+            + f"\n\nQuestion: What is {asked}'s locker number?\nAnswer: {asked}'s locker number is")
+    return Question(qid, "facts", text, str(values[asked]))
+
+
 _BUILDERS = {"passkey": passkey_question, "lookup": lookup_question,
-             "arithmetic": arithmetic_question, "neardup": neardup_question}
+             "arithmetic": arithmetic_question, "neardup": neardup_question,
+             "needle": needle_question, "facts": facts_question}
 
 
 def parse_tasks(text: str | list[str]) -> list[str]:
@@ -111,11 +161,17 @@ def parse_tasks(text: str | list[str]) -> list[str]:
     return names
 
 
-def make_questions(tasks: list[str], per_task: int, seed: int = 0) -> list[Question]:
-    """``per_task`` questions of each task, interleaved (so a truncated run still covers each task)."""
+def make_questions(tasks: list[str], per_task: int, seed: int = 0, split: str = "eval") -> list[Question]:
+    """``per_task`` questions of each task, interleaved (so a truncated run still covers each task).
+
+    ``split`` picks the seed range: ``eval`` (what benchmarks report; seed 0 of ``eval`` is the
+    question set every earlier release generated) or ``dev`` (for choosing settings: disjoint from
+    every ``eval`` seed)."""
     if per_task < 1:
         raise bad_value("questions", per_task, "a number of questions per task >= 1")
-    rng = random.Random(seed)
+    if split not in SPLITS:
+        raise bad_value("split", split, f"one of {', '.join(SPLITS)}")
+    rng = random.Random(seed if split == "eval" else f"dev:{seed}")
     by_task = {t: [_BUILDERS[t](rng, f"{t}-{i}") for i in range(per_task)] for t in tasks}
     return [by_task[t][i] for i in range(per_task) for t in tasks]
 
@@ -127,13 +183,3 @@ def extract_answer(completion: str) -> str | None:
     """The first run of digits in the completion, or None."""
     m = _NUMBER.search(completion or "")
     return m.group(0) if m else None
-
-
-def majority(answers: list[str | None]) -> str | None:
-    """The most frequent non-empty answer; ties go to the one seen first; None if there is none."""
-    votes = [a for a in answers if a is not None]
-    if not votes:
-        return None
-    counts = Counter(votes)
-    best = max(counts.values())
-    return next(a for a in votes if counts[a] == best)
