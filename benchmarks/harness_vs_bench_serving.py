@@ -17,6 +17,10 @@ in both), output throughput (output tokens over the run's span; SGLang's client:
 duration, which starts when its first request is sent).
 
     python benchmarks/harness_vs_bench_serving.py [--questions 12] [--concurrency 4] [--tokens 32]
+
+At a concurrency above 1 the TTFT median depends on which prompts share a prefill batch, and SGLang's
+client shuffles the prompts (the harness sends them in order): ``--concurrency 1`` is the comparison
+that does not depend on the order.
 """
 
 from __future__ import annotations

@@ -323,12 +323,13 @@ def plot(summary, out_dir: Path) -> list[Path]:
         ax.set_xlabel(xlabel + (" (log)" if logx else "") + ("  (better: left)" if minimize else "  (better: right)"))
         ax.grid(alpha=0.3)
     axs[0].set_ylabel("accuracy, majority vote over W samples (95% interval)")
-    handles = [h for ax in axs for h in ax.get_legend_handles_labels()[0]]
-    if handles:
-        labelled = next(ax for ax in axs if ax.get_legend_handles_labels()[0])
-        labelled.legend(fontsize=8, loc="lower right", title="method (line: its Pareto frontier)", title_fontsize=8)
+    labelled = next((ax for ax in axs if ax.get_legend_handles_labels()[0]), None)
+    if labelled is not None:  # below the panels, where it covers no point
+        handles, labels = labelled.get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9, frameon=False,
+                   title="method (line: its Pareto frontier; bars: 95% intervals)", title_fontsize=9)
     fig.suptitle("W-L configurations (label W-L: W samples per question, L tokens at most)", fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(out_dir / "hyperscaling.png", dpi=110)
     plt.close(fig)
     paths.append(out_dir / "hyperscaling.png")

@@ -298,6 +298,12 @@ def run_two_phase(plan: Plan, workdir: Path, max_time: float, dims: dict, pilot:
     rest = questions[pilot:]
     if not rest:
         return res
+    if not server_alive():  # a server that died in the pilot gets no batch phase
+        res.reasons = [r for r in res.reasons if "questions answered" not in r]
+        res.reasons.append(f"{res.rows // max(1, plan.W)}/{len(questions)} questions answered (the server "
+                           "died in the pilot phase)")
+        res.status = "incomplete"
+        return res
     by_q = _rows_by_question(workdir / "requests.csv")
     shares = plan.mode == "n"
     longest = max(prompt_tokens.values()) if prompt_tokens else None
