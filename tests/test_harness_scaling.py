@@ -153,8 +153,9 @@ def test_a_budget_too_small_for_one_question_fails_before_anything_starts(tmp_pa
 
 
 def test_resume_keeps_finished_configurations_and_refuses_another_grid(tmp_path):
+    quick = dict(questions_per_task=3, pilot=3)  # every question in the pilot: one Locust run per configuration
     with StubServer(StubConfig(ttft=0.02, gap=0.005, tokens=3)) as s:
-        run = sweep.run_bench(_spec(tmp_path, s.url, ["W=1,2 L=8"]), log=lambda m: None)
+        run = sweep.run_bench(_spec(tmp_path, s.url, ["W=1,2 L=8"], **quick), log=lambda m: None)
         configs = json.loads((run / "configs.json").read_text())
         assert [c["status"] for c in configs] == ["complete", "complete"]
         first_dir = run / "configs" / sweep._slug(configs[0]["config"])
@@ -165,11 +166,11 @@ def test_resume_keeps_finished_configurations_and_refuses_another_grid(tmp_path)
         second_dir = run / "configs" / sweep._slug(configs[1]["config"])
         (second_dir / "requests.csv").write_text("half a row")
         with pytest.raises(KvsqueezeError, match=r"resume=.*grid"):
-            sweep.run_bench(_spec(tmp_path, s.url, ["W=1,4 L=8"], resume=True), log=lambda m: None)
+            sweep.run_bench(_spec(tmp_path, s.url, ["W=1,4 L=8"], resume=True, **quick), log=lambda m: None)
         with pytest.raises(KvsqueezeError, match="or --resume it"):
-            sweep.run_bench(_spec(tmp_path, s.url, ["W=1,2 L=8"]), log=lambda m: None)
+            sweep.run_bench(_spec(tmp_path, s.url, ["W=1,2 L=8"], **quick), log=lambda m: None)
         logs = []
-        sweep.run_bench(_spec(tmp_path, s.url, ["W=1,2 L=8"], resume=True), log=logs.append)
+        sweep.run_bench(_spec(tmp_path, s.url, ["W=1,2 L=8"], resume=True, **quick), log=logs.append)
     assert any("1 configuration(s) finished" in m for m in logs)
     assert (first_dir / "requests.csv").read_text() == kept
     again = json.loads((run / "configs.json").read_text())
