@@ -66,8 +66,9 @@ def _question_outcomes(sub, dims, mode: str):
     return outcomes, peaks
 
 
-def summarize(meta: dict, configs: list[dict], df):
-    """One row per configuration (configurations that produced no rows still appear)."""
+def summarize(meta: dict, configs: list[dict], df, outcomes_out: dict | None = None):
+    """One row per configuration (configurations that produced no rows still appear); where
+    ``outcomes_out`` is given, it receives config -> {qid: QuestionOutcome} (what paired comparisons read)."""
     import numpy as np
     import pandas as pd
 
@@ -91,6 +92,8 @@ def summarize(meta: dict, configs: list[dict], df):
         if len(sub):
             groups = sub.groupby("group")
             outcomes, peaks = _question_outcomes(sub, dims, c["mode"])
+            if outcomes_out is not None:
+                outcomes_out[c["config"]] = outcomes
             acc = accuracy(list(outcomes.values()))
             batch = ok[ok["phase"] == "batch"] if "phase" in ok and (ok["phase"] == "batch").any() else ok
             t_start = batch["start_unix"].min()
@@ -152,16 +155,6 @@ def summarize(meta: dict, configs: list[dict], df):
         r["reasons"] = "; ".join(c.get("reasons") or [])
         rows.append(r)
     return pd.DataFrame(rows)
-
-
-def question_table(df, dims) -> dict:
-    """config -> {qid: QuestionOutcome}: what paired comparisons read."""
-    out = {}
-    if df.empty:
-        return out
-    for cfg, sub in df.groupby("config"):
-        out[cfg] = _question_outcomes(sub, dims, str(sub["mode"].iloc[0]))[0]
-    return out
 
 
 def paired_rows(summary, outcomes: dict, baseline: str = "none") -> list[dict]:
@@ -540,10 +533,11 @@ def build_many(run_dirs: list[Path], out_dir: Path | None = None) -> Path:
     if not run_dirs:
         raise KvsqueezeError("report: expected at least one run directory")
     metas, summaries, samples = [], [], []
+    outcomes: dict = {}
     for d in run_dirs:
         meta, configs, df = load_run(Path(d))
         metas.append(meta)
-        summaries.append(summarize(meta, configs, df))
+        summaries.append(summarize(meta, configs, df, outcomes))
         samples.append(df)
     out_dir = Path(out_dir or run_dirs[0])
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -554,9 +548,6 @@ def build_many(run_dirs: list[Path], out_dir: Path | None = None) -> Path:
     summary.to_csv(out_dir / "summary.csv", index=False)
     (out_dir / "summary.json").write_text(summary.to_json(orient="records", indent=1))
     plots = plot(summary, out_dir / "plots")
-    outcomes = {}
-    for meta, df in zip(metas, samples):
-        outcomes.update(question_table(df, meta.get("dims") or {}))
     pairs = paired_rows(summary, outcomes) if len(metas) == 1 else []
     verdicts = frontier_verdicts(summary) if len(metas) == 1 else []
     return write_report(metas, summary, out_dir, plots, pairs, verdicts)

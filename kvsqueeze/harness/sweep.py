@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from itertools import product
 from pathlib import Path
 
+from kvsqueeze.backends.sglang.server import cpu_defaults, flag_value, has_flag
 from kvsqueeze.backends.sglang.serving import ServeContext, ServerSpec, parse_servers, plan_server
 from kvsqueeze.errors import KvsqueezeError, bad_value
 from kvsqueeze.harness import axes
@@ -389,8 +390,6 @@ class BenchSpec:
         return list(product(g["W"], g["L"], g["mode"], g["endpoint"]))
 
     def server_args_with_budget(self) -> list[str]:
-        from kvsqueeze.backends.sglang.server import has_flag
-
         args = list(self.server_args)
         if self.budget_tokens and not has_flag(args, "--max-total-tokens"):
             args += ["--max-total-tokens", str(self.budget_tokens)]
@@ -498,7 +497,7 @@ def run_bench(spec: BenchSpec, log=print) -> Path:
     if any("kvtc" in m.names for m in spec.methods) and not spec.url:
         calibration = kvtc_calibration(model_path, spec.calibration, log)
     out.mkdir(parents=True, exist_ok=True)
-    dtype = _flag(spec.server_args, "--dtype") or _cpu_default("--dtype") or "auto"
+    dtype = flag_value(spec.server_args, "--dtype") or cpu_defaults().get("--dtype") or "auto"
     if spec.resume:
         log(f"resuming {out}: {len(done)} configuration(s) finished, the others run again")
         for c in json.loads((out / "configs.json").read_text()) if (out / "configs.json").is_file() else []:
@@ -540,18 +539,6 @@ def run_bench(spec: BenchSpec, log=print) -> Path:
             "the run is marked incomplete where run.json could be written; expected a results "
             "directory with free space") from e
     return out
-
-
-def _flag(args: list[str], flag: str) -> str | None:
-    from kvsqueeze.backends.sglang.server import flag_value
-
-    return flag_value(args, flag)
-
-
-def _cpu_default(flag: str) -> str | None:
-    from kvsqueeze.backends.sglang.server import cpu_defaults
-
-    return cpu_defaults().get(flag)
 
 
 def _cost(W: int, L: int, n: int) -> float:

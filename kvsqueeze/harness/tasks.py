@@ -92,9 +92,14 @@ _EDIT_WORDS = ("the", "a", "this", "that", "new", "old", "first", "last", "small
 
 
 @functools.lru_cache(maxsize=1)
+def _prose() -> str:
+    return heldout_documents()[0].text
+
+
+@functools.lru_cache(maxsize=1)
 def _neardup_base(chars: int = 3600) -> tuple[str, ...]:
     """The held-out excerpt every neardup question edits (read once per process)."""
-    text = heldout_documents()[0].text
+    text = _prose()
     start = text.find("\n\n", len(text) // 3) + 2
     return tuple(text[start:start + chars].split(" "))
 
@@ -109,11 +114,6 @@ def neardup_question(rng: random.Random, qid: str) -> Question:
     text = ("Read the document below. A pass key is hidden in it.\n\n" + " ".join(words)
             + "\n\nWhat is the pass key? The pass key is")
     return Question(qid, "neardup", text, str(key))
-
-
-@functools.lru_cache(maxsize=1)
-def _prose() -> str:
-    return heldout_documents()[0].text
 
 
 def _excerpt_words(rng: random.Random, chars: int) -> list[str]:
