@@ -293,8 +293,7 @@ def cmd_serve(args, extra: list[str]) -> int:
             raise bad_value(flag.lstrip("-"), "given", f"the method's spelling instead: {instead}")
     server_spec = serving.parse_server(args.method or "none")
     names = server_spec.names
-    for flag, value, method in (("dms-page-size", args.dms_page_size, "dms"),
-                                ("fusion-layers", args.fusion_layers, "fusion"),
+    for flag, value, method in (("fusion-layers", args.fusion_layers, "fusion"),
                                 ("store-dir", args.store_dir, "kvtc"), ("calibration", args.calibration, "kvtc")):
         if value is not None and method not in names:
             raise bad_value(flag, value, f"to be used with --method {method}")
@@ -302,7 +301,7 @@ def cmd_serve(args, extra: list[str]) -> int:
         raise bad_value("port", args.port, "a TCP port between 0 and 65535")
     model_path = resolve_model(args.model)
     ctx = serving.ServeContext(model=model_path, calibration=args.calibration, store_dir=args.store_dir,
-                               dms_page_size=args.dms_page_size, fusion_layers=args.fusion_layers)
+                               fusion_layers=args.fusion_layers)
     plan = serving.plan_server(server_spec, ctx, extra)
     for note in plan.notes:
         print(note, file=sys.stderr)
@@ -624,8 +623,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="kvtc: keep the compressed pages as files in this directory (default: host memory)")
     s.add_argument("--calibration", default=None,
                    help="kvtc: calibration file (default: the model's, made once)")
-    s.add_argument("--dms-page-size", type=int, default=None,
-                   help="dms: token slots per page of the per-head pool (8, 16, 32, 64 or 128; default 16)")
     s.add_argument("--fusion-layers", default=None,
                    help="fusion: layers whose similarity decides (a-b, list or all; default all but "
                         "the first two and last two)")

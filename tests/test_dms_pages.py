@@ -16,164 +16,330 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from kvsqueeze.errors import KvsqueezeError
 from kvsqueeze.kernels.paged_decode import (paged_decode_reference, paged_decode_torch,
                                             paged_decode_triton)
-from kvsqueeze.methods.dms.pages import HeadPagePool, PagesExhausted
+from kvsqueeze.methods.dms import rule as dms_rule
+from kvsqueeze.methods.dms.pages import HeadSlotPool, SlotsExhausted
 
 ROOT = Path(__file__).resolve().parents[1]
-L, H, W, PS = 2, 2, 3, 4
+L, H, W, SINKS = 2, 2, 3, 1
+TOKENS = 48  # engine token indices
 
 
-def expected_held(flags: torch.Tensor, t: int, w: int) -> list[list[set[int]]]:
-    """After token t: positions not flagged, or inside the window (p >= t - w)."""
-    return [[{p for p in range(t + 1) if not bool(flags[layer, h, p]) or p >= t - w}
-             for h in range(flags.shape[1])] for layer in range(flags.shape[0])]
+def flag_of(content: tuple, layer: int, head: int) -> bool:
+    """A deterministic gate: the decision token ``len(content) - 1`` makes about the one before it
+    (causal: a function of the content up to that token), True (evict) about 60% of the time."""
+    p = len(content) - 2
+    if p < SINKS:
+        return False
+    return hash((content, layer, head)) % 5 < 3
 
 
-class DMSPoolMachine(RuleBasedStateMachine):
+def value_of(content: tuple, layer: int, head: int) -> float:
+    """What a token's K/V 'is' (a function of the content up to it), to catch a slot holding another."""
+    return float(hash((content, layer, head, "kv")) % 100_003)
+
+
+class SharedSlotsMachine(RuleBasedStateMachine):
+    """An engine around the pool: requests start from the longest cached prefix, extend in chunks,
+    decode, publish into a prefix tree (duplicates freed, as SGLang's radix cache does), finish or
+    abort, and the tree evicts unlocked leaves. After every step each running row holds exactly the
+    rule's positions, every slot it reads holds that position's K/V, and nothing leaks."""
+
     def __init__(self):
         super().__init__()
-        self.pool = HeadPagePool(num_pages=40, page_size=PS, n_layers=L, kv_heads=H, window=W)
-        self.flags: dict[int, torch.Tensor] = {}  # per sequence, flags of every position so far
-        self.next_id = 0
-        self.left = self.left_evicted = 0  # expected eviction statistics
+        self.pool = HeadSlotPool(num_slots=70, n_layers=L, kv_heads=H, window=W, sinks=SINKS,
+                                 num_tokens=TOKENS, rows=4)
+        self.free_tokens = list(range(TOKENS))
+        self.tree: dict[tuple, int] = {}  # content prefix -> token index of its last position
+        self.rows: dict[int, dict] = {}  # row -> {"content": [...], "tokens": [...]}
+        self.value: dict[int, float] = {}  # slot -> K/V written there
 
-    def _count_left(self, flags, upto):
-        self.left += flags[..., :upto].numel()
-        self.left_evicted += int(flags[..., :upto].sum())
+    # ---- engine helpers ------------------------------------------------------------------
+    def _logits(self, content, positions):
+        return torch.tensor([[1.0 if flag_of(tuple(content[:q + 1]), layer, h) else -1.0 for h in range(H)]
+                             for q in positions for layer in [self._layer]])
 
-    @rule(n=st.integers(1, 14), seed=st.integers(0, 10_000), p=st.floats(0, 1), by_layer=st.booleans())
-    def admit(self, n, seed, p, by_layer):
-        g = torch.Generator().manual_seed(seed)
-        flags = torch.rand(L, H, n, generator=g) < p
-        free = self.pool.free_pages
-        if not by_layer:
-            try:
-                self.pool.admit(self.next_id, flags)
-                self.flags[self.next_id] = flags
-                self._count_left(flags, max(0, n - 1 - W))
-            except PagesExhausted:
-                assert self.pool.free_pages == free
-        else:  # as an engine does: one layer at a time; a layer that does not fit aborts the sequence
-            self.pool.begin(self.next_id, n)
-            try:
-                for layer in range(L):
-                    before = self.pool.free_pages
-                    slots = self.pool.admit_layer(self.next_id, layer, flags[layer])
-                    keep = self.pool.prefill_keep(flags[layer])
-                    assert [len(x) for x in slots] == keep.sum(-1).tolist()
-                    assert before - self.pool.free_pages == sum(-(-len(x) // PS) for x in slots)
-                    self._count_left(flags[layer], max(0, n - 1 - W))
-                self.flags[self.next_id] = flags
-            except PagesExhausted:
-                assert self.pool.free_pages == before  # the failing layer took nothing
-                self.pool.release(self.next_id)
-        self.next_id += 1
+    def _extend(self, row, prefix_tokens, content, m, n, tokens):
+        shared_before = self.pool.free_slots
+        self.pool.begin(row, torch.tensor(prefix_tokens, dtype=torch.long), n)
+        assert self.pool.free_slots == shared_before  # a resume references, it copies nothing
+        for layer in range(L):
+            self._layer = layer
+            cf = self.pool.chunk_flags(row, self._logits(content, range(m, n)))
+            slots, mask = self.pool.extend_attention(row, layer, cf)
+            for h in range(H):  # the mask lets query i see exactly the rule's keys at position i
+                kpos = sorted(self.pool.held_positions(row, layer, h))
+                order = self.pool.rows[row].pos[layer, h, :len(kpos)].tolist()
+                for i in range(m, n):
+                    seen = {order[j] for j in range(len(order)) if mask[h, i - m, j]}
+                    seen |= {m + j for j in range(n - m) if mask[h, i - m, slots.shape[1] + j]}
+                    exp = {p for p in range(i + 1) if p >= i - W or not (
+                        p <= i - 1 and flag_of(tuple(content[:p + 2]), layer, h))}
+                    assert seen == exp, (i, seen, exp)
+            placed = self.pool.extend_place(row, layer, cf, torch.tensor(tokens, dtype=torch.long))
+            for h, (offs, sl) in enumerate(placed):
+                for o, s in zip(offs.tolist(), sl.tolist()):
+                    self.value[s] = value_of(tuple(content[:m + o + 1]), layer, h)
 
-    @precondition(lambda self: self.flags)
-    @rule(data=st.data(), seed=st.integers(0, 10_000), p=st.floats(0, 1))
-    def decode(self, data, seed, p):
-        seq = data.draw(st.sampled_from(sorted(self.flags)))
-        t = self.pool.seqs[seq].seen
-        g = torch.Generator().manual_seed(seed)
-        new_flag = torch.rand(L, H, 1, generator=g) < p  # the new token's own (future) decision
-        leaving = t - W - 1
-        lf = self.flags[seq][:, :, leaving] if leaving >= 0 else None
-        free = self.pool.free_pages
-        need = self.pool.pages_for_append(seq, lf)
+    def _take_tokens(self, k):
+        if len(self.free_tokens) < k:
+            return None
+        out, self.free_tokens = self.free_tokens[:k], self.free_tokens[k:]
+        return out
+
+    def _locked(self) -> set[int]:
+        return {t for r in self.rows.values() for t in r["tokens"]}
+
+    # ---- rules ---------------------------------------------------------------------------
+    @precondition(lambda self: len(self.rows) < 4)
+    @rule(data=st.data(), n=st.integers(1, 9))
+    def start(self, data, n):
+        row = min(set(range(4)) - set(self.rows))
+        paths = sorted(k for k in self.tree)
+        base = list(data.draw(st.sampled_from(paths))) if paths and data.draw(st.booleans()) else []
+        content = (base + data.draw(st.lists(st.integers(0, 2), min_size=n, max_size=n)))[:max(n, 1)]
+        content = content if len(content) >= 1 else [0]
+        n = len(content)
+        hit = []
+        for p in range(1, n):  # the longest cached prefix, at most n - 1 tokens (one is computed)
+            if tuple(content[:p]) in self.tree:
+                hit.append(self.tree[tuple(content[:p])])
+            else:
+                break
+        m = self.pool.resumable(torch.tensor(hit, dtype=torch.long))
+        tokens = self._take_tokens(n - m)
+        if tokens is None:
+            return
         try:
-            self.pool.append(seq, lf)
-            assert free - self.pool.free_pages == need  # the engine's capacity check is exact
-            self.flags[seq] = torch.cat([self.flags[seq], new_flag], -1)
-            if lf is not None:
-                self.left += lf.numel()
-                self.left_evicted += int(lf.sum())
-        except PagesExhausted:
-            assert need > free
-            assert self.pool.free_pages == free and self.pool.seqs[seq].seen == t
+            self._extend(row, hit[:m], content, m, n, tokens)
+        except SlotsExhausted:
+            self.pool.release(row) if row in self.pool.rows else None
+            self.free_tokens += tokens
+            self.pool.forget(torch.tensor(tokens, dtype=torch.long))
+            return
+        self.rows[row] = {"content": content, "tokens": hit[:m] + tokens, "decoded": 0}
 
-    @precondition(lambda self: self.flags)
+    @precondition(lambda self: any(r["decoded"] == 0 for r in self.rows.values()))
+    @rule(data=st.data(), k=st.integers(1, 4))
+    def chunk(self, data, k):
+        row = data.draw(st.sampled_from(sorted(q for q, r in self.rows.items() if r["decoded"] == 0)))
+        r = self.rows[row]
+        tokens = self._take_tokens(k)
+        if tokens is None:
+            return
+        content = r["content"] + data.draw(st.lists(st.integers(0, 2), min_size=k, max_size=k))
+        m = len(r["content"])
+        try:
+            self._extend(row, r["tokens"], content, m, m + k, tokens)
+        except SlotsExhausted:  # the engine aborts a request whose chunk does not fit
+            self.pool.forget(torch.tensor(tokens, dtype=torch.long))
+            self.free_tokens += tokens
+            self._end(row, publish=False)
+            return
+        r["content"], r["tokens"] = content, r["tokens"] + tokens
+
+    @precondition(lambda self: self.rows)
+    @rule(data=st.data(), nxt=st.integers(0, 2))
+    def decode(self, data, nxt):
+        row = data.draw(st.sampled_from(sorted(self.rows)))
+        r = self.rows[row]
+        tokens = self._take_tokens(1)
+        if tokens is None:
+            return
+        free = self.pool.free_slots
+        need = self.pool.slots_for_append(row)
+        try:
+            new = self.pool.append(row, tokens[0])
+        except SlotsExhausted:
+            assert need > free and self.pool.free_slots == free
+            self.free_tokens += tokens
+            return
+        assert free - self.pool.free_slots == need  # the engine's capacity check is exact
+        content = r["content"] + [nxt]
+        t = len(content) - 1
+        for layer in range(L):
+            for h in range(H):
+                self.value[int(new[layer, h])] = value_of(tuple(content), layer, h)
+            self._layer = layer
+            self.pool.decode_flags(torch.tensor([row]), layer, torch.tensor([t]),
+                                   self._logits(content, [t]), torch.tensor(tokens))
+        r["content"], r["tokens"], r["decoded"] = content, r["tokens"] + tokens, r["decoded"] + 1
+
+    def _publish(self, row):
+        r = self.rows[row]
+        for p in range(len(r["content"])):
+            key = tuple(r["content"][:p + 1])
+            own = r["tokens"][p]
+            if key in self.tree:
+                if self.tree[key] != own:  # a duplicate: the engine frees it, the row uses the tree's
+                    self.pool.forget(torch.tensor([own]))
+                    self.free_tokens.append(own)
+                    r["tokens"][p] = self.tree[key]
+            else:
+                self.tree[key] = own
+                self.pool.publish(torch.tensor([own]))
+
+    def _end(self, row, publish):
+        if publish:
+            self._publish(row)
+        r = self.rows.pop(row)
+        cached = set(self.tree.values())
+        private = [t for t in r["tokens"] if t not in cached]
+        self.pool.forget(torch.tensor(private, dtype=torch.long))
+        self.free_tokens += private
+        self.pool.release(row)
+
+    @precondition(lambda self: self.rows)
     @rule(data=st.data())
-    def finish_or_abort(self, data):
-        seq = data.draw(st.sampled_from(sorted(self.flags)))
-        self.pool.release(seq)
-        del self.flags[seq]
+    def publish(self, data):
+        self._publish(data.draw(st.sampled_from(sorted(self.rows))))
+
+    @precondition(lambda self: self.rows)
+    @rule(data=st.data(), publish=st.booleans())
+    def finish_or_abort(self, data, publish):
+        self._end(data.draw(st.sampled_from(sorted(self.rows))), publish)
+
+    @precondition(lambda self: self.tree)
+    @rule(data=st.data())
+    def evict_a_leaf(self, data):
+        locked = self._locked()
+        leaves = [k for k in self.tree if not any(len(j) == len(k) + 1 and j[:-1] == k for j in self.tree)
+                  and self.tree[k] not in locked]
+        if not leaves:
+            return
+        k = data.draw(st.sampled_from(sorted(leaves)))
+        t = self.tree.pop(k)
+        self.pool.forget(torch.tensor([t]))
+        self.free_tokens.append(t)
 
     @invariant()
-    def pool_is_consistent_and_follows_the_eviction_rule(self):
+    def rows_hold_the_rule_and_read_their_own_kv(self):
         self.pool.check()
-        assert (self.pool.left, self.pool.left_evicted) == (self.left, self.left_evicted)
-        for seq, flags in self.flags.items():
-            t = self.pool.seqs[seq].seen - 1
-            exp = expected_held(flags, t, W)
+        for row, r in self.rows.items():
+            c = r["content"]
+            n = len(c)
             for layer in range(L):
                 for h in range(H):
-                    assert self.pool.held_positions(seq, layer, h) == exp[layer][h]
+                    exp = {p for p in range(n) if p >= n - 1 - W or not (
+                        p <= n - 2 and flag_of(tuple(c[:p + 2]), layer, h))}
+                    assert self.pool.held_positions(row, layer, h) == exp
+                    rr = self.pool.rows[row]
+                    k = int(rr.length[layer, h])
+                    for s, p in zip(rr.view[layer, h, :k].tolist(), rr.pos[layer, h, :k].tolist()):
+                        assert self.value[s] == value_of(tuple(c[:p + 1]), layer, h), (row, layer, h, p)
+        if not self.rows:  # idle: only the tree holds slots, and evicting all of it frees everything
+            assert self.pool.free_slots + self.pool.cache_only_slots() == self.pool.num_slots
 
 
-TestDMSPool = DMSPoolMachine.TestCase
-TestDMSPool.settings = settings(max_examples=120, stateful_step_count=40, deadline=None)
+TestSharedSlots = SharedSlotsMachine.TestCase
+TestSharedSlots.settings = settings(max_examples=100, stateful_step_count=30, deadline=None)
+
+
+def _prefill(pool, row, flags, tokens):
+    """Place a prefill of ``flags [layers, heads, n]`` (True = evict; the rule's shifted decisions)."""
+    n = flags.shape[-1]
+    pool.begin(row, torch.zeros(0, dtype=torch.long), n)
+    out = []
+    for layer in range(pool.n_layers):
+        cf = torch.cat([torch.zeros(pool.kv_heads, 1, dtype=torch.bool), flags[layer]], 1)
+        out.append(pool.extend_place(row, layer, cf, tokens))
+    return out
 
 
 def test_eviction_frees_room_for_more_sequences_than_a_dense_pool():
-    n, num_pages = 64, 64
-    dense_pages_per_seq = L * H * (n // PS)  # a head-agnostic pool would hold every token
+    n, slots = 64, 2 * L * H * 64
     flags = torch.ones(L, H, n, dtype=torch.bool)
     flags[:, :, ::4] = False  # keep one token in four (4x), plus the window
-    pool = HeadPagePool(num_pages, PS, L, H, W)
+    flags[:, :, -1] = False
+    pool = HeadSlotPool(slots, L, H, W, 0, num_tokens=64 * 20, rows=20)
     admitted = 0
     while True:
         try:
-            pool.admit(admitted, flags)
+            _prefill(pool, admitted, flags, torch.arange(admitted * n, (admitted + 1) * n))
             admitted += 1
-        except PagesExhausted:
+        except SlotsExhausted:
             break
-    assert num_pages // dense_pages_per_seq == 1
-    assert admitted == num_pages // pool.pages_for_prefill(flags) >= 3
+    per_seq = int(dms_rule.held(flags, W).sum())
+    assert admitted == slots // per_seq >= 6  # a dense pool holds 2
+    pool.release(admitted)
+    for r in range(admitted):
+        pool.release(r)
     pool.check()
+    assert pool.free_slots == slots
+
+
+def test_threads_of_one_prompt_hold_it_once():
+    """A prompt prefilled and published (as SGLang does before the n threads of one question), then
+    four rows resume at all but its last token (where a prefix cache matches): they reference the
+    prompt's slots instead of storing it again, and each holds exactly the rule's positions."""
+    n, w = 40, W
+    flags = torch.zeros(L, H, n, dtype=torch.bool)
+    flags[:, :, 1:-1] = torch.rand(L, H, n - 2, generator=torch.Generator().manual_seed(3)) < 0.7
+    pool = HeadSlotPool(2000, L, H, w, 0, num_tokens=500, rows=5)
+    _prefill(pool, 0, flags, torch.arange(n))
+    stored = pool.num_slots - pool.free_slots
+    assert stored == int(dms_rule.held(flags, w).sum()) + int(flags[..., n - w - 2].sum())  # + the lag
+    pool.publish(torch.arange(n))
+    pool.release(0)
+    assert pool.free_slots == pool.num_slots - stored  # the cache keeps them
+    assert pool.resumable(torch.arange(n - 1)) == n - 1
+    for row in range(1, 5):
+        shared = pool.begin(row, torch.arange(n - 1), n)
+        prefix_flags = flags[..., :n - 1].clone()
+        prefix_flags[..., -1] = False
+        assert shared == int(dms_rule.held(prefix_flags, w).sum())
+        before = pool.free_slots
+        for layer in range(L):
+            cf = torch.cat([flags[layer][:, n - 2:n - 1], torch.zeros(H, 1, dtype=torch.bool)], 1)
+            pool.extend_place(row, layer, cf, torch.tensor([100 * row]))
+        # the thread stores its own last token only (plus, per head, the lag of a flagged token)
+        assert before - pool.free_slots <= L * H
+        for layer in range(L):
+            for h in range(H):
+                assert pool.held_positions(row, layer, h) == set(
+                    dms_rule.held(flags[layer, h], w).nonzero()[:, 0].tolist())
+    pool.check()
+    assert pool.num_slots - pool.free_slots <= stored + 4 * L * H
 
 
 def test_bad_pool_input():
-    with pytest.raises(KvsqueezeError, match="page_size=0"):
-        HeadPagePool(8, 0, 1, 1, 2)
-    pool = HeadPagePool(8, 4, 1, 1, 2)
-    with pytest.raises(KvsqueezeError, match=r"flags=\(1, 2, 3\)"):
-        pool.admit("a", torch.zeros(1, 2, 3, dtype=torch.bool))
-    pool.admit("a", torch.zeros(1, 1, 3, dtype=torch.bool))
-    with pytest.raises(KvsqueezeError, match="leaving_flags"):
-        pool.append("a", None)  # position 0 leaves the window at t = 3 and needs its flags
+    with pytest.raises(KvsqueezeError, match="window=-1"):
+        HeadSlotPool(8, 1, 1, -1, 0, 8, 1)
+    pool = HeadSlotPool(8, 1, 1, 2, 0, 8, 1)
+    with pytest.raises(KvsqueezeError, match="n=2"):
+        pool.begin(0, torch.tensor([0, 1]), 2)
+    pool.begin(0, torch.zeros(0, dtype=torch.long), 3)
+    with pytest.raises(KvsqueezeError, match="logits"):
+        pool.chunk_flags(0, torch.zeros(2, 1))
+    with pytest.raises(KvsqueezeError, match="row=0"):
+        pool.append(0, 5)  # its extend is not placed yet
 
 
 # ---- paged decode attention ----------------------------------------------------------------------
 def test_pool_plus_paged_decode_equals_attention_over_the_held_tokens():
     torch.manual_seed(0)
-    d, n, hq = 8, 20, 4
-    pool = HeadPagePool(64, PS, 1, H, W)
-    flags = torch.rand(1, H, n + 6) < 0.5
-    k_all, v_all = torch.randn(H, n + 6, d), torch.randn(H, n + 6, d)
-    k_pages, v_pages = torch.zeros(64, PS, d), torch.zeros(64, PS, d)
-    slots = pool.admit("s", flags[:, :, :n])
-    for h in range(H):
-        pos = sorted(pool.held_positions("s", 0, h))
-        for p, sid in zip(pos, slots[0][h].tolist()):
-            k_pages.view(-1, d)[sid], v_pages.view(-1, d)[sid] = k_all[h, p], v_all[h, p]
-    for t in range(n, n + 6):
-        sid = pool.append("s", flags[:, :, t - W - 1])
-        for h in range(H):
-            k_pages.view(-1, d)[sid[0, h]], v_pages.view(-1, d)[sid[0, h]] = k_all[h, t], v_all[h, t]
+    d, n, hq, steps = 8, 20, 4, 6
+    pool = HeadSlotPool(64, 1, H, W, 0, num_tokens=64, rows=1)
+    flags = torch.rand(1, H, n + steps) < 0.5  # flags[p]: decided by token p + 1
+    flags[..., -1] = False
+    k_all, v_all = torch.randn(H, n + steps, d), torch.randn(H, n + steps, d)
+    k_slots, v_slots = torch.zeros(64, 1, d), torch.zeros(64, 1, d)
+    prefill_flags = flags[:, :, :n].clone()
+    prefill_flags[..., -1] = False  # the prompt's last token is undecided
+    for h, (offs, sl) in enumerate(_prefill(pool, 0, prefill_flags, torch.arange(n))[0]):
+        k_slots[sl, 0], v_slots[sl, 0] = k_all[h, offs], v_all[h, offs]
+    for t in range(n, n + steps):
+        new = pool.append(0, t)
+        k_slots[new[0], 0], v_slots[new[0], 0] = k_all[:, t], v_all[:, t]
+        logits = torch.where(flags[0, :, t - 1], 1.0, -1.0)[None]  # token t decides t - 1
+        pool.decode_flags(torch.tensor([0]), 0, torch.tensor([t]), logits, torch.tensor([t]))
     q = torch.randn(1, hq, d)
-    pt = torch.full((1, H, 16), 0, dtype=torch.long)
-    lengths = torch.zeros(1, H, dtype=torch.long)
-    for h in range(H):
-        pages = pool.page_table("s", 0, h)
-        pt[0, h, :len(pages)] = torch.tensor(pages)
-        lengths[0, h] = len(pool.held_positions("s", 0, h))
-    out = paged_decode_reference(q, k_pages, v_pages, pt, lengths)
-    pt2, ln2 = pool.page_tables(["s"])  # the tables an engine hands the kernel
-    assert torch.equal(ln2[0], lengths)
-    assert torch.allclose(paged_decode_torch(q, k_pages, v_pages, pt2[0], ln2[0]), out, atol=1e-5)
-    t = n + 5
+    pt, ln = pool.tables([0])  # the tables an engine hands the kernel (pages of one slot)
+    out = paged_decode_reference(q, k_slots, v_slots, pt[0], ln[0])
+    assert torch.allclose(paged_decode_torch(q, k_slots, v_slots, pt[0], ln[0]), out, atol=1e-5)
+    t = n + steps - 1
     for qh in range(hq):
         h = qh // (hq // H)
-        held = sorted(pool.held_positions("s", 0, h))
+        held = sorted(pool.held_positions(0, 0, h))
         assert held == [p for p in range(t + 1) if not flags[0, h, p] or p >= t - W]
         p = torch.softmax(q[0, qh] @ k_all[h, held].T * d ** -0.5, -1)
         assert torch.allclose(out[0, qh], p @ v_all[h, held], atol=1e-5)
@@ -247,17 +413,21 @@ def test_paged_decode_on_gpu():  # pragma: no cover - GPU only
 def test_sglang_admission_charges_the_measured_kept_fraction():
     """The DMS prefill budget inside SGLang (closed-form case): before anything left a window it
     charges like a dense pool; once the pool has measured a kept fraction f, a request costs its
-    window plus f of the rest of its prompt and of its new tokens (and a page per head); its whole
-    prompt must still fit now. The decode check counts exactly the pages the next step takes."""
+    window (and the lagging token) plus f of the rest of its prompt and of its new tokens; its whole
+    extend must still fit now. The decode check counts exactly the slots the next step takes. What
+    only the prefix cache holds counts as evictable, and at idle available + evictable = budget (the
+    sum SGLang's strict idle check asserts)."""
     pytest.importorskip("sglang")
     from types import SimpleNamespace
 
     from kvsqueeze.backends.sglang import dms as sg_dms
 
-    budget, layers, heads, w, ps = 1024, 2, 2, 7, 8
-    st = sg_dms._State(budget, layers, heads, 4, 4, torch.float32, "cpu", rows=4, window=w, sinks=0, ps=ps)
+    budget, layers, heads, w = 1024, 2, 2, 7
+    st = sg_dms._State(budget, layers, heads, 4, 4, torch.float32, "cpu", rows=4, window=w, sinks=0,
+                       num_tokens=budget * 16 + 1)
     alloc = SimpleNamespace(page_size=1, available_size=st.available_tokens, _kvsqueeze_dms=st)
-    tree = SimpleNamespace(supports_mamba=lambda: False, evictable_size=lambda: 0)
+    tree = SimpleNamespace(supports_mamba=lambda: False, evictable_size=st.evictable_tokens,
+                           supports_prefix_sharing=lambda: True)
     budget_cls = sg_dms._prefill_budget_class()
     b = budget_cls(alloc, tree)
     assert b.remaining_total == budget and b.kept == 1.0
@@ -266,21 +436,28 @@ def test_sglang_admission_charges_the_measured_kept_fraction():
     # one sequence of 2 x 2 heads x 200 tokens, 3 in 4 flagged: kept fraction 1/4 measured
     flags = torch.ones(layers, heads, 200, dtype=torch.bool)
     flags[..., ::4] = False
-    st.pool.admit(0, flags)
+    flags[..., -1] = False
+    _prefill(st.pool, 0, flags, torch.arange(1, 201))
     assert abs(st.kept() - 0.25) < 1e-9
     b = budget_cls(alloc, tree)
     held_now = budget - st.available_tokens()
     assert b.remaining_total == budget - held_now
-    long_run = (w + 1) + -(-(600 - w - 1) // 4) + -(-500 // 4) + ps
+    long_run = (w + 2) + -(-(600 - w - 2) // 4) + -(-500 // 4) + 1
     assert b._long_run(600, 500) == long_run
     ok, _ = b.check_prefill(extend_input_len=600, total_tokens=600 + 500 + 1, max_new_tokens=500, chunk_limit=None)
-    assert ok  # 1 + long_run < remaining, and the whole prompt (+ a page per head) fits now
+    assert ok  # 1 + long_run < remaining, and the whole extend fits now
     b.reserve(600, 500, extra_tokens=0)
-    assert b.total_offset == long_run + 1 and b.current_offset == 600 + ps + 1
+    assert b.total_offset == long_run + 1 and b.current_offset == 600 + 1 + 1
     ok, _ = b.check_prefill(extend_input_len=400, total_tokens=400 + 10 + 1, max_new_tokens=10, chunk_limit=None)
     assert not ok  # its prompt does not fit beside the first one's in this pass
-    # the decode check: exactly the new pages the next step takes
-    lf = st.leaving_flags(0)
-    assert torch.equal(lf, torch.zeros(layers, heads, dtype=torch.bool))  # the ring was not written here
-    assert st.pages_for_next_decode([0]) == st.pool.pages_for_append(0, lf)
-    assert st.pages_for_next_decode([3]) == layers * heads  # a row not placed yet: a page per head
+    # the decode check: exactly the new slots the next step takes
+    assert st.slots_for_next_decode([0]) == st.pool.slots_for_append(0) == layers * heads - int(
+        flags[..., 200 - w - 2].sum())  # the lagging token's slots are free for this step
+    assert st.slots_for_next_decode([3]) == layers * heads  # a row not placed yet: a slot per head
+    # published and finished: the cache alone holds it, all of it evictable
+    st.pool.publish(torch.arange(1, 201))
+    assert st.evictable_tokens() == 0  # a running request's prefix is locked
+    st.release(0)
+    stored = st.num_slots - st.pool.free_slots
+    assert st.evictable_tokens() == -(-stored // (layers * heads))
+    assert st.available_tokens() + st.evictable_tokens() == budget

@@ -10,7 +10,7 @@ import torch
 
 from kvsqueeze.methods.dms import rule
 from kvsqueeze.methods.dms.config import DMSConfig
-from kvsqueeze.methods.dms.pages import HeadPagePool, WindowFlags
+from kvsqueeze.methods.dms.pages import HeadSlotPool
 from kvsqueeze.methods.dms.run import HARD_MASK, DMSRun
 
 
@@ -98,61 +98,64 @@ def test_reference_run_decides_by_the_rule(window, sinks, seed):
 
 
 @pytest.mark.parametrize("window,sinks,seed", CASES)
-def test_page_pool_holds_and_places_as_the_written_out_loop(window, sinks, seed):
-    """HeadPagePool: after the prefill and after each decode step a head holds exactly the loop's
-    positions, and a new token takes the leaving token's slot exactly when the loop says so (flags
-    delivered by WindowFlags, as the SGLang adapter delivers them)."""
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_slot_pool_holds_as_the_written_out_loop(window, sinks, seed, chunk):
+    """HeadSlotPool: after a prefill (in one pass, or in chunks of 5 as SGLang's chunked prefill
+    places it) and after each decode step a head holds exactly the loop's positions, decided from the
+    tokens' logits by the pool's own flag ring; every decode token takes a fresh slot, and the slot of
+    a flagged token leaving the window is free one step later."""
     g = torch.Generator().manual_seed(seed)
-    layers, heads, n, t_end, ps = 2, 2, 12, 40, 4
+    layers, heads, n, t_end = 2, 2, 12, 40
     logits = torch.randn(layers, heads, t_end, generator=g) * 3
     want = [loop_flags(logits[layer], sinks) for layer in range(layers)]
-    pool = HeadPagePool(200, ps, layers, heads, window)
-    ring = WindowFlags(1, layers, heads, window, sinks)
-    pool.begin(0, n)
-    for layer in range(layers):
-        flags = rule.decide(logits[layer, :, :n], n, sinks)
-        pool.admit_layer(0, layer, flags)
-        ring.prefill(0, layer, flags)
+    pool = HeadSlotPool(400, layers, heads, window, sinks, num_tokens=100, rows=1)
+    bounds = list(range(0, n, chunk or n)) + [n]
+    for m, e in zip(bounds, bounds[1:]):
+        pool.begin(0, torch.arange(m), e)
+        for layer in range(layers):
+            cf = pool.chunk_flags(0, logits[layer, :, m:e].T)
+            pool.extend_place(0, layer, cf, torch.arange(m, e))
     for t in range(n, t_end):
-        slot_before = {(layer, h): {p: i for i, p in enumerate(pool.seqs[0].heads[layer][h].slot_pos)}
-                       for layer in range(layers) for h in range(heads)}
-        slots = pool.append(0, ring.leaving(0, pool.seen(0)))
+        used = pool.num_slots - pool.free_slots
+        pool.append(0, t)
         for layer in range(layers):  # the token's own forward: its logit decides t - 1
-            ring.decode(torch.tensor([0]), layer, torch.tensor([t]), logits[layer, :, t][None])
+            pool.decode_flags(torch.tensor([0]), layer, torch.tensor([t]), logits[layer, :, t][None],
+                              torch.tensor([t]))
+        lag = rule.leaving(t, window) - 1  # flagged, it left the window one step ago: freed now
+        freed = sum(bool(want[layer][h][lag]) for layer in range(layers) for h in range(heads)) if lag >= 0 else 0
+        assert pool.num_slots - pool.free_slots == used + layers * heads - freed
         for layer in range(layers):
             for h in range(heads):
                 hist = loop_decode(want[layer][h], n, t + 1, window)[-1]
                 assert pool.held_positions(0, layer, h) == set(hist), (t, layer, h)
-                leaving = rule.leaving(t, window)
-                if leaving >= 0 and want[layer][h][leaving]:  # took the leaving token's slot
-                    head = pool.seqs[0].heads[layer][h]
-                    i = slot_before[(layer, h)][leaving]
-                    assert int(slots[layer, h]) == pool._slot_id(head, i)
     pool.check()
 
 
-def test_sglang_prefill_flags_and_decode_ring_follow_the_rule():
-    """SGLang's adapter: the prefill flags of a request's tokens and, step by step, the flags its ring
-    hands the pool for the token leaving the window."""
-    pytest.importorskip("sglang")
-    from kvsqueeze.backends.sglang import dms as sg_dms
-
+def test_chunk_flags_and_ring_follow_the_rule():
+    """The flags the pool decides for an extend from its tokens' logits (a prefill, then chunks that
+    decide the position before them), and, step by step, the flags its ring holds for the token
+    leaving the window."""
     g = torch.Generator().manual_seed(7)
     heads, n, t_end, window, sinks = 3, 9, 30, 4, 2
     logits = torch.randn(heads, t_end, generator=g) * 3
     want = loop_flags(logits, sinks)
-    flags = sg_dms.prefill_flags(logits[:, :n].T, sinks)  # the adapter reads [tokens, heads]
-    assert flags.tolist() == loop_flags(logits[:, :n], sinks)
-    ring = WindowFlags(rows=3, n_layers=1, kv_heads=heads, window=window, sinks=sinks)
-    ring.prefill(2, 0, flags)
+    pool = HeadSlotPool(300, 1, heads, window, sinks, num_tokens=40, rows=3)
+    for m, e in ((0, 4), (4, n)):
+        pool.begin(2, torch.arange(m), e)
+        cf = pool.chunk_flags(2, logits[:, m:e].T)  # the adapter reads [tokens, heads]
+        # column 0: position m - 1 (decided by token m), the last undecided
+        exp = [[want[h][p] if 0 <= p < e - 1 else False for p in range(m - 1, e)] for h in range(heads)]
+        assert cf.tolist() == exp
+        pool.extend_place(2, 0, cf, torch.arange(m, e))
     for t in range(n, t_end):
-        leaving = ring.leaving(2, t)
         pos = rule.leaving(t, window)
+        leaving = pool.flags.leaving(2, t)
         if pos < 0:
             assert leaving is None
         else:
             assert leaving[0].tolist() == [want[h][pos] for h in range(heads)], t
-        ring.decode(torch.tensor([2]), 0, torch.tensor([t]), logits[:, t][None])
+        pool.append(2, t)
+        pool.decode_flags(torch.tensor([2]), 0, torch.tensor([t]), logits[:, t][None], torch.tensor([t]))
 
 
 @pytest.mark.parametrize("granularity", ["head", "layer"])

@@ -41,8 +41,9 @@ def test_each_method_gets_its_flags_and_environment(ctx):
                                                        "max_candidates": 64}
     dms = plan_server(parse_server("dms:8"), ctx)
     assert dms.env["KVSQUEEZE_DMS"] == str(SHIPPED / "smollm2-135m-8x")
-    assert _value(dms.args, "--attention-backend") == "dms" and "--disable-radix-cache" in dms.args
-    assert _value(dms.args, "--chunked-prefill-size") == "-1" and "--page-size" not in dms.args
+    assert _value(dms.args, "--attention-backend") == "dms" and "--disable-radix-cache" not in dms.args
+    assert _value(dms.args, "--radix-cache-backend") == "kvsqueeze-dms"  # radix cache and chunked prefill on
+    assert "--chunked-prefill-size" not in dms.args and "--page-size" not in dms.args
     kv = plan_server(parse_server("kvtc:16"), ctx)
     assert _value(kv.args, "--page-size") == "64" and "--enable-hierarchical-cache" in kv.args
     extra = json.loads(_value(kv.args, "--hicache-storage-backend-extra-config"))

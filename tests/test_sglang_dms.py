@@ -24,21 +24,35 @@ from kvsqueeze.model import resolve_model
 
 pytestmark = pytest.mark.slow
 NEW = 16
-DMS_ARGS = ["--attention-backend", "dms", "--chunked-prefill-size", "-1", "--mem-fraction-static", "0.8"]
+# what `kvsqueeze serve --method dms` adds (kvsqueeze.backends.sglang.serving): radix cache and chunked
+# prefill stay on
+DMS_ARGS = ["--attention-backend", "dms", "--radix-cache-backend", "kvsqueeze-dms", "--mem-fraction-static",
+            "0.8", "--disable-overlap-schedule"]
+CHUNK = ["--chunked-prefill-size", "128"]  # a 400-token prompt in four chunks
 
 
 def post(url, payload, timeout=300):
     return post_json(url, payload, timeout)
 
 
-def serve_outputs(tmp_path_factory, name, prompts, env=None, dms=False):
+def serve_outputs(tmp_path_factory, name, prompts, env=None, dms=False, repeat=False):
+    """Greedy outputs of a server for ``prompts`` (vanilla: radix cache off); DMS: radix cache on and
+    128-token prefill chunks, and with ``repeat`` each prompt sent a second time, a radix hit (its
+    outputs and cached-token counts returned too)."""
     log = tmp_path_factory.mktemp(name) / "server.log"
-    args = ["--disable-radix-cache"] + (DMS_ARGS if dms else [])
+    args = DMS_ARGS + CHUNK if dms else ["--disable-radix-cache"]
     srv = SGLangServer(model=resolve_model(None), port=free_port(), log_path=log, env=env or {},
                        extra_args=args).start_and_wait(timeout=400)
     try:
-        return [post(srv.url + "/generate", {"input_ids": p, "sampling_params": {
-            "max_new_tokens": NEW, "temperature": 0, "ignore_eos": True}})["text"] for p in prompts]
+        out, again, cached = [], [], []
+        for p in prompts:
+            for rnd in range(2 if repeat else 1):
+                r = post(srv.url + "/generate", {"input_ids": p, "sampling_params": {
+                    "max_new_tokens": NEW, "temperature": 0, "ignore_eos": True}})
+                (again if rnd else out).append(r["text"])
+                if rnd:
+                    cached.append(r["meta_info"]["cached_tokens"])
+        return (out, again, cached) if repeat else out
     finally:
         srv.stop()
 
@@ -89,13 +103,16 @@ def test_sglang_dms_matches_the_reference_dms_inference(tmp_path_factory, embedd
                                                         ratio):
     _, tok, _ = embedded
     ref, ref_toks, margins = reference(embedded, prompts, ratio)
-    got = serve_outputs(tmp_path_factory, f"dms{ratio}", prompts,
-                        {"KVSQUEEZE_DMS": str(shipped_gates_dir(ratio))}, dms=True)
+    got, again, cached = serve_outputs(tmp_path_factory, f"dms{ratio}", prompts,
+                                       {"KVSQUEEZE_DMS": str(shipped_gates_dir(ratio))}, dms=True, repeat=True)
+    # the second time a prompt comes, the radix cache holds all of it but the token SGLang computes
+    assert cached == [len(p) - 1 for p in prompts], cached
+    assert again == got  # a radix hit continues from the shared per-head state: the same outputs
     same = sum(a == b for a, b in zip(got, ref))
     differ = sum(a != b for a, b in zip(got, vanilla))
     gaps = [divergence_margin(tok, t, m, g) for g, r, t, m in zip(got, ref, ref_toks, margins) if g != r]
-    print(f"DMS {ratio}x in SGLang: {same}/{len(got)} greedy outputs identical to the reference DMS "
-          f"inference (divergences at step, top-2 logit margin: {gaps}), {differ}/{len(got)} differ "
+    print(f"DMS {ratio}x in SGLang (radix cache on, 128-token prefill chunks): {same}/{len(got)} greedy "
+          f"outputs identical to the reference DMS inference, the same again from a radix hit (divergences at step, top-2 logit margin: {gaps}), {differ}/{len(got)} differ "
           "from vanilla SGLang")
     assert same >= 0.9 * len(prompts), list(zip(got, ref))  # >= 90% token-identical
     # the rest diverge only where the reference itself was at a near-tie
@@ -105,10 +122,14 @@ def test_sglang_dms_matches_the_reference_dms_inference(tmp_path_factory, embedd
 
 
 def test_dms_server_frees_memory_admits_more_and_returns_every_page(tmp_path_factory, embedded, prompts):
-    """A burst at a budget a dense pool fills with two of these requests: DMS runs more at once,
-    outputs still equal the reference inference, an aborted request and every finished one give
-    their pages back (SGLang's strict idle check and the pool's free-page gauge), and a prompt
-    longer than the budget is refused with a clear error."""
+    """A burst at a budget a dense pool fills with two of these requests (radix cache on, prefill
+    unchunked): DMS runs more at once, outputs equal the reference inference, and the radix cache
+    is evicted under the memory pressure. Then the threads of one prompt share it: four requests of
+    a cached prompt, one aborted mid-generation while the others finish equal to the reference; an
+    ``n=4`` request holds its prompt once. Every finished or aborted request gives its slots back
+    (SGLang's strict idle check, the pool's gauges: free + cache-only = all), and a prompt longer
+    than the budget is refused with a clear error."""
+    from kvsqueeze.harness import axes
     from kvsqueeze.harness.sweep import MetricsScraper, parse_prometheus
 
     _, tok, _ = embedded
@@ -117,22 +138,34 @@ def test_dms_server_frees_memory_admits_more_and_returns_every_page(tmp_path_fac
     log = tmp_path_factory.mktemp("dms-load") / "server.log"
     env = {"KVSQUEEZE_DMS": str(shipped_gates_dir(8)), "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1"}
     srv = SGLangServer(model=resolve_model(None), port=free_port(), log_path=log, env=env,
-                       extra_args=["--disable-radix-cache", "--enable-metrics", "--max-total-tokens",
-                                   str(budget)] + DMS_ARGS).start_and_wait(timeout=400)
+                       extra_args=["--enable-metrics", "--max-total-tokens", str(budget),
+                                   "--chunked-prefill-size", "-1"] + DMS_ARGS).start_and_wait(timeout=400)
+    greedy = {"max_new_tokens": NEW, "temperature": 0, "ignore_eos": True}
     try:
         scraper = MetricsScraper(srv.url, interval=0.1).start()
         with ThreadPoolExecutor(len(burst)) as ex:
-            outs = list(ex.map(lambda p: post(srv.url + "/generate", {"input_ids": p, "sampling_params": {
-                "max_new_tokens": NEW, "temperature": 0, "ignore_eos": True}}), burst))
+            outs = list(ex.map(lambda p: post(srv.url + "/generate", {"input_ids": p, "sampling_params": greedy}),
+                               burst))
         peak = scraper.stop()["peak sglang:num_running_reqs"]
-        with ThreadPoolExecutor(1) as ex:  # an abort mid-generation
-            pending = ex.submit(post, srv.url + "/generate", {"input_ids": prompts[9], "rid": "kvsq-abort",
+        with urllib.request.urlopen(srv.url + "/metrics", timeout=30) as r:
+            evicted = parse_prometheus(r.read().decode()).get("sglang:evicted_tokens_total", 0)
+        # four threads of prompt 0 after it is cached (as SGLang caches a prompt before the threads of
+        # an n>1 request), one aborted mid-generation
+        post(srv.url + "/generate", {"input_ids": burst[0], "sampling_params": {"max_new_tokens": 1}})
+        with ThreadPoolExecutor(4) as ex:
+            threads = [ex.submit(post, srv.url + "/generate", {"input_ids": burst[0], "sampling_params": greedy})
+                       for _ in range(3)]
+            pending = ex.submit(post, srv.url + "/generate", {"input_ids": burst[0], "rid": "kvsq-abort",
                                 "sampling_params": {"max_new_tokens": 600, "ignore_eos": True}})
-            time.sleep(3.0)
+            time.sleep(4.0)
             urllib.request.urlopen(urllib.request.Request(  # answers with an empty body
                 srv.url + "/abort_request", data=json.dumps({"rid": "kvsq-abort"}).encode(),
                 headers={"Content-Type": "application/json"}), timeout=60).read()
             aborted = pending.result(timeout=300)
+            siblings = [t.result(timeout=300) for t in threads]
+        lone = post(srv.url + "/generate", {"input_ids": prompts[9], "sampling_params": greedy})
+        n4 = post(srv.url + "/generate", {"input_ids": prompts[9], "sampling_params": {
+            "n": 4, "max_new_tokens": NEW, "temperature": 0.8, "ignore_eos": True}})
         try:  # SGLang refuses it (HTTP 400, or an abort with the reason)
             r = post(srv.url + "/generate", {"input_ids": prompts[0] * 3, "sampling_params": {"max_new_tokens": 4}})
             message = json.dumps(r["meta_info"]["finish_reason"])
@@ -151,7 +184,7 @@ def test_dms_server_frees_memory_admits_more_and_returns_every_page(tmp_path_fac
         bench_q = json.loads((bench / "questions.json").read_text())
         solo = post(srv.url + "/generate", {"text": bench_q[0]["prompt"], "sampling_params": {
             "max_new_tokens": 6, "temperature": 0}})["meta_info"]["kvsqueeze_dms"][0]
-        time.sleep(3)  # idle: SGLang checks available == total (strict), the pool's gauges settle
+        time.sleep(3)  # idle: SGLang checks available + evictable == total (strict), the gauges settle
         with urllib.request.urlopen(srv.url + "/metrics", timeout=30) as r:
             m = parse_prometheus(r.read().decode())
         running = log.read_text()
@@ -163,25 +196,42 @@ def test_dms_server_frees_memory_admits_more_and_returns_every_page(tmp_path_fac
     got = [o["text"] for o in outs]
     dense_fit = budget // (len(burst[0]) + NEW)  # requests a dense pool of this budget holds at once
     peak = max(peak, m["kvsqueeze_dms_peak_sequences"])  # the pool's own count misses no step
+    lh = 30 * 3
+    shared = [x["meta_info"]["kvsqueeze_dms"][0] for x in n4]
+    q_peak = axes.question_peak_tokens([{"kv_held_peak_server": x["kv_tokens_held_peak"], "kv_shared_server":
+                                         x["kv_tokens_prefix_shared"]} for x in shared], 30, 3, True)
+    lone_peak = lone["meta_info"]["kvsqueeze_dms"][0]["peak_held_tokens"]
     print(f"DMS 8x at a {budget}-token budget: peak running {peak} (a dense pool holds {dense_fit}), "
-          f"ratios {[x['ratio'] for x in meta]}, {sum(a == b for a, b in zip(got, ref))}/8 outputs = reference")
+          f"ratios {[x['ratio'] for x in meta]}, {sum(a == b for a, b in zip(got, ref))}/8 outputs = reference, "
+          f"{evicted} radix-cache tokens evicted; n=4 holds {q_peak:.0f} dense-token equivalents at peak "
+          f"(one request alone {lone_peak:.0f}; its prompt {len(prompts[9])} tokens)")
     assert peak > dense_fit  # more requests at once than a dense pool of this budget could hold
     assert sum(a == b for a, b in zip(got, ref)) >= 7
     for x in meta:
         assert x["dense_tokens"] == len(burst[0]) + NEW - 1  # the last token is sampled, never stored
         assert x["ratio"] > 2 and x["held_tokens"] < x["dense_tokens"] / 2
         assert x["reads_per_step"] < x["dense_reads_per_step"] / 2
+    assert evicted > 0  # the burst's finished requests filled the cache; admission evicted it
+    # the threads of a cached prompt: a radix hit each, the survivors equal the reference
+    assert all(t["meta_info"]["cached_tokens"] == len(burst[0]) - 1 for t in siblings)
+    assert [t["text"] for t in siblings] == [ref[0]] * 3
     assert aborted["meta_info"]["finish_reason"]["type"] == "abort"
+    # n=4 shares its prompt: all four hit it, and the question holds far less than four lone requests
+    assert all(x["meta_info"]["cached_tokens"] == len(prompts[9]) - 1 for x in n4)
+    assert all(x["kv_tokens_prefix_shared"] > 0 for x in shared)
+    assert q_peak < 0.5 * 4 * lone_peak
     (row,) = json.loads((bench / "summary.json").read_text())
     (cfg,) = json.loads((bench / "configs.json").read_text())
     assert row["status"] == "complete" and row["kv_reads_source"] == "server"
     assert cfg["max_batch"]["budget_tokens"] == budget and cfg["max_batch"]["peak_source"] == "server"
-    # greedy: both samples of the pilot question are the lone request's twin, so its peak is twice that one's
-    assert cfg["max_batch"]["pilot_peaks"][0] == pytest.approx(2 * solo["peak_held_tokens"], rel=0.02)
+    # greedy: both samples of the pilot question are the lone request's twins, sharing its prompt, so
+    # the question holds the shared prefix once and each sample's own part
+    assert cfg["max_batch"]["pilot_peaks"][0] == pytest.approx(
+        (2 * solo["kv_tokens_held_peak"] - solo["kv_tokens_prefix_shared"]) / lh, rel=0.02)
     assert "exceeds the maximum allowed length" in message, message
-    total_pages = -(-budget * 30 * 3 // 16)
-    assert m["kvsqueeze_dms_free_pages"] == total_pages  # every page back
-    assert m["kvsqueeze_dms_held_tokens"] == 0
+    # idle: what is not free is held by the radix cache alone (freed when its entries are evicted)
+    assert m["kvsqueeze_dms_free_slots"] + round(m["kvsqueeze_dms_cached_tokens"] * lh) == budget * lh
+    assert m["kvsqueeze_dms_dense_tokens"] == 0
 
 
 def test_gates_that_never_evict_give_the_vanilla_outputs(tmp_path_factory, embedded, prompts, vanilla):

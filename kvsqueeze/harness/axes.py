@@ -53,12 +53,15 @@ def _num(v):
 
 def question_peak_tokens(samples: list[dict], layers: int, kv_heads: int, shares_prompt: bool) -> float | None:
     """Peak KV tokens one question holds: ``samples`` are its rows (``prompt_tokens``,
-    ``output_tokens``, ``kv_held_peak_server``). None if a sample failed or has no lengths."""
+    ``output_tokens``, ``kv_held_peak_server``, ``kv_shared_server``). From the server's figures: the
+    prefix its samples took from the prefix cache once (the largest), plus each sample's own; from
+    lengths otherwise. None if a sample failed or has no lengths."""
     if not samples:
         return None
     held = [_num(s.get("kv_held_peak_server")) for s in samples]
     if all(h is not None for h in held) and layers and kv_heads:
-        return sum(held) / (layers * kv_heads)
+        shared = [_num(s.get("kv_shared_server")) or 0 for s in samples]
+        return (max(shared) + sum(h - c for h, c in zip(held, shared))) / (layers * kv_heads)
     P = [_num(s.get("prompt_tokens")) for s in samples]
     T = [_num(s.get("output_tokens")) for s in samples]
     if any(p is None for p in P) or any(t is None for t in T):

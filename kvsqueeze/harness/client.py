@@ -42,6 +42,7 @@ class Sample:
     cached_tokens: int | None = None
     kv_token_reads: int | None = None  # where the server reports it (meta_info)
     kv_tokens_held_peak: int | None = None
+    kv_tokens_prefix_shared: int | None = None  # of those, taken from the server's prefix cache
     finish_reason: str | None = None
     meta: dict = field(default_factory=dict)
 
@@ -65,7 +66,7 @@ class Sample:
         return (self.e2e_s - self.first_s) / (n - 1)
 
 
-KV_FIGURES = ("kv_token_reads", "kv_tokens_held_peak")
+KV_FIGURES = ("kv_token_reads", "kv_tokens_held_peak", "kv_tokens_prefix_shared")
 
 
 def server_kv_figures(meta: dict) -> dict[str, int]:

@@ -23,7 +23,7 @@ ROW_FIELDS = ["run", "method", "config", "endpoint", "mode", "W", "L", "group", 
               "answer", "sample", "start_unix", "ok", "error", "ttft_s", "e2e_s", "tpot_s",
               "gap_mean_s", "gap_p99_s", "gaps_s", "output_tokens", "tokens_source",
               "prompt_tokens", "cached_tokens", "kv_token_reads_server", "kv_held_peak_server",
-              "finish_reason", "extracted", "correct", "phase", "text"]
+              "kv_shared_server", "finish_reason", "extracted", "correct", "phase", "text"]
 
 
 @dataclass
@@ -106,6 +106,7 @@ def rows_for(plan: Plan, q: Question | dict, group: str, results: list[RequestRe
                 "output_tokens": s.output_tokens, "tokens_source": s.tokens_source,
                 "prompt_tokens": s.prompt_tokens, "cached_tokens": s.cached_tokens,
                 "kv_token_reads_server": s.kv_token_reads, "kv_held_peak_server": s.kv_tokens_held_peak,
+                "kv_shared_server": s.kv_tokens_prefix_shared,
                 "finish_reason": s.finish_reason, "extracted": extracted,
                 "correct": int(extracted == q["answer"]), "phase": plan.phase, "text": s.text,
             })

@@ -491,9 +491,9 @@ def write_report(metas: list[dict], summary, out_dir: Path, plots: list[Path], p
         "none": "`none`: stock SGLang (radix prefix cache; page size 1 unless the run's SGLang "
                 "arguments set one).",
         "dms": "`dms:R`: DMS with the shipped R-x gates (or `dms:DIR`, a checkpoint): evicted tokens leave "
-               "a per-head page pool, so KV reads are the server's own count of the tokens each decode "
-               "step attends and peak KV tokens the pool's peak holdings (dense-token equivalents); the "
-               "radix cache is off for it.",
+               "a per-head slot pool, so KV reads are the server's own count of the tokens each decode "
+               "step attends and peak KV tokens the pool's peak holdings (dense-token equivalents); its "
+               "radix cache shares a question's prompt between its W threads, counted once.",
         "fusion": "`fusion:T[:token]`: new full pages that are near-duplicates (similarity >= T, "
                   "block or per-token key cosine) of a page already held at the same position "
                   "become one shared page of SGLang's pool; the freed pages are free for other "

@@ -18,8 +18,8 @@ padded to the longest head, and a masked softmax): the CPU path of the SGLang ba
 ``paged_decode_triton`` is split-K (flash-decoding): one program per (sequence, KV head, split of its
 held slots) walks its pages ``BLOCK_N`` slots at a time with an online softmax, every query head of the
 GQA group sharing each K/V load, and a second kernel merges the splits; tested against the reference
-under ``TRITON_INTERPRET=1``. Page sizes: powers of
-two from 8 to 128 (anything else is a clear error); head dims up to 256.
+under ``TRITON_INTERPRET=1``. Page sizes: 1 (a table of slots, as the DMS slot pool hands it) and
+powers of two from 8 to 128 (anything else is a clear error); head dims up to 256.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 from kvsqueeze.errors import bad_value
 from kvsqueeze.kernels import use_triton
 
-SUPPORTED_PAGE_SIZES = (8, 16, 32, 64, 128)
+SUPPORTED_PAGE_SIZES = (1, 8, 16, 32, 64, 128)  # 1: slot tables (the DMS slot pool)
 
 
 def _check(q, k_pages, v_pages, page_table, lengths, check_lengths: bool = True):

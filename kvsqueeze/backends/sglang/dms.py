@@ -1,10 +1,12 @@
-"""DMS inside SGLang: the gates run in SGLang's model, evicted tokens leave a per-head paged pool, and
-the scheduler admits requests into the room that eviction leaves.
+"""DMS inside SGLang: the gates run in SGLang's model, evicted tokens leave a per-head slot pool, the
+radix cache shares prefixes per (layer, KV head), and the scheduler admits requests into the room that
+eviction leaves.
 
 Turned on by ``KVSQUEEZE_DMS=<checkpoint dir>`` (a ``kvsqueeze dms train`` output or the shipped gates)
-with ``--attention-backend dms --disable-radix-cache --chunked-prefill-size -1`` (the serving spec,
-:mod:`kvsqueeze.backends.sglang.serving`, adds them for ``kvsqueeze serve --method dms:4``);
-installed by the kvsqueeze plugin, every SGLang symbol through :mod:`kvsqueeze.backends.sglang.patch`:
+with ``--attention-backend dms --radix-cache-backend kvsqueeze-dms`` (the serving spec,
+:mod:`kvsqueeze.backends.sglang.serving`, adds them for ``kvsqueeze serve --method dms:4``); the radix
+cache and chunked prefill stay on. Installed by the kvsqueeze plugin, every SGLang symbol through
+:mod:`kvsqueeze.backends.sglang.patch` or one of SGLang's registries:
 
 - **Model.** ``LlamaForCausalLM`` is registered in SGLang's ``ModelRegistry`` as a subclass that, after
   SGLang loads the weights, loads the DMS gates (:func:`kvsqueeze.methods.dms.checkpoint.load_gates`) and hooks
@@ -12,37 +14,42 @@ installed by the kvsqueeze plugin, every SGLang symbol through :mod:`kvsqueeze.b
   output, which SGLang's stage boundary adds in the norm call), the gate input of
   :mod:`kvsqueeze.methods.dms.gates`. The logits of the forward's tokens are kept for that layer's
   attention. Every decision follows :mod:`kvsqueeze.methods.dms.rule`.
-- **Storage.** The K/V live in a :class:`~kvsqueeze.methods.dms.pages.HeadPagePool`: every (request,
-  layer, KV head) owns its own pages of ``KVSQUEEZE_DMS_PAGE_SIZE`` (default 16) token slots, taken
-  from one shared free list, for the memory SGLang's pool would have had: ``--max-total-tokens B``
-  buys ``B x layers x KV heads`` slots. SGLang's own token pool keeps only its indices (its K/V
-  buffers are cut to one row); its allocator hands out indices from a range 16x larger, and what it
-  reports as available is the head pool's free room in dense-token equivalents (``B x free pages /
-  pages``), so admission, SGLang's decode-memory check and its idle leak check all see the head pool.
-- **Attention backend ``dms``** (a ``torch_native`` subclass). Prefill: the logit of the token at
-  position ``p`` flags ``p - 1`` (the first ``sinks`` never); the prompt attends to itself under the
-  DMS rule (key ``j`` visible to query ``i`` iff ``j <= i`` and (``i - j <= window`` or ``j``
-  unflagged)), then only its unflagged tokens and the last ``window + 1`` take slots, head by head.
-  Decode: before the forward, each request's next token takes, per layer and head, the slot of the
-  token leaving the window if that one is flagged, else a new slot; the token attends to exactly its
-  head's held slots (``kvsqueeze.kernels.paged_decode``: the batched PyTorch path on CPU, the Triton
-  kernel on a GPU). Flags of the positions still in the window are kept per request row
-  (:class:`~kvsqueeze.methods.dms.pages.WindowFlags`).
-- **Admission.** The allocator's prefill budget charges a new request its prompt in full for the
-  pass (the gates decide during the prefill), its later footprint as the measured kept fraction of
-  the tokens that left the window (``HeadPagePool.kept_fraction``; 1 before any did), plus a page per
-  head for rounding; running requests' expected growth is scaled the same way. The decode-memory
-  check counts exactly the new pages the next step needs, so a shortfall retracts a request (SGLang's
-  path) instead of failing. Finished, aborted and retracted requests give their pages back when
+- **Storage.** The K/V live in a :class:`~kvsqueeze.methods.dms.pages.HeadSlotPool`: one slot per
+  stored (token, layer, KV head), taken from one free list, for the memory SGLang's pool would have
+  had (``--max-total-tokens B`` buys ``B x layers x KV heads`` slots). A slot belongs to the SGLang
+  token index that produced it and is referenced by every running request whose head holds it and by
+  the radix cache once the cache holds the token; it is freed with its last reference. SGLang's own
+  token pool keeps only its indices (its K/V buffers are cut to one row); its allocator hands out
+  indices from a range 16x larger, reports as available the free slots in dense-token equivalents,
+  and tells the pool which indices it frees (a radix node evicted, a duplicate, an uncached tail).
+- **Radix cache** (``kvsqueeze-dms``, SGLang's unified radix tree, registered as a radix-cache
+  backend): the tokens it takes in keep their slots; a hit is cut back to the longest prefix whose
+  held tokens are all still stored (``HeadSlotPool.resumable``), and the request resumes from it
+  without copying: its view references the prefix's slots, the window's flags come from the
+  decisions stored per token. Its evictable size is what evicting it would free.
+- **Attention backend ``dms``** (a ``torch_native`` subclass). An extend (a prefill, a prefill chunk,
+  the rest of a prompt after a radix hit) attends to the held prefix and to itself under the DMS rule
+  (key ``j`` visible to query ``i`` iff ``j <= i`` and (``i - j <= window`` or ``j`` unflagged)); then
+  the view holds exactly what is held at the extend's end, and only the new tokens that are unflagged
+  or in the window take slots. Decode: before the forward, each request's next token takes a fresh
+  slot per layer and head, and the flagged token leaving the window leaves the view; the token
+  attends to exactly its head's held slots (``kvsqueeze.kernels.paged_decode`` with pages of one slot:
+  the batched PyTorch path on CPU, the Triton kernel on a GPU).
+- **Admission.** The allocator's prefill budget charges a new request the tokens its extend computes
+  in full for the pass (the gates decide during it), its later footprint as the measured kept
+  fraction of the tokens that left the window (``HeadSlotPool.kept_fraction``; 1 before any did);
+  running requests' expected growth is scaled the same way. The decode-memory check counts exactly
+  the slots the next step needs (evicting the radix cache first), so a shortfall retracts a request
+  (SGLang's path) instead of failing. Finished, aborted and retracted requests let their slots go when
   SGLang frees their request row.
-- **Prefix reuse** is off: a radix hit would hand a request another request's evicted heads.
-  **Chunked prefill** is off: a chunk boundary would split the prompt's eviction decisions.
 - **Metrics.** ``meta_info["kvsqueeze_dms"]`` of each finished request (held, peak, ratio, KV token
-  reads; the harness reads ``kv_token_reads`` and ``kv_tokens_held_peak``); gauges on ``/metrics``.
+  reads, the slots taken from the radix cache; the harness reads ``kv_token_reads``,
+  ``kv_tokens_held_peak`` and ``kv_tokens_prefix_shared``); gauges on ``/metrics``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -52,28 +59,30 @@ import torch
 
 from kvsqueeze.backends.sglang.metrics import gauges
 from kvsqueeze.backends.sglang.patch import patch, patch_item, set_value
-from kvsqueeze.errors import bad_value
-from kvsqueeze.kernels.paged_decode import SUPPORTED_PAGE_SIZES, paged_decode
+from kvsqueeze.errors import KvsqueezeError, bad_value
+from kvsqueeze.kernels.paged_decode import paged_decode
 from kvsqueeze.methods.dms import rule
 from kvsqueeze.methods.dms.checkpoint import load_config, load_gates
-from kvsqueeze.methods.dms.pages import HeadPagePool, PagesExhausted, WindowFlags
+from kvsqueeze.methods.dms.pages import HeadSlotPool, SlotsExhausted
 
 logger = logging.getLogger(__name__)
 
 ENV = "KVSQUEEZE_DMS"
-PAGE_ENV = "KVSQUEEZE_DMS_PAGE_SIZE"
 VIRTUAL_FACTOR = 16  # SGLang's token indices: this many times the dense budget
 META_KEY = "kvsqueeze_dms"
+RADIX_BACKEND = "kvsqueeze-dms"  # --radix-cache-backend: SGLang's tree with the head pool's rules
 METRICS = {
-    "held_tokens": ("kvsqueeze_dms_held_tokens", "KV held by running requests, in dense-token "
-                    "equivalents (per-head slots / (layers x KV heads))"),
+    "held_tokens": ("kvsqueeze_dms_held_tokens", "KV held (running requests and the prefix cache), in "
+                    "dense-token equivalents (per-head slots / (layers x KV heads))"),
     "peak_held_tokens": ("kvsqueeze_dms_peak_held_tokens", "Peak of kvsqueeze_dms_held_tokens"),
     "dense_tokens": ("kvsqueeze_dms_dense_tokens", "Tokens of running requests (what a dense cache holds)"),
     "ratio": ("kvsqueeze_dms_ratio", "dense_tokens / held_tokens of running requests"),
     "reads_per_step": ("kvsqueeze_dms_reads_per_step", "KV token reads of the last decode step, summed "
                        "over layers and KV heads"),
     "kept_fraction": ("kvsqueeze_dms_kept_fraction", "Share of tokens kept after leaving the window"),
-    "free_pages": ("kvsqueeze_dms_free_pages", "Free pages of the per-head pool"),
+    "free_slots": ("kvsqueeze_dms_free_slots", "Free (layer, KV head) slots of the per-head pool"),
+    "cached_tokens": ("kvsqueeze_dms_cached_tokens", "Slots only the prefix cache holds, in dense-token "
+                      "equivalents (freed when its entries are evicted)"),
     "peak_sequences": ("kvsqueeze_dms_peak_sequences", "Most requests holding pages at once since start"),
 }
 _LOGITS: dict[int, torch.Tensor] = {}  # layer -> [tokens, kv heads] gate logits of the current forward
@@ -88,15 +97,6 @@ def checkpoint_dir() -> Path | None:
     if not d.is_dir():
         raise bad_value(ENV, raw, "a DMS checkpoint directory")
     return d
-
-
-def page_size(raw: str | None = None, what: str = PAGE_ENV) -> int:
-    """The per-head pool's page size (``KVSQUEEZE_DMS_PAGE_SIZE``, default 16), checked."""
-    raw = os.environ.get(PAGE_ENV, "16") if raw is None else raw
-    if not raw.isdigit() or int(raw) not in SUPPORTED_PAGE_SIZES:
-        raise bad_value(what, raw, f"one of {', '.join(map(str, SUPPORTED_PAGE_SIZES))} (the page "
-                        "sizes of the paged-decode kernel)")
-    return int(raw)
 
 
 def _install_gates(model, directory: Path) -> None:
@@ -118,71 +118,83 @@ def _install_gates(model, directory: Path) -> None:
     logger.info("kvsqueeze DMS: gates from %s (window %d, sinks %d)", directory, cfg.window, cfg.sinks)
 
 
-# ---- the per-process state: the head pool, its storage, the flag rings -------------------------
+# ---- the per-process state: the head slot pool and its storage -----------------------------------
 
 
 class _State:
     def __init__(self, budget_tokens: int, n_layers: int, kv_heads: int, head_dim: int, v_head_dim: int,
-                 dtype, device, rows: int, window: int, sinks: int, ps: int):
+                 dtype, device, rows: int, window: int, sinks: int, num_tokens: int, req_to_token=None):
         self.budget = budget_tokens
-        self.n_layers, self.kv_heads, self.window, self.ps = n_layers, kv_heads, window, ps
-        self.num_pages = math.ceil(budget_tokens * n_layers * kv_heads / ps)
-        self.pool = HeadPagePool(self.num_pages, ps, n_layers, kv_heads, window)
-        self.k = torch.zeros(self.num_pages, ps, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros(self.num_pages, ps, v_head_dim, dtype=dtype, device=device)
-        self.flags = WindowFlags(rows, n_layers, kv_heads, window, sinks)
+        self.n_layers, self.kv_heads, self.window = n_layers, kv_heads, window
+        self.lh = n_layers * kv_heads
+        self.num_slots = budget_tokens * self.lh
+        self.args = (rows, window, sinks, num_tokens)
+        self.pool = HeadSlotPool(self.num_slots, n_layers, kv_heads, window, sinks, num_tokens, rows)
+        self.k = torch.zeros(self.num_slots, 1, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros(self.num_slots, 1, v_head_dim, dtype=dtype, device=device)
+        self.req_to_token = req_to_token
         self.per_request: dict[str, dict] = {}
         self.peak_held = 0
-        self.peak_sequences = 0  # most requests holding pages at once
+        self.peak_sequences = 0  # most requests holding slots at once
         self.last_reads = 0
         self.kept_seen = None  # the kept fraction at the last admission pass that found no room
-        self.decode = None  # (slots [L, bs, H], page tables [L, bs, H, P], lengths [L, bs, H])
+        self.decode = None  # (slots [L, bs, H], slot tables [L, bs, H, W], lengths [L, bs, H])
+        self.extend = None  # per request of the extend in progress: its tokens' engine indices
 
     def reset(self) -> None:
-        self.pool = HeadPagePool(self.num_pages, self.ps, self.n_layers, self.kv_heads, self.window)
-        self.flags.reset()
+        rows, window, sinks, num_tokens = self.args
+        self.pool = HeadSlotPool(self.num_slots, self.n_layers, self.kv_heads, window, sinks, num_tokens, rows)
         self.per_request.clear()
-        self.decode = None
+        self.decode = self.extend = None
 
     def kept(self) -> float:
         f = self.pool.kept_fraction()
         return 1.0 if f is None else f
 
     def available_tokens(self) -> int:
-        return self.budget * self.pool.free_pages // self.num_pages
+        """Free slots in dense-token equivalents (what SGLang's allocator reports as available)."""
+        return self.pool.free_slots // self.lh
 
-    def leaving_flags(self, row: int) -> torch.Tensor | None:
-        return self.flags.leaving(row, self.pool.seen(row))
+    def evictable_tokens(self) -> int:
+        """What evicting every unlocked prefix-cache entry would free, in dense-token equivalents: the
+        slots only the cache references, less those on running requests' prefixes (locked). With the
+        available tokens it adds up to the budget when nothing runs (SGLang's idle leak check)."""
+        only = self.pool.cached & (self.pool.view_refs == 0)
+        if self.pool.rows and self.req_to_token is not None and bool(only.any()):
+            toks = torch.cat([self.req_to_token[row, :r.seen].long().cpu() for row, r in self.pool.rows.items()])
+            s = self.pool.token_slot[toks].reshape(-1)
+            only[s[s >= 0]] = False
+        return -(-int(only.sum()) // self.lh)
 
-    def pages_for_next_decode(self, rows) -> int:
+    def slots_for_next_decode(self, rows) -> int:
         need = 0
         for row in rows:
-            if row in self.pool.seqs:
-                need += self.pool.pages_for_append(row, self.leaving_flags(row))
-            else:  # not placed yet: a page per (layer, head) at most
-                need += self.n_layers * self.kv_heads
+            r = self.pool.rows.get(row)
+            need += self.pool.slots_for_append(row) if r is not None and r.placed == self.n_layers else self.lh
         return need
 
     def release(self, row: int, rid: str | None = None) -> None:
-        if row not in self.pool.seqs:
+        if row not in self.pool.rows:
             return
+        st = self.pool.release(row)
         if rid is not None:
-            st = self.pool.stats(row)
-            rec = self.per_request.setdefault(rid, {"peak": 0, "reads": 0, "steps": 0, "dense_reads": 0})
+            rec = self.per_request.setdefault(rid, {"peak": 0, "reads": 0, "steps": 0, "dense_reads": 0,
+                                                    "shared": 0})
             rec["peak"] = max(rec["peak"], st["peak"])
             rec["reads"] += st["reads"]
             rec["steps"] += st["steps"]
+            rec["shared"] = max(rec["shared"], st["shared"])
             # a dense cache reads every token so far at each step: sum of (t + 1) over the steps
             rec["dense_reads"] += (st["seen"] * (st["seen"] + 1) - st["prompt"] * (st["prompt"] + 1)) // 2 \
                 * st["slots_per_token"]
             rec.update(held=st["held"], seen=st["seen"], slots_per_token=st["slots_per_token"])
-        self.pool.release(row)
 
     def request_meta(self, rid: str) -> dict:
         """A finished request's figures: held and peak in dense-token equivalents, its ratio, KV token
         reads per decode step (DMS's and a dense cache's), and the totals the harness reads
         (``kv_token_reads``: summed over decode steps, layers and KV heads; ``kv_tokens_held_peak``:
-        peak (layer, KV head) slots held)."""
+        peak (layer, KV head) slots its attention held; ``kv_tokens_prefix_shared``: of those, the
+        slots it took from the prefix cache, shared with whoever else holds that prefix)."""
         rec = self.per_request.pop(rid, None)
         if rec is None:
             return {}
@@ -191,16 +203,19 @@ class _State:
                 "dense_tokens": rec["seen"], "ratio": round(rec["seen"] * lh / max(rec["held"], 1), 3),
                 "reads_per_step": round(rec["reads"] / rec["steps"], 1) if rec["steps"] else 0.0,
                 "dense_reads_per_step": round(rec["dense_reads"] / rec["steps"], 1) if rec["steps"] else 0.0,
-                "kv_token_reads": rec["reads"], "kv_tokens_held_peak": rec["peak"]}
+                "kv_token_reads": rec["reads"], "kv_tokens_held_peak": rec["peak"],
+                "kv_tokens_prefix_shared": rec["shared"]}
 
     def stats(self) -> dict:
-        held = sum(self.pool.tokens_held(q) for q in self.pool.seqs)
-        dense = sum(self.pool.seen(q) for q in self.pool.seqs)
-        lh = self.n_layers * self.kv_heads
-        self.peak_held = max(self.peak_held, held)
-        return {"held_tokens": held / lh, "peak_held_tokens": self.peak_held / lh, "dense_tokens": dense,
-                "ratio": dense * lh / held if held else 0.0, "reads_per_step": self.last_reads,
-                "kept_fraction": self.kept(), "free_pages": self.pool.free_pages,
+        rows = self.pool.rows
+        held = sum(self.pool.held(q) for q in rows)
+        dense = sum(r.seen for r in rows.values())
+        used = self.num_slots - self.pool.free_slots
+        self.peak_held = max(self.peak_held, used)
+        return {"held_tokens": used / self.lh, "peak_held_tokens": self.peak_held / self.lh,
+                "dense_tokens": dense, "ratio": dense * self.lh / held if held else 0.0,
+                "reads_per_step": self.last_reads, "kept_fraction": self.kept(),
+                "free_slots": self.pool.free_slots, "cached_tokens": self.pool.cache_only_slots() / self.lh,
                 "peak_sequences": self.peak_sequences}
 
 
@@ -212,31 +227,36 @@ def _prefill_budget_class():
     from sglang.srt.mem_cache.prefill_budget import PrefillBudget
 
     class DMSPrefillBudget(PrefillBudget):
-        """Charges a new request its prompt in full for this pass (``current``), and for the long run
-        (``total``) what it is expected to hold: its prompt and new tokens at the kept fraction, plus
-        the window and a page per head for rounding."""
+        """Charges a new request the tokens its extend computes in full for this pass (``current``;
+        a prefix-cache hit is already stored), and for the long run (``total``) what it is expected
+        to hold: those tokens and its new tokens at the kept fraction, plus the window. Room is the
+        head pool's free slots plus what evicting the unlocked prefix cache would free."""
 
         def __init__(self, allocator, tree_cache, *, num_mixed_decode_tokens=0):
             super().__init__(allocator, tree_cache, num_mixed_decode_tokens=num_mixed_decode_tokens)
             self.st = _state_of(allocator)
             self.kept = self.st.kept()
 
+        def _available_and_evictable(self):
+            evictable = self.st.evictable_tokens() if self.tree_cache.supports_prefix_sharing() else 0
+            return self.allocator.available_size() + evictable
+
         def _long_run(self, extend: int, max_new: int) -> int:
-            w = self.st.window + 1
+            w = self.st.window + 2  # the window and the lagging token
             prompt = extend if extend <= w else w + math.ceil(self.kept * (extend - w))
-            return prompt + math.ceil(self.kept * max_new) + self.st.ps
+            return prompt + math.ceil(self.kept * max_new) + 1
 
         def check_prefill(self, *, extend_input_len, total_tokens, max_new_tokens, **kw):
             other = total_tokens - extend_input_len - max_new_tokens  # SGLang's per-request extras
             ok = (other + self._long_run(extend_input_len, max_new_tokens) < self.remaining_total
-                  and extend_input_len + self.st.ps + other <= self.remaining_current)
+                  and extend_input_len + 1 + other <= self.remaining_current)
             return (True, kw.get("chunk_limit")) if ok else (False, None)
 
         def can_allocate_prefill(self, *, paged_input, **kw):
-            return paged_input + self.st.ps <= self.remaining_current
+            return paged_input + 1 <= self.remaining_current
 
         def reserve(self, extend_input_len, max_new_tokens, *, extra_tokens=0, **kw):
-            self.current_offset += extend_input_len + self.st.ps + self.page_size + extra_tokens
+            self.current_offset += extend_input_len + 1 + self.page_size + extra_tokens
             self.total_offset += self._long_run(extend_input_len, max_new_tokens) + self.page_size + extra_tokens
 
     return DMSPrefillBudget
@@ -254,11 +274,12 @@ def _attach(model_runner, cfg) -> _State:
         raise bad_value("start_layer", pool.start_layer, "0 (DMS in SGLang runs without pipeline parallelism)")
     if alloc.page_size != 1:
         raise bad_value("page-size", alloc.page_size, "1 for SGLang's token indices with DMS (the per-head "
-                        f"pool has its own pages, {PAGE_ENV})")
+                        "pool allocates its own slots)")
     k0 = pool.get_key_buffer(0)
     v0 = pool.get_value_buffer(0)
+    num_tokens = pool.size * VIRTUAL_FACTOR + 1  # SGLang's indices start at 1 (0 is its padding slot)
     st = _State(pool.size, pool.layer_num, pool.head_num, k0.shape[-1], v0.shape[-1], k0.dtype, k0.device,
-                rtp.req_to_token.shape[0], cfg.window, cfg.sinks, page_size())
+                rtp.req_to_token.shape[0], cfg.window, cfg.sinks, num_tokens, rtp.req_to_token)
     key = "dms.pool"
     # SGLang's K/V buffers are not used: keep one row each, so the memory is the head pool's
     set_value(pool, "k_buffer", key, [b[:1].clone() for b in pool.k_buffer])
@@ -267,16 +288,31 @@ def _attach(model_runner, cfg) -> _State:
     alloc.clear()
     budget_cls = _prefill_budget_class()
     patch(alloc, "available_size", key, lambda available: lambda: min(available(), st.available_tokens()))
-    patch(alloc, "check_decode_capacity", key, lambda check: (
-        lambda *, num_tokens, tree_cache, requests=None, spec_algorithm=None:
-        st.pages_for_next_decode([r.kv.req_pool_idx for r in requests or []]) <= st.pool.free_pages),
-        chains=False, why="the head pool's exact count of the pages the next step needs replaces SGLang's "
-        "count of free token slots (a step may need no new page while fewer slots than requests are free)")
+
+    def check_decode(check):
+        def _check(*, num_tokens, tree_cache, requests=None, spec_algorithm=None):
+            need = st.slots_for_next_decode([r.kv.req_pool_idx for r in requests or []])
+            if need > st.pool.free_slots:  # the prefix cache gives back what it alone holds first
+                alloc.evict_to_free_tokens(tree_cache, -(-need // st.lh) + 1)
+            return need <= st.pool.free_slots
+        return _check
+
+    patch(alloc, "check_decode_capacity", key, check_decode, chains=False,
+          why="the head pool's exact count of the slots the next step needs replaces SGLang's count of "
+          "free token indices (a step frees the slots of the tokens that leave windows)")
     patch(alloc, "create_prefill_budget", key, lambda create: (
         lambda tree_cache, *, num_mixed_decode_tokens=0: budget_cls(
             alloc, tree_cache, num_mixed_decode_tokens=num_mixed_decode_tokens)),
         chains=False, why="DMS's budget (a subclass of SGLang's PrefillBudget) charges the measured kept "
         "fraction instead of one slot per token")
+
+    def free(orig):
+        def _free(free_index):
+            # token indices SGLang frees (a radix node evicted, a duplicate, an uncached tail) lose
+            # their slots unless a running request's view still reads them
+            st.pool.forget(free_index)
+            orig(free_index)
+        return _free
 
     def free_rows(orig):
         def _free_rows(indices):
@@ -285,12 +321,12 @@ def _attach(model_runner, cfg) -> _State:
             orig(indices)
         return _free_rows
 
-    def free(orig):
-        def _free(req):
+    def free_req(orig):
+        def _free_req(req):
             if req.kv.req_pool_idx is not None:
                 st.release(int(req.kv.req_pool_idx), req.rid)
             orig(req)
-        return _free
+        return _free_req
 
     def clear(orig):
         def _clear():
@@ -298,16 +334,15 @@ def _attach(model_runner, cfg) -> _State:
             st.reset()
         return _clear
 
+    patch(alloc, "free", key, free)
     patch(rtp, "free_rows", key, free_rows)
-    patch(rtp, "free", key, free)
+    patch(rtp, "free", key, free_req)
     patch(rtp, "clear", key, clear)
     alloc._kvsqueeze_dms = st
-    logger.warning("kvsqueeze DMS: prefix reuse (radix cache) and chunked prefill are off: a radix hit "
-                   "would hand a request another request's evicted heads, a prefill chunk would split "
-                   "the prompt's eviction decisions")
-    logger.info("kvsqueeze DMS: per-head pool of %d pages x %d slots (%d dense tokens x %d layers x %d KV "
-                "heads), %.1f MB", st.num_pages, st.ps, st.budget, st.n_layers, st.kv_heads,
-                (st.k.numel() * st.k.element_size() + st.v.numel() * st.v.element_size()) / 1e6)
+    logger.info("kvsqueeze DMS: per-head pool of %d slots (%d dense tokens x %d layers x %d KV heads), "
+                "%.1f MB; token tables for %d SGLang indices", st.num_slots, st.budget, st.n_layers,
+                st.kv_heads, (st.k.numel() * st.k.element_size() + st.v.numel() * st.v.element_size()) / 1e6,
+                num_tokens)
     return st
 
 
@@ -320,39 +355,45 @@ def _backend_class():
             cfg = load_config(checkpoint_dir())
             self.window, self.sinks = cfg.window, cfg.sinks
             self.st = _attach(model_runner, cfg)
+            self.req_to_token = model_runner.req_to_token_pool.req_to_token
 
         # ---- placing the batch's tokens -------------------------------------------------------
         def init_forward_metadata(self, forward_batch):
             super().init_forward_metadata(forward_batch)
             fb, st = forward_batch, self.st
-            st.decode = None
+            st.decode = st.extend = None
             if fb.req_pool_indices is None or fb.req_pool_indices.numel() == 0:
                 return
             rows = [int(r) for r in fb.req_pool_indices.tolist()]
+            locs = fb.out_cache_loc.long().cpu()
             if fb.forward_mode.is_decode():
                 slots = []
-                for row, n in zip(rows, fb.seq_lens.tolist()):
-                    if row not in st.pool.seqs or st.pool.seen(row) != n - 1:
+                for row, n, tok in zip(rows, fb.seq_lens.tolist(), locs.tolist()):
+                    r = st.pool.rows.get(row)
+                    if r is None or r.seen != n - 1:
                         raise RuntimeError(f"DMS: request row {row} decodes token {n - 1} but the head "
                                            "pool has not placed the tokens before it")
                     try:
-                        slots.append(st.pool.append(row, st.leaving_flags(row)))
-                    except PagesExhausted as exc:  # the decode-memory check is exact; this is a bug
+                        slots.append(st.pool.append(row, tok))
+                    except SlotsExhausted as exc:  # the decode-memory check is exact; this is a bug
                         raise RuntimeError(f"DMS: {exc} although SGLang's decode check passed") from exc
-                st.peak_sequences = max(st.peak_sequences, len(st.pool.seqs))
-                pt, ln = st.pool.page_tables(rows)
+                st.peak_sequences = max(st.peak_sequences, len(st.pool.rows))
+                pt, ln = st.pool.tables(rows)
                 st.decode = (torch.stack(slots, 1), pt, ln)
                 st.last_reads = int(ln.sum())
             elif fb.forward_mode.is_extend():
                 prefix = fb.extend_prefix_lens.tolist() if fb.extend_prefix_lens is not None else [0] * len(rows)
-                for row, n, pre in zip(rows, fb.extend_seq_lens.tolist(), prefix):
-                    if pre:
-                        raise RuntimeError(f"DMS: an extend with a {pre}-token prefix (a radix hit or a "
-                                           "prefill chunk); DMS needs --disable-radix-cache and "
-                                           "--chunked-prefill-size -1")
-                    if row in st.pool.seqs:  # a row SGLang reused without freeing through the pool
-                        raise RuntimeError(f"DMS: request row {row} starts a prefill but still holds pages")
-                    st.pool.begin(row, int(n))
+                rtt = self.req_to_token
+                st.extend = []
+                s = 0
+                for row, e, pre in zip(rows, fb.extend_seq_lens.tolist(), prefix):
+                    try:
+                        st.pool.begin(row, rtt[row, :pre], pre + e)
+                    except KvsqueezeError as exc:  # the prefix match checks resumable(); this is a bug
+                        raise RuntimeError(f"DMS: request row {row} cannot extend from its {pre}-token "
+                                           f"prefix: {exc}") from exc
+                    st.extend.append(locs[s:s + e])
+                    s += e
             else:
                 raise RuntimeError(f"DMS: forward mode {fb.forward_mode} is not supported")
 
@@ -365,7 +406,7 @@ def _backend_class():
                 raise RuntimeError(f"DMS gate logits for {lg.shape[0]} tokens, but the batch has {n}")
             return lg
 
-        # ---- prefill ------------------------------------------------------------------------------
+        # ---- prefill, prefill chunks, the rest of a prompt after a prefix-cache hit ----------------
         def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
             fb, st, lid = forward_batch, self.st, layer.layer_id
             hq, hk, d, vd = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim, layer.v_head_dim
@@ -378,24 +419,21 @@ def _backend_class():
             lg = self._logits(lid, q_.shape[0])
             group = hq // hk
             s = 0
-            for row, n in zip(fb.req_pool_indices.tolist(), fb.extend_seq_lens.tolist()):
-                flags = prefill_flags(lg[s:s + n], self.sinks)
-                vis = rule.visible(flags.to(q.device), 0, n, self.window)  # [hk, n, n]
+            for i, (row, n) in enumerate(zip(fb.req_pool_indices.tolist(), fb.extend_seq_lens.tolist())):
+                cf = st.pool.chunk_flags(int(row), lg[s:s + n])
+                pre, vis = st.pool.extend_attention(int(row), lid, cf)  # [hk, P], [hk, n, P + n]
+                kk = torch.cat([st.k[pre.to(st.k.device), 0].to(q.dtype), k_[s:s + n].transpose(0, 1).to(q.dtype)], 1)
+                vv = torch.cat([st.v[pre.to(st.v.device), 0].to(q.dtype), v_[s:s + n].transpose(0, 1).to(q.dtype)], 1)
                 qq = q_[s:s + n].transpose(0, 1)
                 out = torch.nn.functional.scaled_dot_product_attention(
-                    qq, k_[s:s + n].transpose(0, 1).repeat_interleave(group, 0).to(qq.dtype),
-                    v_[s:s + n].transpose(0, 1).repeat_interleave(group, 0).to(qq.dtype),
-                    attn_mask=vis.repeat_interleave(group, 0), scale=layer.scaling)
+                    qq, kk.repeat_interleave(group, 0), vv.repeat_interleave(group, 0),
+                    attn_mask=vis.to(q.device).repeat_interleave(group, 0), scale=layer.scaling)
                 o[s:s + n] = out.transpose(0, 1)
-                if save_kv_cache:
-                    slots = st.pool.admit_layer(int(row), lid, flags)
-                    keep = st.pool.prefill_keep(flags)
-                    kf, vf = st.k.view(-1, d), st.v.view(-1, vd)
-                    for h in range(hk):
-                        kp = keep[h].nonzero()[:, 0].to(q.device) + s
-                        kf[slots[h].to(kf.device)] = k_[kp, h].to(kf.dtype)
-                        vf[slots[h].to(vf.device)] = v_[kp, h].to(vf.dtype)
-                    st.flags.prefill(int(row), lid, flags)
+                placed = st.pool.extend_place(int(row), lid, cf, st.extend[i])
+                for h, (offs, slots) in enumerate(placed):
+                    kp = offs.to(q.device) + s
+                    st.k[slots.to(st.k.device), 0] = k_[kp, h].to(st.k.dtype)
+                    st.v[slots.to(st.v.device), 0] = v_[kp, h].to(st.v.dtype)
                 s += n
             return o.reshape(-1, hq * vd)
 
@@ -409,11 +447,10 @@ def _backend_class():
             if st.decode is None:
                 raise RuntimeError("DMS: a decode forward without its placement (init_forward_metadata)")
             slots, pt, ln = st.decode
-            st.flags.decode(fb.req_pool_indices, lid, fb.positions, self._logits(lid, bs))
-            if save_kv_cache:
-                idx = slots[lid].reshape(-1).to(st.k.device)
-                st.k.view(-1, d)[idx] = k.reshape(-1, d).to(st.k.dtype)
-                st.v.view(-1, vd)[idx] = v.reshape(-1, vd).to(st.v.dtype)
+            st.pool.decode_flags(fb.req_pool_indices, lid, fb.positions, self._logits(lid, bs), fb.out_cache_loc)
+            idx = slots[lid].reshape(-1).to(st.k.device)
+            st.k[idx, 0] = k.reshape(-1, d).to(st.k.dtype)
+            st.v[idx, 0] = v.reshape(-1, vd).to(st.v.dtype)
             out = paged_decode(q.reshape(bs, hq, d), st.k, st.v, pt[lid].to(q.device), ln[lid].to(q.device),
                                layer.scaling)
             return out.reshape(-1, hq * vd).to(q.dtype)
@@ -421,11 +458,38 @@ def _backend_class():
     return DMSAttnBackend
 
 
-def prefill_flags(logits: torch.Tensor, sinks: int) -> torch.Tensor:
-    """Eviction flags ``[kv_heads, n]`` of one request's prefill from its tokens' gate logits
-    ``[n, kv_heads]`` (the rule: shift by one, sinks, the newest undecided)."""
-    n = logits.shape[0]
-    return rule.decide(logits.T.cpu(), n, sinks)
+def _radix_cache_class():
+    from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
+
+    class DMSRadixCache(UnifiedRadixCache):
+        """SGLang's radix cache (the unified tree it builds by default), aware of the head pool: a
+        hit is cut back to where every token the prefix holds is still stored, the tokens it takes
+        in keep their slots, and its evictable size is what evicting it would free."""
+
+        def _dms(self) -> _State | None:
+            return _state_of(self.token_to_kv_pool_allocator)
+
+        def match_prefix(self, params):
+            res = super().match_prefix(params)
+            st, m = self._dms(), res.device_prefix_len
+            if st is None or m == 0:
+                return res
+            # flagged tokens a request let go before its tokens entered the tree are not stored
+            ok = st.pool.resumable(self.path_device_indices(res.last_device_node)[:m])
+            return res if ok == m else super().match_prefix(dataclasses.replace(params, key=params.key[:ok]))
+
+        def insert(self, params):
+            res = super().insert(params)
+            st = self._dms()
+            if st is not None and params.value is not None:
+                st.pool.publish(params.value[res.prefix_len:len(params.key)])
+            return res
+
+        def evictable_size(self):
+            st = self._dms()
+            return super().evictable_size() if st is None else st.evictable_tokens()
+
+    return DMSRadixCache
 
 
 def _model_class(llama_cls, directory: Path):
@@ -445,12 +509,12 @@ def install() -> bool:
     directory = checkpoint_dir()
     if directory is None or _installed:
         return _installed
-    page_size()  # a bad KVSQUEEZE_DMS_PAGE_SIZE fails here, before the server starts
     from sglang.srt.arg_groups.choices import add_attention_backend_choices
     from sglang.srt.layers.attention.attention_registry import register_attention_backend
     from sglang.srt.managers.schedule_policy import PrefillAdder
     from sglang.srt.managers.scheduler import Scheduler
     from sglang.srt.managers.scheduler_components.output_streamer import SchedulerOutputStreamer
+    from sglang.srt.mem_cache.registry import create_unified_radix_cache, register_radix_cache_backend
     from sglang.srt.models.registry import ModelRegistry
 
     add_attention_backend_choices(["dms"])
@@ -491,6 +555,8 @@ def install() -> bool:
             return {**out, META_KEY: [[st.request_meta(r.rid)] if r.finished() else [] for r in reqs]}
         return build_additional_customized_info
 
+    register_radix_cache_backend(RADIX_BACKEND, lambda ctx: create_unified_radix_cache(
+        ctx, cache_class=_radix_cache_class()))
     patch(PrefillAdder, "_get_running_request_total_token_offset", "dms", running_offset)
     patch(Scheduler, "get_new_batch_prefill", "dms", new_batch_prefill)
     set_value(SchedulerOutputStreamer, "has_additional_customized_info", "dms", True)

@@ -10,7 +10,7 @@ method      what the server runs                                default setting
 ==========  ==================================================  ======================
 ``none``    stock SGLang (radix prefix cache, no compression)   --
 ``dms``     DMS: the gates in the model, K/V in a per-head       ``dms:4`` (shipped
-            paged pool where evicted tokens free their slots     gates; or ``dms:DIR``)
+            slot pool where evicted tokens free their slots      gates; or ``dms:DIR``)
 ``kvtc``    the hierarchical cache with the KVTC-compressed      ``kvtc:8``
             storage tier (radix-cache pages kept compressed)
 ``fusion``  near-duplicate full pages fused into shared,         ``fusion:0.9:token``
@@ -52,7 +52,6 @@ class ServeContext:
     quick_calibration: bool = False  # kvtc: a quick calibration where the model has no full one
     store_dir: str | None = None  # kvtc: keep the store in this directory (default: host memory)
     stats_file: str | None = None  # kvtc: where the storage tier publishes its figures (JSON)
-    dms_page_size: int | None = None  # dms: token slots per page of the per-head pool
     fusion_layers: str | None = None  # fusion: the layers whose similarity decides
 
 
@@ -220,24 +219,23 @@ class FusionSpec(ServingSpec):
                                                 f"{cfg.similarity} similarity, page size {raw}"])
 
 
-DMS_FLAGS = (("--attention-backend", "dms"), ("--disable-radix-cache", None),
-             ("--chunked-prefill-size", "-1"))
-# SGLang 0.5.23 derives a negative static memory fraction when chunked prefill is off: an explicit one.
-# On a GPU: the head pool is placed in Python before each forward, so no overlapped scheduling (the CPU
-# turns it off anyway) and no CUDA-graph capture (the backend has no graph metadata path yet).
+DMS_FLAGS = (("--attention-backend", "dms"), ("--radix-cache-backend", "kvsqueeze-dms"))
+# When chunked prefill is turned off, SGLang 0.5.23 derives a negative static memory fraction: an explicit
+# one. On a GPU: the head pool is placed in Python before each forward, so no overlapped scheduling (the
+# CPU turns it off anyway) and no CUDA-graph capture (docs/dms.md says why).
 DMS_DEFAULTS = (("--mem-fraction-static", "0.8"), ("--disable-overlap-schedule", None),
                 ("--disable-cuda-graph", None))
-DMS_NOTE = ("DMS: prefix reuse (radix cache) and chunked prefill are off: a radix hit would hand a request "
-            "another request's evicted heads, a prefill chunk would split the prompt's eviction decisions "
-            "(docs/dms.md)")
 
 
 class DMSSpec(ServingSpec):
     name = "dms"
     summary = "DMS: learned per-head eviction, K/V in a per-head pool where evicted tokens free slots"
     default_setting = "4"
-    refused_flags = {"--enable-hierarchical-cache": "DMS runs without the radix cache the hierarchical "
-                     "cache extends"}
+    refused_flags = {
+        "--enable-hierarchical-cache": "the hierarchical cache copies SGLang's token pool to the host; DMS "
+        "keeps its K/V in its own per-head pool",
+        "--enable-mixed-chunk": "DMS places prefill and decode tokens in separate forward passes",
+    }
 
     def checkpoint(self, spec: MethodSpec) -> Path:
         from kvsqueeze.methods.dms.checkpoint import load_config
@@ -254,36 +252,26 @@ class DMSSpec(ServingSpec):
         return out
 
     def check(self, spec, ctx, args):
-        from kvsqueeze.backends.sglang import dms as sg_dms
-
         super().check(spec, ctx, args)
         page = flag_value(args, "--page-size")
         if page not in (None, "1"):
-            raise bad_value("page-size", page, "1 with DMS (SGLang's token indices; the per-head pool has "
-                            "its own pages: --dms-page-size)")
-        if ctx.dms_page_size is not None:
-            sg_dms.page_size(str(ctx.dms_page_size), what="dms-page-size")
+            raise bad_value("page-size", page, "1 with DMS (SGLang's token indices; the per-head pool "
+                            "allocates its own slots)")
         for flag, value in DMS_FLAGS:
-            given = flag_value(args, flag) if value is not None else None
-            if has_flag(args, flag) and value is not None and given != value:
-                raise bad_value(flag.lstrip("-"), given, f"{value} with DMS (a radix hit would reuse another "
-                                "request's evicted heads; a prefill chunk boundary would split the prompt's "
-                                "eviction decisions)")
+            given = flag_value(args, flag)
+            if has_flag(args, flag) and given != value:
+                raise bad_value(flag.lstrip("-"), given, f"{value} with DMS (the attention backend and the "
+                                "radix cache that know the per-head pool)")
 
     def plan(self, spec, ctx, args):
         from kvsqueeze.backends.sglang import dms as sg_dms
 
         env = {sg_dms.ENV: str(self.checkpoint(spec))}
-        if ctx.dms_page_size is not None:
-            env[sg_dms.PAGE_ENV] = str(ctx.dms_page_size)
         flags = []
-        for flag, value in DMS_FLAGS:
+        for flag, value in DMS_FLAGS + DMS_DEFAULTS:
             if not has_flag(args, flag):
                 flags += [flag] + ([value] if value is not None else [])
-        for flag, value in DMS_DEFAULTS:
-            if not has_flag(args, flag):
-                flags += [flag] + ([value] if value is not None else [])
-        return ServerPlan(flags, env, [DMS_NOTE])
+        return ServerPlan(flags, env, [])
 
 
 SPECS: dict[str, ServingSpec] = {s.name: s for s in (NoneSpec(), DMSSpec(), KVTCSpec(), FusionSpec())}
@@ -291,7 +279,7 @@ ALIASES = {"dense": "none", "vanilla": "none"}
 # pairs that cannot share one server, and why
 CONFLICTS = {
     frozenset({"dms", "kvtc"}): "the KVTC tier stores SGLang's radix-cache pages; DMS keeps its K/V in its "
-                                "own per-head pool and runs without the radix cache",
+                                "own per-head pool",
     frozenset({"dms", "fusion"}): "fusion shares whole pages of SGLang's token pool; DMS keeps its K/V in "
                                   "its own per-head pool",
 }

@@ -1,25 +1,42 @@
-"""Per-head paged KV pages for DMS: the engine-agnostic bookkeeping of a pool where eviction frees memory.
+"""Per-head KV slots for DMS, shared between requests: the engine-agnostic bookkeeping of a pool where
+eviction frees memory and a cached prefix is held once.
 
-Each (sequence, layer, KV head) owns its own list of pages; a page holds ``page_size`` token slots of
-one layer and one KV head, and every page comes from, and returns to, one shared free list that any
-request can use. The rules are those of :mod:`kvsqueeze.methods.dms.rule`, as the reference cache
-(:mod:`kvsqueeze.methods.dms.cache`) applies them:
+Every stored K/V vector is a *slot* of one (layer, KV head), taken from one free list. A slot belongs to
+the engine token index that produced it (``token -> slot`` per layer and head) and is referenced by
 
-- prefill keeps, per (layer, head), the tokens not flagged for eviction plus the last ``window + 1``
-  positions; only those take slots (pages are allocated for survivors only);
-- decode token t: if the token leaving the window (position ``t - window - 1``) is flagged, t takes its
-  slot in place; otherwise t takes a new slot (and a new page when the head's pages are full);
-- finish or abort returns every page of the sequence.
+- every running sequence (engine request *row*) whose head holds that token: the row's *view*, the list
+  of slots its attention reads (keys carry RoPE already, so their order does not matter), and
+- the engine's prefix cache, once it has *published* the token (``publish``; ``forget`` when the engine
+  frees the token index, e.g. a radix node evicted).
 
-So a head holds exactly the positions ``{p <= t : not flagged(p) or p >= t - window}`` after token t,
-and uses ``ceil(held / page_size)`` pages. An engine adapter keeps its page tables in step with this
-pool (slot id = ``page * page_size + offset``) and gives the attention kernel per-(sequence, head)
-page tables and lengths (``kvsqueeze/kernels/paged_decode.py``).
+A slot is freed when its last reference goes. The rules are those of :mod:`kvsqueeze.methods.dms.rule`,
+as the reference cache (:mod:`kvsqueeze.methods.dms.cache`) applies them:
+
+- an extend (a prefill, a prefill chunk, or the rest of a prompt after a cache hit) of positions
+  ``m..n-1`` attends to the view (what is held at ``m``) and to itself under the DMS rule; afterwards
+  the view holds exactly what is held at ``n``: the prefix's flagged tokens that left the window leave
+  the view, and only the new tokens that are unflagged or in the window take slots;
+- decode token ``t`` takes a new slot per (layer, head); if the token leaving the window (position
+  ``t - window - 1``) is flagged, it leaves the view (its slot is freed unless another view or the cache
+  still references it);
+- one step of lag: a flagged token that has just left the window keeps its slot one step longer (not
+  attended: at most one slot per head), so that a sequence stored at ``n`` tokens can be resumed at
+  ``n - 1``, where engines' prefix caches match (they compute at least one token of a prompt).
+
+A new token always takes a fresh slot, so nothing shared is ever written. Decisions are causal: which
+tokens of a prefix are held depends only on the prefix, except the last position, whose flag the next
+token decides. So a sequence can resume from any cached prefix whose held tokens are all still stored
+(``resumable``): its view is rebuilt from the token tables (``begin`` with a prefix), and the flags of
+the prefix's window come from the decisions stored per token (the decision token ``p`` made about
+``p - 1``).
+
+An engine adapter gives the attention kernel per-(sequence, head) slot tables and lengths
+(``tables``; ``kvsqueeze/kernels/paged_decode.py`` with pages of one slot).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -27,282 +44,510 @@ from kvsqueeze.errors import KvsqueezeError, bad_value
 from kvsqueeze.methods.dms import rule
 
 
-class PagesExhausted(KvsqueezeError):
-    """Not enough free pages for the operation; nothing was changed."""
+class SlotsExhausted(KvsqueezeError):
+    """Not enough free slots for the operation; nothing was changed."""
 
 
 @dataclass
-class _Head:
-    pages: list[int] = field(default_factory=list)
-    slot_pos: list[int] = field(default_factory=list)  # position held by slot i (slot order)
-    ring: dict[int, int] = field(default_factory=dict)  # position -> slot, positions in the window
-
-
-@dataclass
-class _Seq:
-    heads: list[list[_Head]]
-    seen: int = 0  # tokens processed (positions 0..seen-1)
-    prompt: int = 0  # tokens of the prefill
-    peak_tokens: int = 0
+class _Row:
+    view: torch.Tensor  # [layers, heads, cap] slot ids (entries past the head's length unused)
+    pos: torch.Tensor  # [layers, heads, cap] positions held by those slots
+    length: torch.Tensor  # [layers, heads]
+    windex: torch.Tensor  # [layers, heads, window + 2] view entry of window position p at p % (window + 2)
+    lag: torch.Tensor  # [layers, heads] slot of position seen - window - 2 if flagged and stored, else -1
+    seen: int = 0  # tokens processed, including an extend in progress
+    start: int = 0  # first position of the extend in progress
+    prompt: int = 0  # tokens before the first decode step
+    shared: int = 0  # (layer, head) slots taken from the cache when the row began from a cached prefix
+    peak: int = 0
     reads: int = 0  # KV token reads of decode steps, summed over layers and heads
+    steps: int = 0
+    placed: int = 0  # layers of the extend in progress already placed
 
 
-class HeadPagePool:
-    def __init__(self, num_pages: int, page_size: int, n_layers: int, kv_heads: int, window: int):
-        for name, v, lo in (("num_pages", num_pages, 1), ("page_size", page_size, 1),
-                            ("n_layers", n_layers, 1), ("kv_heads", kv_heads, 1),
-                            ("window", window, 0)):
+class HeadSlotPool:
+    """See the module docstring. ``num_slots`` (layer, head) slots; ``num_tokens`` engine token indices
+    (``0..num_tokens-1``); ``rows`` engine request rows (``0..rows-1``)."""
+
+    def __init__(self, num_slots: int, n_layers: int, kv_heads: int, window: int, sinks: int,
+                 num_tokens: int, rows: int):
+        for name, v, lo in (("num_slots", num_slots, 1), ("n_layers", n_layers, 1), ("kv_heads", kv_heads, 1),
+                            ("window", window, 0), ("sinks", sinks, 0), ("num_tokens", num_tokens, 1),
+                            ("rows", rows, 1)):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise bad_value(name, v, f"a whole number >= {lo}")
-        self.num_pages, self.page_size = num_pages, page_size
-        self.n_layers, self.kv_heads, self.window = n_layers, kv_heads, window
-        self.free_list = list(range(num_pages - 1, -1, -1))
-        self.owner: dict[int, tuple] = {}
-        self.seqs: dict[object, _Seq] = {}
-        # eviction statistics: (sequence, layer, head) positions that left the window, and how many of
-        # them were flagged (evicted); their ratio estimates how fast a sequence's holdings grow
+        self.num_slots, self.n_layers, self.kv_heads = num_slots, n_layers, kv_heads
+        self.window, self.sinks, self.size = window, sinks, window + 2
+        self.lh = n_layers * kv_heads
+        self.free_stack = torch.arange(num_slots - 1, -1, -1, dtype=torch.long)
+        self.n_free = num_slots
+        self.view_refs = torch.zeros(num_slots, dtype=torch.int32)
+        self.cached = torch.zeros(num_slots, dtype=torch.bool)  # the prefix cache references it
+        self.slot_token = torch.full((num_slots,), -1, dtype=torch.long)
+        self.slot_lh = torch.zeros(num_slots, dtype=torch.long)  # layer * kv_heads + head
+        self.token_slot = torch.full((num_tokens, self.lh), -1, dtype=torch.long)
+        self.token_flag = torch.zeros(num_tokens, self.lh, dtype=torch.bool)  # its decision about p - 1
+        self.token_cached = torch.zeros(num_tokens, dtype=torch.bool)
+        self.flags = WindowFlags(rows, n_layers, kv_heads, window, sinks)
+        self.rows: dict[int, _Row] = {}
+        # positions that left a window, per (row, layer, head), and how many of them were flagged
         self.left = 0
         self.left_evicted = 0
+
+    # ---- figures ---------------------------------------------------------------------------
+    @property
+    def free_slots(self) -> int:
+        return self.n_free
 
     def kept_fraction(self) -> float | None:
         """Measured share of positions kept after leaving the window (None before any left it)."""
         return None if self.left == 0 else 1.0 - self.left_evicted / self.left
 
-    @property
-    def free_pages(self) -> int:
-        return len(self.free_list)
+    def cache_only_slots(self) -> int:
+        """Slots only the prefix cache references (what evicting all of it could free)."""
+        return int((self.cached & (self.view_refs == 0)).sum())
 
-    # ---- helpers -------------------------------------------------------------------------------
-    def _take(self, n: int, who) -> list[int]:
-        pages = [self.free_list.pop() for _ in range(n)]
-        for p in pages:
-            self.owner[p] = who
-        return pages
+    def held(self, row: int) -> int:
+        return int(self.rows[row].length.sum())
 
-    def _slot_id(self, head: _Head, slot: int) -> int:
-        return head.pages[slot // self.page_size] * self.page_size + slot % self.page_size
+    def seen(self, row: int) -> int:
+        return self.rows[row].seen
 
-    def _check_flags(self, flags: torch.Tensor, n: int, what: str) -> torch.Tensor:
-        flags = torch.as_tensor(flags, dtype=torch.bool)
-        if tuple(flags.shape) != (self.n_layers, self.kv_heads, n):
-            raise bad_value(what, tuple(flags.shape),
-                            f"[layers={self.n_layers}, kv_heads={self.kv_heads}, tokens={n}]")
-        return flags
+    def stats(self, row: int) -> dict:
+        r = self.rows[row]
+        return {"seen": r.seen, "prompt": r.prompt, "held": self.held(row), "peak": r.peak, "reads": r.reads,
+                "steps": r.steps, "shared": r.shared, "slots_per_token": self.lh}
 
-    # ---- prefill -------------------------------------------------------------------------------
-    def pages_for_prefill(self, flags: torch.Tensor) -> int:
-        held = self.prefill_keep(torch.as_tensor(flags, dtype=torch.bool)).sum(-1)
-        return int(((held + self.page_size - 1) // self.page_size).sum())
+    def held_positions(self, row: int, layer: int, head: int) -> set[int]:
+        r = self.rows[row]
+        return set(r.pos[layer, head, :int(r.length[layer, head])].tolist())
 
-    def admit(self, seq, flags: torch.Tensor) -> list[list[torch.Tensor]]:
-        """Prefill ``seq`` (``flags``: ``[layers, kv_heads, n]``, True = evict). Returns per layer and
-        head the slot ids of the kept positions (in position order); raises PagesExhausted, with
-        nothing allocated, when the pool cannot hold them."""
-        if seq in self.seqs:
-            raise bad_value("seq", seq, "a sequence not already in the pool")
-        n = int(torch.as_tensor(flags).shape[-1])
-        flags = self._check_flags(flags, n, "flags")
-        need = self.pages_for_prefill(flags)
-        if need > self.free_pages:
-            raise PagesExhausted(f"pages: prefill of {n} tokens needs {need}, {self.free_pages} free")
-        self.begin(seq, n)
-        return [self.admit_layer(seq, layer, flags[layer]) for layer in range(self.n_layers)]
+    def view_slots(self, row: int, layer: int, head: int) -> list[int]:
+        r = self.rows[row]
+        return r.view[layer, head, :int(r.length[layer, head])].tolist()
 
-    def begin(self, seq, n: int) -> None:
-        """Start the prefill of ``seq`` (``n`` prompt tokens), to be placed layer by layer with
-        :meth:`admit_layer`, as an engine computes the flags one layer at a time."""
-        if seq in self.seqs:
-            raise bad_value("seq", seq, "a sequence not already in the pool")
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise bad_value("n", n, "a whole number of prompt tokens >= 1")
-        self.seqs[seq] = _Seq([[_Head() for _ in range(self.kv_heads)] for _ in range(self.n_layers)],
-                              seen=n, prompt=n)
+    # ---- slots -----------------------------------------------------------------------------
+    def _alloc(self, lh: torch.Tensor) -> torch.Tensor:
+        n = lh.numel()
+        if n > self.n_free:
+            raise SlotsExhausted(f"slots: {n} needed, {self.n_free} free")
+        ids = self.free_stack[self.n_free - n:self.n_free].clone()
+        self.n_free -= n
+        self.slot_lh[ids] = lh
+        self.slot_token[ids] = -1
+        self.view_refs[ids] = 1
+        return ids
 
-    def prefill_keep(self, flags: torch.Tensor) -> torch.Tensor:
-        """The positions a prefill of ``flags.shape[-1]`` tokens keeps: unflagged or in the window."""
-        return rule.held(flags, self.window)
+    def _free(self, dead: torch.Tensor) -> None:
+        if not dead.numel():
+            return
+        tok = self.slot_token[dead]
+        mapped = tok >= 0
+        self.token_slot[tok[mapped], self.slot_lh[dead[mapped]]] = -1
+        self.slot_token[dead] = -1
+        self.free_stack[self.n_free:self.n_free + dead.numel()] = dead
+        self.n_free += dead.numel()
 
-    def admit_layer(self, seq, layer: int, flags: torch.Tensor) -> list[torch.Tensor]:
-        """Place one layer of ``seq``'s prefill (``flags``: ``[kv_heads, n]``); returns per head the
-        slot ids of the kept positions. Raises PagesExhausted, with nothing allocated for this layer,
-        when the pool cannot hold them (the engine's admission must make room beforehand)."""
-        s = self.seqs.get(seq)
-        if s is None:
-            raise bad_value("seq", seq, "a sequence started with begin()")
-        n = s.seen
-        flags = torch.as_tensor(flags, dtype=torch.bool).cpu()
-        if tuple(flags.shape) != (self.kv_heads, n):
-            raise bad_value("flags", tuple(flags.shape), f"[kv_heads={self.kv_heads}, tokens={n}]")
-        if any(s.heads[layer][h].slot_pos for h in range(self.kv_heads)):
-            raise bad_value("layer", layer, f"a layer of {seq!r} not yet placed")
-        need = self.pages_for_prefill(flags)
-        if need > self.free_pages:
-            raise PagesExhausted(f"pages: prefill of {n} tokens (layer {layer}) needs {need}, "
-                                 f"{self.free_pages} free")
-        left = max(0, n - 1 - self.window)  # positions that already left the window
-        self.left += left * self.kv_heads
-        self.left_evicted += int(flags[:, :left].sum())
-        keep = self.prefill_keep(flags)
-        row = []
-        for h in range(self.kv_heads):
-            head = s.heads[layer][h]
-            pos = keep[h].nonzero()[:, 0].tolist()
-            head.pages = self._take(-(-len(pos) // self.page_size), (seq, layer, h))
-            head.slot_pos = list(pos)
-            head.ring = {p: i for i, p in enumerate(pos) if rule.in_window(p, n, self.window)}
-            row.append(torch.tensor([self._slot_id(head, i) for i in range(len(pos))], dtype=torch.long))
-        s.peak_tokens = max(s.peak_tokens, self.tokens_held(seq))
-        return row
+    def _unref(self, slots: torch.Tensor) -> None:
+        """Drop one view reference from each of ``slots`` (repeats allowed: one per view)."""
+        if not slots.numel():
+            return
+        self.view_refs.index_add_(0, slots, torch.full_like(slots, -1, dtype=torch.int32))
+        cand = slots.unique()
+        self._free(cand[(self.view_refs[cand] == 0) & ~self.cached[cand]])
 
-    # ---- decode --------------------------------------------------------------------------------
-    def append(self, seq, leaving_flags: torch.Tensor | None) -> torch.Tensor:
-        """Place the next token of ``seq``. ``leaving_flags``: ``[layers, kv_heads]`` eviction flags of
-        the token leaving the window (position ``seen - window - 1``), None while there is none.
-        Returns ``[layers, kv_heads]`` slot ids; raises PagesExhausted (nothing changed) when a new page
-        is needed and none is free. Counts the step's KV token reads (the held tokens it attends)."""
-        if seq not in self.seqs:
-            raise bad_value("seq", seq, "a sequence in the pool")
-        s = self.seqs[seq]
-        t = s.seen
-        leaving = rule.leaving(t, self.window)
-        if leaving >= 0:
-            if leaving_flags is None:
-                raise bad_value("leaving_flags", None, f"the flags of position {leaving}")
-            lf = torch.as_tensor(leaving_flags, dtype=torch.bool)
-            if tuple(lf.shape) != (self.n_layers, self.kv_heads):
-                raise bad_value("leaving_flags", tuple(lf.shape),
-                                f"[layers={self.n_layers}, kv_heads={self.kv_heads}]")
-        plan, new_pages = self._plan(s, leaving, lf if leaving >= 0 else None)
-        if new_pages > self.free_pages:
-            raise PagesExhausted(f"pages: decode step needs {new_pages}, {self.free_pages} free")
-        out = torch.empty(self.n_layers, self.kv_heads, dtype=torch.long)
-        for layer, h, reuse in plan:
-            head = s.heads[layer][h]
-            head.ring.pop(leaving, None)
-            if reuse is None:
-                if len(head.slot_pos) % self.page_size == 0:
-                    head.pages += self._take(1, (seq, layer, h))
-                slot = len(head.slot_pos)
-                head.slot_pos.append(t)
-            else:
-                slot = reuse
-                head.slot_pos[slot] = t
-            head.ring[t] = slot
-            out[layer, h] = self._slot_id(head, slot)
-        s.seen = t + 1
-        if leaving >= 0:
-            self.left += self.n_layers * self.kv_heads
-            self.left_evicted += int(lf.sum())
-        held = self.tokens_held(seq)
-        s.reads += held
-        s.peak_tokens = max(s.peak_tokens, held)
+    # ---- the prefix cache ------------------------------------------------------------------
+    def publish(self, tokens: torch.Tensor) -> None:
+        """The engine's prefix cache now holds ``tokens``: it references their stored slots."""
+        tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1).cpu()
+        new = tokens[~self.token_cached[tokens]].unique()
+        self.token_cached[new] = True
+        s = self.token_slot[new].reshape(-1)
+        self.cached[s[s >= 0]] = True
+
+    def forget(self, tokens: torch.Tensor) -> None:
+        """The engine freed the token indices ``tokens`` (a cache entry evicted, a duplicate, a
+        finished request's uncached tail): the cache's references go, and the indices are free for
+        new tokens; slots still in a view stay until the view lets them go."""
+        tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1).cpu()
+        if not tokens.numel():
+            return
+        s = self.token_slot[tokens].reshape(-1)
+        s = s[s >= 0]
+        self.cached[s] = False
+        self.slot_token[s] = -1
+        self.token_slot[tokens] = -1
+        self.token_flag[tokens] = False
+        self.token_cached[tokens] = False
+        self._free(s[self.view_refs[s] == 0])
+
+    def _prefix_state(self, tokens: torch.Tensor):
+        """Slots ``[m, layers*heads]`` of a prefix's tokens and the flags ``[m, layers*heads]`` its own
+        tokens decided (position ``m - 1`` undecided)."""
+        m = tokens.numel()
+        slots = self.token_slot[tokens]
+        flags = torch.zeros(m, self.lh, dtype=torch.bool)
+        if m > 1:
+            flags[:-1] = self.token_flag[tokens[1:]]
+        return slots, flags
+
+    def resumable(self, tokens: torch.Tensor) -> int:
+        """The longest ``m' <= len(tokens)`` such that every token the prefix ``tokens[:m']`` holds
+        (unflagged, or in the window at ``m'``) is still stored: where a sequence can resume."""
+        tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1).cpu()
+        m = tokens.numel()
+        if m == 0:
+            return 0
+        slots, flags = self._prefix_state(tokens)
+        missing = slots < 0
+        any_missing = missing.any(1).long()  # needed in the window
+        unflagged_missing = (missing & ~flags).any(1).long()  # needed before it
+        ca = torch.cat([torch.zeros(1, dtype=torch.long), any_missing.cumsum(0)])
+        cu = torch.cat([torch.zeros(1, dtype=torch.long), unflagged_missing.cumsum(0)])
+        cand = torch.arange(1, m + 1)  # m'
+        lo = (cand - 1 - self.window).clamp(min=0)  # first window position at m'
+        ok = (ca[cand] - ca[lo] == 0) & (cu[lo] == 0)
+        # flags of positions before the window at m' are decided inside the prefix (p + 1 < m')
+        good = cand[ok]
+        return int(good.max()) if good.numel() else 0
+
+    # ---- rows: an extend -------------------------------------------------------------------
+    def _new_row(self, cap: int) -> _Row:
+        cap = max(cap, 16)
+        return _Row(view=torch.zeros(self.n_layers, self.kv_heads, cap, dtype=torch.long),
+                    pos=torch.zeros(self.n_layers, self.kv_heads, cap, dtype=torch.long),
+                    length=torch.zeros(self.n_layers, self.kv_heads, dtype=torch.long),
+                    windex=torch.zeros(self.n_layers, self.kv_heads, self.size, dtype=torch.long),
+                    lag=torch.full((self.n_layers, self.kv_heads), -1, dtype=torch.long))
+
+    def _grow(self, r: _Row, need: int) -> None:
+        cap = r.view.shape[-1]
+        if need <= cap:
+            return
+        new = max(need, 2 * cap)
+        pad = (0, new - cap)
+        r.view = torch.nn.functional.pad(r.view, pad)
+        r.pos = torch.nn.functional.pad(r.pos, pad)
+
+    def begin(self, row: int, prefix_tokens: torch.Tensor, n: int) -> int:
+        """Start an extend of ``row`` to ``n`` tokens from the prefix ``prefix_tokens`` (the engine's
+        token indices of positions ``0..m-1``; ``m`` may be 0). A row already at ``m`` continues (a
+        prefill chunk); a new row with ``m > 0`` resumes from the cached prefix (its held slots are
+        referenced, nothing is copied). Returns the slots taken from the cache."""
+        prefix_tokens = torch.as_tensor(prefix_tokens, dtype=torch.long).reshape(-1).cpu()
+        m = prefix_tokens.numel()
+        if isinstance(n, bool) or not isinstance(n, int) or n <= m:
+            raise bad_value("n", n, f"a whole number of tokens > the prefix's {m}")
+        r = self.rows.get(row)
+        if r is not None:
+            if r.seen != m or r.placed not in (0, self.n_layers):
+                raise bad_value("prefix", m, f"the {r.seen} tokens row {row} already holds (a continuation)")
+            r.start, r.seen, r.placed = m, n, 0
+            if r.steps == 0:
+                r.prompt = n
+            return 0
+        r = self._new_row(n + self.size)
+        self.flags.ring[row] = False
+        shared = 0
+        if m:
+            slots, flags = self._prefix_state(prefix_tokens)
+            keep = rule.held(flags.T.reshape(self.n_layers, self.kv_heads, m), self.window)  # [L, H, m]
+            sl = slots.T.reshape(self.n_layers, self.kv_heads, m)
+            if bool((sl[keep] < 0).any()):
+                raise bad_value("prefix", m, "a prefix whose held tokens are all stored (check with resumable())")
+            length = keep.sum(-1)
+            self._grow(r, int(length.max()) + n - m + self.size)
+            order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)  # held positions first
+            width = int(length.max())
+            idx = order[..., :width]
+            valid = torch.arange(width)[None, None, :] < length[..., None]
+            r.view[..., :width] = torch.where(valid, sl.gather(-1, idx), 0)
+            r.pos[..., :width] = torch.where(valid, idx, 0)
+            r.length = length
+            rank = keep.long().cumsum(-1) - 1  # view entry of each held position
+            lo = max(0, m - 1 - self.window)
+            p = torch.arange(lo, m)
+            r.windex[..., p % self.size] = rank[..., lo:m]
+            self.flags.set(row, p, flags[lo:m].T.reshape(self.n_layers, self.kv_heads, m - lo))
+            held_slots = r.view[..., :width][valid]
+            self.view_refs.index_add_(0, held_slots, torch.ones_like(held_slots, dtype=torch.int32))
+            shared = int(held_slots.numel())
+        r.seen, r.start, r.prompt, r.shared, r.placed = n, m, n, shared, 0
+        self.rows[row] = r
+        return shared
+
+    def chunk_flags(self, row: int, logits: torch.Tensor) -> torch.Tensor:
+        """Flags ``[heads, e + 1]`` of positions ``m-1..n-1`` of the extend in progress from its tokens'
+        gate logits ``[e, heads]`` (column 0: position ``m - 1``, False when ``m == 0``; the last
+        position undecided)."""
+        r = self.rows[row]
+        e = r.seen - r.start
+        if logits.shape[0] != e:
+            raise bad_value("logits", tuple(logits.shape), f"[{e} tokens, kv_heads]")
+        first, f = rule.decide_chunk(logits.T.cpu(), r.start, self.sinks)
+        hk = f.shape[0]
+        lead = torch.zeros(hk, 1 if r.start == 0 else 0, dtype=torch.bool)
+        return torch.cat([lead, f, torch.zeros(hk, 1, dtype=torch.bool)], 1)
+
+    def extend_attention(self, row: int, layer: int, cf: torch.Tensor):
+        """What the extend's queries attend at ``layer``: the view's slots ``[heads, P]`` (padding 0)
+        and the mask ``[heads, e, P + e]`` over (those slots, then the extend's own tokens)."""
+        r = self.rows[row]
+        m, n, w = r.start, r.seen, self.window
+        ln = r.length[layer]
+        width = int(ln.max()) if ln.numel() else 0
+        slots = r.view[layer, :, :width]
+        kpos = r.pos[layer, :, :width]
+        valid = torch.arange(width)[None, :] < ln[:, None]
+        kflag = torch.zeros_like(valid)
+        if m:
+            ring = self.flags.ring[row, layer]  # [heads, size]
+            inwin = kpos >= m - 1 - w
+            kflag = torch.where(inwin, ring.gather(-1, kpos % self.size), False) & valid
+            kflag = torch.where(kpos == m - 1, cf[:, :1].expand_as(kflag), kflag) & valid
+        qpos = torch.arange(m, n)[None, :, None]
+        pre = valid[:, None, :] & ~(kflag[:, None, :] & rule.outside_window(qpos, kpos[:, None, :], w))
+        own = rule.visible(cf[:, 1:], 0, n - m, w)  # positions m..n-1 among themselves
+        # rule.visible measures distances from position 0 of its flags; shifting both by m keeps them
+        return torch.where(valid, slots, 0), torch.cat([pre, own], -1)
+
+    def extend_place(self, row: int, layer: int, cf: torch.Tensor, tokens: torch.Tensor):
+        """After ``layer``'s attention: the view becomes what is held at ``n``; the extend's tokens
+        (engine indices ``tokens [e]``) that are held take new slots. Returns per head ``(offsets,
+        slots)``: which of the extend's tokens to store, and where."""
+        r = self.rows[row]
+        m, n, w, hk = r.start, r.seen, self.window, self.kv_heads
+        tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1).cpu()
+        if tokens.numel() != n - m or r.placed != layer:
+            raise bad_value("extend", (layer, tokens.numel()), f"layer {r.placed} of {n - m} tokens")
+        lhs = torch.arange(layer * hk, (layer + 1) * hk)
+        # flags of positions lo..n-1 (lo: the window's start at m): the ring's, then the extend's
+        lo = max(0, m - 1 - w)
+        ring = self.flags.ring[row, layer]
+        before = torch.arange(lo, max(m - 1, lo))
+        pf = torch.cat([ring[:, before % self.size], cf if m else cf[:, 1:]], 1)  # [heads, n - lo]
+        # the prefix's entries that leave: flagged, and out of the window at n
+        ln = r.length[layer]
+        width = int(ln.max()) if ln.numel() else 0
+        kpos = r.pos[layer, :, :width]
+        valid = torch.arange(width)[None, :] < ln[:, None]
+        kflag = torch.where(kpos >= lo, pf.gather(-1, (kpos - lo).clamp(min=0)), False) & valid
+        stay = valid & ~(kflag & ~rule.in_window(kpos, n, w))
+        # the lag: position n - w - 2 stays stored (not attended) one more step if flagged, so that a
+        # prefix cache can resume this sequence at n - 1 (engines match at most all but one token)
+        lagp = n - w - 2
+        to_lag = valid & ~stay & (kpos == lagp)
+        gone = r.view[layer, :, :width][valid & ~stay & ~to_lag]
+        old_lag = r.lag[layer][r.lag[layer] >= 0]
+        own_keep = rule.held(torch.cat([torch.zeros(hk, m, dtype=torch.bool), cf[:, 1:]], 1), w)[:, m:]
+        own_lag = torch.zeros(hk, dtype=torch.bool) if lagp < m else pf[:, lagp - lo]
+        drop = torch.cat([gone, old_lag])
+        freed = int(((self.view_refs[drop] == 1) & ~self.cached[drop]).sum())
+        need = int(own_keep.sum()) + int(own_lag.sum())
+        if need > self.n_free + freed:
+            raise SlotsExhausted(f"slots: an extend of {n - m} tokens (layer {layer}) needs "
+                                 f"{need}, {self.n_free + freed} free")
+        # nothing has changed so far; from here on the layer is placed
+        self.token_flag[tokens[:, None], lhs[None, :]] = cf[:, :-1].T  # token m+i decided m+i-1
+        new_lag = torch.full((hk,), -1, dtype=torch.long)
+        hh, jj = to_lag.nonzero(as_tuple=True)
+        new_lag[hh] = r.view[layer, :, :width][hh, jj]
+        self._unref(drop)
+        hi = max(0, n - 1 - w)  # positions lo..hi-1 left the window during this extend
+        if hi > lo:
+            self.left += (hi - lo) * hk
+            self.left_evicted += int(pf[:, :hi - lo].sum())
+        self.flags.set(row, torch.arange(lo, n), pf[None], layer=layer)
+        out = []
+        new_len = stay.sum(-1) + own_keep.sum(-1)
+        self._grow(r, int(new_len.max()))
+        offs = [own_keep[h].nonzero()[:, 0] for h in range(hk)]
+        lag_off = lagp - m
+        stored = [torch.cat([o, torch.tensor([lag_off])]) if own_lag[h] else o for h, o in enumerate(offs)]
+        new_slots = self._alloc(torch.cat([torch.full((o.numel(),), layer * hk + h, dtype=torch.long)
+                                           for h, o in enumerate(stored)]))
+        s0 = 0
+        for h in range(hk):
+            keep_v = r.view[layer, h, :width][stay[h]]
+            keep_p = r.pos[layer, h, :width][stay[h]]
+            o = stored[h]
+            sl = new_slots[s0:s0 + o.numel()]
+            s0 += o.numel()
+            self.slot_token[sl] = tokens[o]
+            self.token_slot[tokens[o], layer * hk + h] = sl
+            if own_lag[h]:
+                new_lag[h] = sl[-1]
+                o, sl = o[:-1], sl[:-1]
+            k = keep_v.numel()
+            r.view[layer, h, :k + o.numel()] = torch.cat([keep_v, sl])
+            r.pos[layer, h, :k + o.numel()] = torch.cat([keep_p, o + m])
+            r.length[layer, h] = k + o.numel()
+            out.append((stored[h], new_slots[s0 - stored[h].numel():s0]))
+        r.lag[layer] = new_lag
+        # view entries of the positions in the window at n
+        lo = max(0, n - 1 - w)
+        p = torch.arange(lo, n)
+        for h in range(hk):
+            pos = r.pos[layer, h, :int(r.length[layer, h])]
+            where = torch.full((n,), -1, dtype=torch.long)
+            where[pos] = torch.arange(pos.numel())
+            r.windex[layer, h, p % self.size] = where[lo:n]
+        r.placed = layer + 1
+        if r.placed == self.n_layers:
+            r.peak = max(r.peak, self.held(row))
         return out
 
-    def _plan(self, s: _Seq, leaving: int, lf: torch.Tensor | None):
-        plan = []
-        new_pages = 0
-        lfl = lf.tolist() if lf is not None else None
-        for layer in range(self.n_layers):
-            for h in range(self.kv_heads):
-                head = s.heads[layer][h]
-                reuse = head.ring.get(leaving) if lfl is not None and lfl[layer][h] else None
-                if reuse is None and len(head.slot_pos) % self.page_size == 0:
-                    new_pages += 1
-                plan.append((layer, h, reuse))
-        return plan, new_pages
+    # ---- rows: decode ----------------------------------------------------------------------
+    def _leaving(self, row: int):
+        r = self.rows[row]
+        pos = rule.leaving(r.seen, self.window)
+        if pos < 0:
+            return None, None
+        return self.flags.ring[row, :, :, pos % self.size], r.windex[:, :, pos % self.size]
 
-    def pages_for_append(self, seq, leaving_flags: torch.Tensor | None) -> int:
-        """Exactly how many new pages :meth:`append` of ``seq``'s next token would take."""
-        s = self.seqs[seq]
-        leaving = rule.leaving(s.seen, self.window)
-        lf = None if leaving < 0 else torch.as_tensor(leaving_flags, dtype=torch.bool)
-        return self._plan(s, leaving, lf)[1]
+    def slots_for_append(self, row: int) -> int:
+        """Exactly how many free slots :meth:`append` of ``row``'s next token needs (the slots its
+        leaving tokens free count as free)."""
+        r = self.rows[row]
+        s = r.lag[r.lag >= 0]  # the lag goes; the leaving tokens become the lag
+        return self.lh - int(((self.view_refs[s] == 1) & ~self.cached[s]).sum())
 
-    def seen(self, seq) -> int:
-        return self.seqs[seq].seen
+    def append(self, row: int, token: int) -> torch.Tensor:
+        """Place ``row``'s next token (engine index ``token``): a new slot per (layer, head), returned
+        ``[layers, heads]``; the flagged token leaving the window leaves the view. Raises
+        SlotsExhausted (nothing changed) when the free slots do not suffice."""
+        r = self.rows.get(row)
+        if r is None or r.placed != self.n_layers:
+            raise bad_value("row", row, "a row whose extend is placed")
+        need = self.slots_for_append(row)
+        if need > self.n_free:
+            raise SlotsExhausted(f"slots: decode step needs {need}, {self.n_free} free")
+        t = r.seen
+        lf, vi = self._leaving(row)
+        L, H = self.n_layers, self.kv_heads
+        if lf is None:
+            lf = torch.zeros(L, H, dtype=torch.bool)
+            vi = torch.zeros(L, H, dtype=torch.long)
+        else:
+            lf = lf.clone()
+            self.left += L * H
+            self.left_evicted += int(lf.sum())
+        leaving = r.view.gather(-1, vi[..., None])[..., 0]
+        self._unref(r.lag[r.lag >= 0])  # first, so that their slots serve this step
+        r.lag = torch.where(lf, leaving, -1)
+        self._grow(r, int(r.length.max()) + 1)
+        new = self._alloc(torch.arange(L * H)).reshape(L, H)
+        target = torch.where(lf, vi, r.length)
+        r.view.scatter_(-1, target[..., None], new[..., None])
+        r.pos.scatter_(-1, target[..., None], torch.full((L, H, 1), t, dtype=torch.long))
+        r.length += (~lf).long()
+        r.windex[..., t % self.size] = target
+        self.slot_token[new.reshape(-1)] = int(token)
+        self.token_slot[int(token)] = new.reshape(-1)
+        self.token_flag[int(token)] = False
+        r.seen = t + 1
+        r.steps += 1
+        held = self.held(row)
+        r.reads += held
+        r.peak = max(r.peak, held)
+        return new
 
-    def stats(self, seq) -> dict:
-        """Figures of one sequence: tokens seen, (layer, head) token slots held now and at peak, and
-        KV token reads of its decode steps (summed over layers and heads)."""
-        s = self.seqs[seq]
-        return {"seen": s.seen, "prompt": s.prompt, "held": self.tokens_held(seq), "peak": s.peak_tokens,
-                "reads": s.reads, "steps": s.seen - s.prompt,
-                "slots_per_token": self.n_layers * self.kv_heads}
+    def decode_flags(self, rows: torch.Tensor, layer: int, positions: torch.Tensor, logits: torch.Tensor,
+                     tokens: torch.Tensor) -> None:
+        """A decode step at ``layer``: the gate logits ``[batch, heads]`` of the tokens (engine indices
+        ``tokens``) at ``positions`` decide the positions before them."""
+        d = self.flags.decode(rows, layer, positions, logits)
+        hk = self.kv_heads
+        self.token_flag[tokens.long().cpu(), layer * hk:(layer + 1) * hk] = d
 
-    # ---- finish --------------------------------------------------------------------------------
-    def release(self, seq) -> int:
-        """Finish or abort: every page of ``seq`` back to the free list; returns how many."""
-        s = self.seqs.pop(seq, None)
-        if s is None:
-            raise bad_value("seq", seq, "a sequence in the pool")
-        n = 0
-        for row in s.heads:
-            for head in row:
-                for p in head.pages:
-                    del self.owner[p]
-                    self.free_list.append(p)
-                    n += 1
-        return n
+    def release(self, row: int) -> dict:
+        """Finish, abort or retract: the row's view lets its slots go; returns its figures."""
+        if row not in self.rows:
+            raise bad_value("row", row, "a row in the pool")
+        st = self.stats(row)
+        r = self.rows.pop(row)
+        valid = torch.arange(r.view.shape[-1])[None, None, :] < r.length[..., None]
+        self._unref(torch.cat([r.view[valid], r.lag[r.lag >= 0]]))
+        return st
 
-    # ---- figures and invariants ----------------------------------------------------------------
-    def held_positions(self, seq, layer: int, head: int) -> set[int]:
-        return set(self.seqs[seq].heads[layer][head].slot_pos)
+    def tables(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slot tables ``[layers, len(rows), heads, width]`` and lengths ``[layers, len(rows), heads]``:
+        the paged-decode kernel's page tables with pages of one slot."""
+        rs = [self.rows[q] for q in rows]
+        width = max((int(r.length.max()) for r in rs), default=0)
+        pt = torch.zeros(self.n_layers, len(rs), self.kv_heads, width, dtype=torch.long)
+        ln = torch.zeros(self.n_layers, len(rs), self.kv_heads, dtype=torch.long)
+        for i, r in enumerate(rs):
+            w = min(width, r.view.shape[-1])
+            pt[:, i, :, :w] = r.view[..., :w]
+            ln[:, i] = r.length
+        return pt, ln
 
-    def tokens_held(self, seq) -> int:
-        return sum(len(h.slot_pos) for row in self.seqs[seq].heads for h in row)
-
-    def page_table(self, seq, layer: int, head: int) -> list[int]:
-        return list(self.seqs[seq].heads[layer][head].pages)
-
-    def page_tables(self, seqs: list) -> tuple[torch.Tensor, torch.Tensor]:
-        """Page tables ``[layers, len(seqs), kv_heads, max pages]`` and lengths ``[layers, len(seqs),
-        kv_heads]`` of ``seqs``, the inputs of the paged-decode kernel (unused entries are page 0)."""
-        heads = [self.seqs[q].heads for q in seqs]
-        width = max((len(h.pages) for hs in heads for row in hs for h in row), default=0)
-        pt = [[[h.pages + [0] * (width - len(h.pages)) for h in hs[layer]] for hs in heads]
-              for layer in range(self.n_layers)]
-        ln = [[[len(h.slot_pos) for h in hs[layer]] for hs in heads] for layer in range(self.n_layers)]
-        return (torch.tensor(pt, dtype=torch.long).reshape(self.n_layers, len(seqs), self.kv_heads, width),
-                torch.tensor(ln, dtype=torch.long).reshape(self.n_layers, len(seqs), self.kv_heads))
-
+    # ---- invariants ------------------------------------------------------------------------
     def check(self) -> None:
-        free = set(self.free_list)
-        assert len(free) == len(self.free_list), "a page is free twice"
-        assert not (free & set(self.owner)), "a page is free and owned"
-        assert len(free) + len(self.owner) == self.num_pages, "a page is leaked"
-        for seq, s in self.seqs.items():
-            for layer, row in enumerate(s.heads):
-                for h, head in enumerate(row):
-                    assert len(head.pages) == -(-len(head.slot_pos) // self.page_size), (seq, layer, h)
-                    for p in head.pages:
-                        assert self.owner.get(p) == (seq, layer, h), (p, self.owner.get(p))
-                    assert len(set(head.slot_pos)) == len(head.slot_pos)
-                    for pos, slot in head.ring.items():
-                        assert head.slot_pos[slot] == pos
+        free = self.free_stack[:self.n_free]
+        assert free.unique().numel() == self.n_free, "a slot is free twice"
+        refs = torch.zeros(self.num_slots, dtype=torch.int32)
+        for r in self.rows.values():
+            valid = torch.arange(r.view.shape[-1])[None, None, :] < r.length[..., None]
+            s = r.view[valid]
+            lh = torch.arange(self.lh).reshape(self.n_layers, self.kv_heads, 1).expand_as(valid)[valid]
+            assert bool((self.slot_lh[s] == lh).all()), "a view holds another head's slot"
+            lag = r.lag.reshape(-1)
+            assert bool((self.slot_lh[lag[lag >= 0]] == torch.arange(self.lh)[lag >= 0]).all())
+            assert not bool(torch.isin(lag[lag >= 0], s).any()), "a lagging slot is still attended"
+            s = torch.cat([s, lag[lag >= 0]])
+            refs.index_add_(0, s, torch.ones_like(s, dtype=torch.int32))
+            for layer in range(self.n_layers):
+                for h in range(self.kv_heads):
+                    k = int(r.length[layer, h])
+                    assert r.view[layer, h, :k].unique().numel() == k, "a view holds a slot twice"
+        assert bool((refs == self.view_refs).all()), "view reference counts are wrong"
+        live = (self.view_refs > 0) | self.cached
+        is_free = torch.zeros(self.num_slots, dtype=torch.bool)
+        is_free[free] = True
+        assert not bool((is_free & live).any()), "a referenced slot is free"
+        assert bool((is_free | live).all()), "a slot is leaked"
+        mapped = self.slot_token >= 0
+        s = mapped.nonzero()[:, 0]
+        assert bool((self.token_slot[self.slot_token[s], self.slot_lh[s]] == s).all()), "token tables disagree"
+        assert bool((self.cached[s] == self.token_cached[self.slot_token[s]]).all()), "cache references disagree"
+        assert not bool((self.cached & ~mapped).any()), "the cache references a slot of no token"
+        t, lh = (self.token_slot >= 0).nonzero(as_tuple=True)
+        assert bool((self.slot_token[self.token_slot[t, lh]] == t).all()), "token tables disagree"
 
 
 class WindowFlags:
-    """Eviction flags of the positions each sequence still has in its window, per (layer, KV head):
-    what :meth:`HeadPagePool.append` needs when those positions leave it. An engine computes the flags
-    layer by layer inside its forward pass; this keeps them, per engine request row, in a ring of
-    ``window + 2`` positions (``t - window - 1 .. t`` while token ``t`` is placed)."""
+    """Eviction flags of the positions each row still has in its window, per (layer, KV head), in a
+    ring of ``window + 2`` positions (``t - window - 1 .. t`` while token ``t`` is placed)."""
 
     def __init__(self, rows: int, n_layers: int, kv_heads: int, window: int, sinks: int):
         self.window, self.sinks, self.size = window, sinks, window + 2
         self.ring = torch.zeros(rows, n_layers, kv_heads, self.size, dtype=torch.bool)
 
+    def set(self, row: int, positions: torch.Tensor, flags: torch.Tensor, layer: int | None = None) -> None:
+        """Flags ``[layers, kv_heads, len(positions)]`` (or ``[1, kv_heads, ...]`` of one ``layer``)."""
+        positions = torch.as_tensor(positions, dtype=torch.long)
+        keep = positions >= positions.max() + 1 - self.size if positions.numel() else positions.bool()
+        p, f = positions[keep], flags[..., keep].cpu()
+        if layer is None:
+            self.ring[row][..., p % self.size] = f
+        else:
+            self.ring[row, layer][:, p % self.size] = f[0]
+
     def prefill(self, row: int, layer: int, flags: torch.Tensor) -> None:
         """The flags ``[kv_heads, n]`` of a prefill of ``n`` tokens (the last ones are kept)."""
-        n = flags.shape[-1]
-        lo = max(0, n - self.size)
-        self.ring[row, layer, :, torch.arange(lo, n) % self.size] = flags[:, lo:].cpu()
+        self.set(row, torch.arange(flags.shape[-1]), flags[None], layer=layer)
 
-    def decode(self, rows: torch.Tensor, layer: int, positions: torch.Tensor, logits: torch.Tensor) -> None:
+    def decode(self, rows: torch.Tensor, layer: int, positions: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """A decode step: the gate logits ``[batch, kv_heads]`` of the tokens at ``positions``
-        (``[batch]``) of request ``rows`` decide the positions before them; the new tokens are undecided."""
+        (``[batch]``) of request ``rows`` decide the positions before them; the new tokens are
+        undecided. Returns the decisions ``[batch, kv_heads]``."""
         rows, t = rows.long().cpu(), positions.long().cpu()
-        self.ring[rows, layer, :, (t - 1) % self.size] = rule.decide_step(logits.cpu(), t, self.sinks)
+        d = rule.decide_step(logits.cpu(), t, self.sinks)
+        self.ring[rows, layer, :, (t - 1) % self.size] = d
         self.ring[rows, layer, :, t % self.size] = False
+        return d
 
     def leaving(self, row: int, seen: int) -> torch.Tensor | None:
         """``[layers, kv_heads]`` flags of the position that leaves the window as token ``seen`` is
