@@ -377,6 +377,14 @@ def test_released_qwen3_dms_checkpoint_loads(tmp_path):
     ids = torch.randint(0, 97, (40,))
     logits, held, ratio, _ = method.run_segment(model, ids[:30], ids[30:])
     assert logits.shape == (10, 97) and 0 < held <= 1 and ratio >= 1
+    # dms_disable_eviction: the same gates decide "keep" everywhere, in every engine (rule.gate_logits)
+    conf["dms_disable_eviction"] = True
+    (tmp_path / "config.json").write_text(json.dumps(conf))
+    off = create("dms", None, checkpoint=str(tmp_path))
+    assert off.config.evict is False
+    assert bool((load_gates(tmp_path, model).logits(0, torch.randn(3, 64)) <= 0).all())
+    _, held_off, ratio_off, _ = off.run_segment(model, ids[:30], ids[30:])
+    assert (held_off, ratio_off) == (1.0, 1.0)
 
 
 def test_released_query_neuron_config_maps(tmp_path):

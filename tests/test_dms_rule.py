@@ -180,3 +180,37 @@ def test_trtllm_flags_and_keep_mask_follow_the_rule(granularity):
                 for k in range(end):
                     assert bool(keep[h, qi, k]) == loop_visible(have[h], start + qi, k, cfg.window)
     assert flags.flags(5, 1).T.tolist() == want
+
+
+def test_sglang_query_neuron_is_the_gate_and_is_zeroed_before_and_after_rope():
+    """SGLang's query-neuron gates: the logit is the neuron's value before RoPE (scaled and offset by
+    the rule), and the query attention sees has the neuron zero after RoPE too, where a rotation of
+    the zeroed query alone would have put part of its pair back (the released code's double zero)."""
+    pytest.importorskip("sglang")
+    from kvsqueeze.backends.sglang import dms as sg_dms
+    from kvsqueeze.methods.dms.config import DMSConfig
+
+    T, H, n_kv, d = 5, 4, 2, 8
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(T, H * d, generator=g), torch.randn(T, n_kv * d, generator=g)
+    positions = torch.arange(T) + 7
+
+    def rope(pos, q, k):  # neox style: dimension i pairs with i + d/2
+        x = q.reshape(T, H, d)
+        ang = pos[:, None, None].float() * 0.3 * (1 + torch.arange(d // 2))[None, None, :]
+        a, b = x[..., : d // 2], x[..., d // 2:]
+        return torch.cat([a * ang.cos() - b * ang.sin(), b * ang.cos() + a * ang.sin()], -1).reshape(T, -1), k
+
+    idx = torch.tensor([(grp * (H // n_kv)) * d + d - 1 for grp in range(n_kv)])
+    cfg = DMSConfig(window=4, sinks=0, gate="query_neuron")
+    out, k_out = sg_dms._QueryNeuronRope(rope, 0, idx, cfg, n_kv)(positions, q, k)
+    assert torch.equal(k_out, k)
+    assert bool((out[:, idx] == 0).all())
+    zeroed = q.clone()
+    zeroed[:, idx] = 0
+    plain = rope(positions, zeroed, k)[0]
+    assert plain[:, idx].abs().min() > 0  # RoPE rotates part of the pair back into the neuron
+    keep = torch.ones(H * d, dtype=torch.bool)
+    keep[idx] = False
+    assert torch.allclose(out[:, keep], plain[:, keep])  # everything else is RoPE of the zeroed query
+    assert torch.allclose(sg_dms._LOGITS.pop(0), q[:, idx] * cfg.logit_scale + cfg.logit_bias)

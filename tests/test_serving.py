@@ -86,3 +86,14 @@ def test_a_missing_calibration_is_refused_before_anything_loads(tmp_path):
     ctx = ServeContext(model=tmp_path, calibration=str(tmp_path / "none.safetensors"))
     with pytest.raises(KvsqueezeError, match="calibration=.*expected an existing KVTC calibration file"):
         plan_server(parse_server("kvtc:8+fusion"), ctx)
+
+
+def test_dms_refuses_a_model_it_is_not_wired_into_before_it_starts(tmp_path, ctx):
+    """A model architecture the gates are not wired into: one clear error naming the value, before
+    SGLang starts (instead of a server whose first forward finds no gate)."""
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["MistralForCausalLM"]}))
+    with pytest.raises(KvsqueezeError, match="architecture='MistralForCausalLM': expected one of "
+                                             "LlamaForCausalLM, Qwen3ForCausalLM"):
+        plan_server(parse_server("dms:4"), ctx)
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen3ForCausalLM"]}))
+    assert "--attention-backend" in plan_server(parse_server("dms:4"), ctx).args

@@ -248,3 +248,54 @@ def test_gates_that_never_evict_give_the_vanilla_outputs(tmp_path_factory, embed
     half = len(prompts) // 2
     got = serve_outputs(tmp_path_factory, "dms0", prompts[:half], {"KVSQUEEZE_DMS": str(d)}, dms=True)
     assert got == vanilla[:half]
+
+
+@pytest.mark.parametrize("separate", [True, False], ids=["projection", "query_neuron"])
+def test_released_qwen3_checkpoint_served_by_sglang_equals_the_reference(tmp_path_factory, separate):
+    """A tiny random Qwen3 in the released Model-Optimizer DMS layout (q/k norms; projection gates, or
+    the repurposed query neuron, zeroed before and after RoPE), served by SGLang with its radix cache
+    and prefill chunks: greedy outputs equal the reference DMS inference, while the gates evict."""
+    from safetensors.torch import load_file, save_file
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from kvsqueeze.attention import ATTN_IMPL, register
+
+    d = tmp_path_factory.mktemp("qwen3-dms")
+    torch.manual_seed(11)
+    cfg = Qwen3Config(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                      tie_word_embeddings=False)
+    Qwen3ForCausalLM(cfg).save_pretrained(d)
+    conf = json.loads((d / "config.json").read_text())
+    conf.update(dms_alpha_scale=100.0, dms_initial_alpha_offset=5.0, dms_window_size=8, dms_cr=4,
+                dms_paged_attention_block_size=8, dms_separate_alpha=separate, dms_alpha_per="head")
+    (d / "config.json").write_text(json.dumps(conf))
+    w = load_file(str(d / "model.safetensors"))
+    w["lm_head.weight"] = w["lm_head.weight"] * 60  # peaked next-token distributions: no near-ties
+    if separate:
+        for i in range(2):
+            w[f"model.layers.{i}.self_attn.dms_proj_alpha.weight"] = torch.randn(2, 64) * 0.05
+            w[f"model.layers.{i}.self_attn.dms_proj_alpha_norm.weight"] = torch.ones(64)
+    save_file({k: v.contiguous() for k, v in w.items()}, str(d / "model.safetensors"))
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 97, (60,), generator=g).tolist() for _ in range(3)]
+    register()
+    hf = Qwen3ForCausalLM.from_pretrained(d, attn_implementation=ATTN_IMPL).eval()
+    method = DMSMethod(checkpoint=str(d))
+    ref = [method.greedy(hf, torch.tensor(p), NEW)[0] for p in prompts]
+    method.unbind(hf)
+    log = d / "server.log"
+    srv = SGLangServer(model=d, port=free_port(), log_path=log, env={"KVSQUEEZE_DMS": str(d)},
+                       extra_args=DMS_ARGS + ["--chunked-prefill-size", "16", "--skip-tokenizer-init",
+                                              "--max-total-tokens", "2048"]).start_and_wait(timeout=400)
+    try:
+        outs = [post(srv.url + "/generate", {"input_ids": p, "sampling_params": {
+            "max_new_tokens": NEW, "temperature": 0, "ignore_eos": True}}) for p in prompts]
+    finally:
+        srv.stop()
+    got = [o["output_ids"] for o in outs]
+    ratios = [o["meta_info"]["kvsqueeze_dms"][0]["ratio"] for o in outs]
+    print(f"released Qwen3 layout, {'projection' if separate else 'query-neuron'} gates, in SGLang: "
+          f"{sum(a == b for a, b in zip(got, ref))}/{len(got)} greedy outputs = reference, ratios {ratios}")
+    assert got == ref
+    assert all(r > 1.3 for r in ratios)  # the gates do evict

@@ -63,6 +63,7 @@ from kvsqueeze.errors import KvsqueezeError, bad_value
 from kvsqueeze.kernels.paged_decode import paged_decode
 from kvsqueeze.methods.dms import rule
 from kvsqueeze.methods.dms.checkpoint import load_config, load_gates
+from kvsqueeze.methods.dms.gates import query_neuron_index
 from kvsqueeze.methods.dms.pages import HeadSlotPool, SlotsExhausted
 
 logger = logging.getLogger(__name__)
@@ -99,23 +100,53 @@ def checkpoint_dir() -> Path | None:
     return d
 
 
+class _QueryNeuronRope(torch.nn.Module):
+    """One layer's RoPE with query-neuron gates: the repurposed neuron of the query (after q-norm,
+    before RoPE) is read as the gate and zeroed, and zeroed again after RoPE, which rotates part of its
+    pair back into it (:func:`kvsqueeze.methods.dms.gates.zero_query_neuron`, the released code)."""
+
+    def __init__(self, rope, layer: int, idx: torch.Tensor, cfg, kv_heads: int):
+        super().__init__()
+        self.rope, self.layer, self.cfg, self.kv_heads = rope, layer, cfg, kv_heads
+        self.register_buffer("idx", idx, persistent=False)
+
+    def forward(self, positions, q, k, *args, **kwargs):
+        c, shape = self.cfg, q.shape
+        flat = q.reshape(shape[0], -1)
+        lg = rule.gate_logits(flat[:, self.idx].float(), c.logit_scale, c.logit_bias, c.per_layer, c.evict)
+        _LOGITS[self.layer] = lg.expand(shape[0], self.kv_heads).detach()
+        flat = flat.clone()
+        flat[:, self.idx] = 0.0
+        q, k = self.rope(positions, flat.reshape(shape), k, *args, **kwargs)
+        out = q.reshape(q.shape[0], -1).clone()
+        out[:, self.idx] = 0.0
+        return out.reshape(q.shape), k
+
+
 def _install_gates(model, directory: Path) -> None:
     cfg = load_config(directory)
-    if cfg.gate != "projection":
-        raise bad_value("gate", cfg.gate, "projection gates (query-neuron gates are not wired into "
-                        "SGLang yet)")
     gates = load_gates(directory, model).to(next(model.parameters()).device)
     model._kvsqueeze_dms = (cfg, gates)
-    dtype = gates.layers[0].dms_proj_alpha.weight.dtype
-    for i, layer in enumerate(model.model.layers):
-        def pre_hook(module, args, i=i):
-            x = args[0]
-            if len(args) > 1 and args[1] is not None:
-                x = x + args[1]  # the boundary adds the previous output into the residual here
-            _LOGITS[i] = gates.logits(i, x.to(dtype)).expand(*x.shape[:-1], gates.layers[i].dms_proj_alpha
-                                                             .out_features).detach()
-        layer.input_layernorm.register_forward_pre_hook(pre_hook)
-    logger.info("kvsqueeze DMS: gates from %s (window %d, sinks %d)", directory, cfg.window, cfg.sinks)
+    n_kv = model.config.num_key_value_heads
+    if cfg.gate == "projection":
+        dtype = gates.layers[0].dms_proj_alpha.weight.dtype
+        for i, layer in enumerate(model.model.layers):
+            def pre_hook(module, args, i=i):
+                x = args[0]
+                if len(args) > 1 and args[1] is not None:
+                    x = x + args[1]  # the boundary adds the previous output into the residual here
+                _LOGITS[i] = gates.logits(i, x.to(dtype)).expand(*x.shape[:-1], n_kv).detach()
+            layer.input_layernorm.register_forward_pre_hook(pre_hook)
+    else:
+        idx = query_neuron_index(model)
+        for i, layer in enumerate(model.model.layers):
+            attn = layer.self_attn
+            if getattr(attn, "use_fused_qk_norm_rope", False):  # a fused kernel would skip the wrapper
+                set_value(attn, "use_fused_qk_norm_rope", "dms.query_neuron", False)
+            set_value(attn, "rotary_emb", "dms.query_neuron",
+                      _QueryNeuronRope(attn.rotary_emb, i, idx.to(next(model.parameters()).device), cfg, n_kv))
+    logger.info("kvsqueeze DMS: %s gates from %s (window %d, sinks %d%s)", cfg.gate, directory, cfg.window,
+                cfg.sinks, "" if cfg.evict else ", eviction off")
 
 
 # ---- the per-process state: the head slot pool and its storage -----------------------------------
@@ -401,7 +432,7 @@ def _backend_class():
             lg = _LOGITS.pop(layer_id, None)
             if lg is None:
                 raise RuntimeError(f"{ENV} is set but no DMS gate ran for layer {layer_id}: the gates are "
-                                   "wired into LlamaForCausalLM only")
+                                   f"wired into {', '.join(MODELS)} only")
             if lg.shape[0] != n:
                 raise RuntimeError(f"DMS gate logits for {lg.shape[0]} tokens, but the batch has {n}")
             return lg
@@ -492,14 +523,19 @@ def _radix_cache_class():
     return DMSRadixCache
 
 
-def _model_class(llama_cls, directory: Path):
-    class DMSLlamaForCausalLM(llama_cls):
+MODELS = ("LlamaForCausalLM", "Qwen3ForCausalLM")  # SGLang model classes DMS is wired into
+
+
+def _model_class(base_cls, directory: Path):
+    class DMSForCausalLM(base_cls):
         def load_weights(self, weights):
-            out = super().load_weights(weights)
+            # a released checkpoint keeps its gates among the weights: they are DMS's, not the model's
+            out = super().load_weights((n, w) for n, w in weights if "dms_proj_alpha" not in n)
             _install_gates(self, directory)
             return out
 
-    return DMSLlamaForCausalLM
+    DMSForCausalLM.__name__ = DMSForCausalLM.__qualname__ = f"DMS{base_cls.__name__}"
+    return DMSForCausalLM
 
 
 def install() -> bool:
@@ -519,8 +555,9 @@ def install() -> bool:
 
     add_attention_backend_choices(["dms"])
     register_attention_backend("dms")(lambda runner: _backend_class()(runner))
-    patch_item(ModelRegistry.models, "LlamaForCausalLM", "dms", lambda cls: _model_class(cls, directory),
-               owner="sglang ModelRegistry.models")
+    for name in MODELS:
+        patch_item(ModelRegistry.models, name, "dms", lambda cls: _model_class(cls, directory),
+                   owner="sglang ModelRegistry.models")
 
     def running_offset(orig):
         def _running_offset(self, req):

@@ -252,11 +252,20 @@ class DMSSpec(ServingSpec):
         return out
 
     def check(self, spec, ctx, args):
+        from kvsqueeze.backends.sglang import dms as sg_dms
+        from kvsqueeze.methods.dms.checkpoint import load_config
+
         super().check(spec, ctx, args)
         page = flag_value(args, "--page-size")
         if page not in (None, "1"):
             raise bad_value("page-size", page, "1 with DMS (SGLang's token indices; the per-head pool "
                             "allocates its own slots)")
+        load_config(self.checkpoint(spec))  # a directory without DMS parameters fails here
+        cfg_file = Path(ctx.model) / "config.json"
+        arch = json.loads(cfg_file.read_text()).get("architectures", []) if cfg_file.is_file() else []
+        if arch and not set(arch) <= set(sg_dms.MODELS):
+            raise bad_value("architecture", ",".join(arch), f"one of {', '.join(sg_dms.MODELS)} with DMS in "
+                            "SGLang (the model classes the gates are wired into)")
         for flag, value in DMS_FLAGS:
             given = flag_value(args, flag)
             if has_flag(args, flag) and given != value:

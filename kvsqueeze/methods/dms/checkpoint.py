@@ -47,6 +47,7 @@ def released_config(directory: Path) -> DMSConfig:
         tau=float(c.get("dms_tau", 0.1)),
         logit_scale=float(c.get("dms_alpha_scale", 100.0)),
         logit_bias=-float(c.get("dms_initial_alpha_offset", 5.0)),
+        evict=not bool(c.get("dms_disable_eviction", False)),
     )
 
 

@@ -21,7 +21,8 @@ class DMSConfig:
     on an RMS norm of the layer input) or ``query_neuron`` (the last neuron of the first query head of
     each GQA group, after q-norm and before RoPE, then zeroed); ``granularity``: one decision per KV
     head or per layer; ``tau``: the training relaxation's temperature; the gate logit is
-    ``raw * logit_scale + logit_bias`` (starts at "keep")."""
+    ``raw * logit_scale + logit_bias`` (starts at "keep"); ``evict``: False turns eviction off (every
+    decision "keep"; a released checkpoint's ``dms_disable_eviction``)."""
 
     window: int = 64
     sinks: int = 4
@@ -31,6 +32,7 @@ class DMSConfig:
     tau: float = 0.1
     logit_scale: float = 100.0
     logit_bias: float = -5.0
+    evict: bool = True
 
     def __post_init__(self):
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
@@ -45,6 +47,8 @@ class DMSConfig:
             raise bad_value("target_ratio", self.target_ratio, "a compression ratio >= 1")
         if not self.tau > 0:
             raise bad_value("tau", self.tau, "a temperature > 0")
+        if not isinstance(self.evict, bool):
+            raise bad_value("evict", self.evict, "true or false")
 
     @property
     def per_layer(self) -> bool:

@@ -67,7 +67,7 @@ class DMSGates(nn.Module):
                             "parameters of their own)")
         c = self.config
         return rule.gate_logits(self.layers[layer](layer_input).float(), c.logit_scale, c.logit_bias,
-                                c.per_layer)
+                                c.per_layer, c.evict)
 
 
 def query_neuron_index(model) -> torch.Tensor:
@@ -127,7 +127,7 @@ def install(model, gates: DMSGates) -> list:
                     return None
                 flat = out.reshape(*out.shape[:-2], -1) if has_norm else out  # [b, T, heads, d] after q_norm
                 run.add_logits(i, rule.gate_logits(flat[..., idx].float(), cfg.logit_scale,
-                                                   cfg.logit_bias, cfg.per_layer))
+                                                   cfg.logit_bias, cfg.per_layer, cfg.evict))
                 flat = flat.clone()
                 flat[..., idx] = 0.0
                 return flat.reshape(out.shape)

@@ -24,11 +24,17 @@ from __future__ import annotations
 import torch
 
 
-def gate_logits(raw: torch.Tensor, logit_scale: float, logit_bias: float, per_layer: bool) -> torch.Tensor:
+NEVER = -1e4  # the logit of every decision when eviction is turned off
+
+
+def gate_logits(raw: torch.Tensor, logit_scale: float, logit_bias: float, per_layer: bool,
+                evict: bool = True) -> torch.Tensor:
     """``raw [..., kv_heads]`` -> logits ``[..., kv_heads]``, or ``[..., 1]`` with per-layer granularity
-    (the first head's logit, which broadcasts over the heads)."""
+    (the first head's logit, which broadcasts over the heads). With ``evict`` False (eviction turned
+    off, a released checkpoint's ``dms_disable_eviction``) every logit says "keep"."""
     lg = raw * logit_scale + logit_bias
-    return lg[..., :1] if per_layer else lg
+    lg = lg[..., :1] if per_layer else lg
+    return lg if evict else torch.full_like(lg, NEVER)
 
 
 def hard(logits: torch.Tensor) -> torch.Tensor:
