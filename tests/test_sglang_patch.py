@@ -111,9 +111,10 @@ def test_dms_and_fusion_both_add_their_meta_info_in_one_process(tmp_path):
         class FusionState:
             per_request = {{"r1": [4, 1]}}
             def stats(self): return {{}}
-        st = dms._State(64, 2, 1, 4, 4, __import__("torch").float32, "cpu", rows=2, window=2, sinks=0, ps=8)
+        st = dms._State(64, 2, 1, 4, 4, __import__("torch").float32, "cpu", rows=2, window=2, sinks=0,
+                        num_tokens=65)
         st.per_request["r1"] = {{"peak": 6, "reads": 30, "steps": 3, "dense_reads": 40, "held": 5, "seen": 8,
-                                 "slots_per_token": 2}}
+                                 "slots_per_token": 2, "shared": 0}}
         alloc = SimpleNamespace(_kvsqueeze_dms=st)
         alloc.__dict__["_kvsqueeze_fusion"] = FusionState()
         me = SimpleNamespace(tree_cache=SimpleNamespace(token_to_kv_pool_allocator=alloc))

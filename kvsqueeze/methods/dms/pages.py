@@ -535,10 +535,6 @@ class WindowFlags:
         else:
             self.ring[row, layer][:, p % self.size] = f[0]
 
-    def prefill(self, row: int, layer: int, flags: torch.Tensor) -> None:
-        """The flags ``[kv_heads, n]`` of a prefill of ``n`` tokens (the last ones are kept)."""
-        self.set(row, torch.arange(flags.shape[-1]), flags[None], layer=layer)
-
     def decode(self, rows: torch.Tensor, layer: int, positions: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """A decode step: the gate logits ``[batch, kv_heads]`` of the tokens at ``positions``
         (``[batch]``) of request ``rows`` decide the positions before them; the new tokens are
@@ -554,6 +550,3 @@ class WindowFlags:
         placed, or None while there is none."""
         pos = rule.leaving(seen, self.window)
         return None if pos < 0 else self.ring[row, :, :, pos % self.size]
-
-    def reset(self) -> None:
-        self.ring.zero_()
