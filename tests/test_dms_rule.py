@@ -187,7 +187,7 @@ def test_sglang_query_neuron_is_the_gate_and_is_zeroed_before_and_after_rope():
     the rule), and the query attention sees has the neuron zero after RoPE too, where a rotation of
     the zeroed query alone would have put part of its pair back (the released code's double zero).
     (The wrapper needs no SGLang import: importing SGLang patches transformers, which the reference
-    model tests of this session must not see.)"""
+    model tests run in the same process must not see.)"""
     from kvsqueeze.backends.sglang import dms as sg_dms
     from kvsqueeze.methods.dms.config import DMSConfig
 
