@@ -369,7 +369,8 @@ from kvsqueeze.kernels.paged_decode import (paged_decode_reference, paged_decode
                                             paged_decode_triton)
 torch.manual_seed(0)
 for (b, hq, hkv, d, ps, npages, maxp) in [(2, 9, 3, 64, 16, 40, 6), (1, 4, 4, 48, 8, 10, 3),
-                                         (3, 2, 1, 32, 32, 20, 4), (2, 6, 3, 64, 64, 12, 2)]:
+                                         (3, 2, 1, 32, 32, 20, 4), (2, 6, 3, 64, 64, 12, 2),
+                                         (2, 9, 3, 64, 1, 600, 90)]:  # page size 1: the slot pool's tables
     q = torch.randn(b, hq, d)
     k, v = torch.randn(npages, ps, d), torch.randn(npages, ps, d)
     pt = torch.randint(0, npages, (b, hkv, maxp))
