@@ -289,22 +289,29 @@ class HeadSlotPool:
         lead = torch.zeros(hk, 1 if r.start == 0 else 0, dtype=torch.bool)
         return torch.cat([lead, f, torch.zeros(hk, 1, dtype=torch.bool)], 1)
 
+    def _prefix_flags(self, row: int, layer: int, cf: torch.Tensor):
+        """The extend's view at ``layer`` before it is placed: ``lo`` (the window's start at ``m``), the
+        flags ``pf [heads, n - lo]`` of positions ``lo..n-1`` (the ring's, then the extend's ``cf``), and
+        per view entry its position, whether it is used, and its flag."""
+        r = self.rows[row]
+        m, w = r.start, self.window
+        lo = max(0, m - 1 - w)
+        before = torch.arange(lo, max(m - 1, lo))
+        pf = torch.cat([self.flags.ring[row, layer][:, before % self.size], cf if m else cf[:, 1:]], 1)
+        ln = r.length[layer]
+        width = int(ln.max()) if ln.numel() else 0
+        kpos = r.pos[layer, :, :width]
+        valid = torch.arange(width)[None, :] < ln[:, None]
+        kflag = torch.where(kpos >= lo, pf.gather(-1, (kpos - lo).clamp(min=0)), False) & valid
+        return lo, pf, kpos, valid, kflag
+
     def extend_attention(self, row: int, layer: int, cf: torch.Tensor):
         """What the extend's queries attend at ``layer``: the view's slots ``[heads, P]`` (padding 0)
         and the mask ``[heads, e, P + e]`` over (those slots, then the extend's own tokens)."""
         r = self.rows[row]
         m, n, w = r.start, r.seen, self.window
-        ln = r.length[layer]
-        width = int(ln.max()) if ln.numel() else 0
-        slots = r.view[layer, :, :width]
-        kpos = r.pos[layer, :, :width]
-        valid = torch.arange(width)[None, :] < ln[:, None]
-        kflag = torch.zeros_like(valid)
-        if m:
-            ring = self.flags.ring[row, layer]  # [heads, size]
-            inwin = kpos >= m - 1 - w
-            kflag = torch.where(inwin, ring.gather(-1, kpos % self.size), False) & valid
-            kflag = torch.where(kpos == m - 1, cf[:, :1].expand_as(kflag), kflag) & valid
+        _, _, kpos, valid, kflag = self._prefix_flags(row, layer, cf)
+        slots = r.view[layer, :, :kpos.shape[-1]]
         qpos = torch.arange(m, n)[None, :, None]
         pre = valid[:, None, :] & ~(kflag[:, None, :] & rule.outside_window(qpos, kpos[:, None, :], w))
         own = rule.visible(cf[:, 1:], 0, n - m, w)  # positions m..n-1 among themselves
@@ -321,17 +328,9 @@ class HeadSlotPool:
         if tokens.numel() != n - m or r.placed != layer:
             raise bad_value("extend", (layer, tokens.numel()), f"layer {r.placed} of {n - m} tokens")
         lhs = torch.arange(layer * hk, (layer + 1) * hk)
-        # flags of positions lo..n-1 (lo: the window's start at m): the ring's, then the extend's
-        lo = max(0, m - 1 - w)
-        ring = self.flags.ring[row, layer]
-        before = torch.arange(lo, max(m - 1, lo))
-        pf = torch.cat([ring[:, before % self.size], cf if m else cf[:, 1:]], 1)  # [heads, n - lo]
+        lo, pf, kpos, valid, kflag = self._prefix_flags(row, layer, cf)
+        width = kpos.shape[-1]
         # the prefix's entries that leave: flagged, and out of the window at n
-        ln = r.length[layer]
-        width = int(ln.max()) if ln.numel() else 0
-        kpos = r.pos[layer, :, :width]
-        valid = torch.arange(width)[None, :] < ln[:, None]
-        kflag = torch.where(kpos >= lo, pf.gather(-1, (kpos - lo).clamp(min=0)), False) & valid
         stay = valid & ~(kflag & ~rule.in_window(kpos, n, w))
         # the lag: position n - w - 2 stays stored (not attended) one more step if flagged, so that a
         # prefix cache can resume this sequence at n - 1 (engines match at most all but one token)
@@ -400,10 +399,8 @@ class HeadSlotPool:
     # ---- rows: decode ----------------------------------------------------------------------
     def _leaving(self, row: int):
         r = self.rows[row]
-        pos = rule.leaving(r.seen, self.window)
-        if pos < 0:
-            return None, None
-        return self.flags.ring[row, :, :, pos % self.size], r.windex[:, :, pos % self.size]
+        lf = self.flags.leaving(row, r.seen)
+        return (None, None) if lf is None else (lf, r.windex[:, :, rule.leaving(r.seen, self.window) % self.size])
 
     def slots_for_append(self, row: int) -> int:
         """Exactly how many free slots :meth:`append` of ``row``'s next token needs (the slots its
