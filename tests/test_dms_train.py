@@ -25,8 +25,12 @@ def test_train_writes_a_loadable_checkpoint_and_resumes_exactly(small_model, tmp
     path = small_model
     cfg = TrainConfig(**CFG)
     full = tmp_path / "full"
+    before = torch.get_num_threads()
     summary = train(path, full, cfg, progress=False)
     assert summary["steps"] == 4 and all(k in summary for k in ("final_loss", "final_evicted_fraction"))
+    # trained on the configured 1 thread, and the caller's thread count given back afterwards (it
+    # once stayed at 1 for the rest of the process: every later torch computation on one core)
+    assert summary["torch_threads"] == 1 and torch.get_num_threads() == before
     for f in ("config.json", "model.safetensors", "dms_config.json", "dms_gates.safetensors",
               "train_state.pt", "train_summary.json", "train_history.json"):
         assert (full / f).is_file(), f

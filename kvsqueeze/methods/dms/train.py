@@ -181,13 +181,21 @@ def train(model_path: Path, out_dir: Path, cfg: TrainConfig, progress: bool = Tr
           device: str = "cpu") -> dict:
     """Train; ``device`` (not part of the configuration: a run resumes on any device) places the
     model, gates, data and Gumbel noise. A CUDA run draws other noise than a CPU run of the same seed."""
+    threads_before = torch.get_num_threads()  # the caller's setting, given back at the end
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _train(model_path, out_dir, cfg, progress, device)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _train(model_path: Path, out_dir: Path, cfg: TrainConfig, progress: bool, device: str) -> dict:
     from safetensors.torch import save_file
 
     from kvsqueeze.allocator import retain_freed_memory
     from kvsqueeze.model import load_hf
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tok, model = load_hf(model_path)
