@@ -121,6 +121,84 @@ def test_gate_logits_read_the_layer_input_as_the_hf_reference_does():
         torch.testing.assert_close(got, run.logits[i][0].T, atol=1e-5, rtol=1e-5)
 
 
+def _tiny_query_neuron_model(arch: str):
+    """A 2-layer random Llama or Qwen3 (4 query, 2 KV heads of 16 dims; Qwen3 with its q/k norms) on
+    kvsqueeze's attention, the reference the HF DMS path is tested with."""
+    from kvsqueeze.attention import ATTN_IMPL, register
+
+    register()
+    torch.manual_seed(3)
+    common = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
+    if arch == "qwen3":
+        from transformers import Qwen3Config as Config, Qwen3ForCausalLM as Model
+    else:
+        from transformers import LlamaConfig as Config, LlamaForCausalLM as Model
+    cfg = Config(**common)
+    cfg._attn_implementation = ATTN_IMPL
+    return Model(cfg).eval()
+
+
+class _TrtllmStyleRope:
+    """The HF model's own RoPE behind TensorRT-LLM's ``RotaryEmbedding`` call convention:
+    ``rope(position_ids, [q, k]) -> [q, k]`` with ``q [tokens, heads * head_dim]``."""
+
+    def __init__(self, model):
+        self.model, c = model, model.config
+        self.heads, self.kv_heads, self.d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+
+    def __call__(self, position_ids, targets):
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        q, k = targets
+        t = q.shape[0]
+        cos, sin = self.model.model.rotary_emb(q, position_ids)
+        qr, kr = apply_rotary_pos_emb(q.view(t, self.heads, self.d).transpose(0, 1)[None],
+                                      k.view(t, self.kv_heads, self.d).transpose(0, 1)[None], cos, sin)
+        return [qr[0].transpose(0, 1).reshape(t, -1), kr[0].transpose(0, 1).reshape(t, -1)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_query_neuron_gates_in_trtllm_rope_equal_the_reference(arch, monkeypatch):
+    """TensorRT-LLM's query-neuron path (:class:`QueryNeuronRotary` around a RoPE with the engine's call
+    convention, fed the query after the q-norm as the engine's attention module computes it) hands its
+    attention backend the gate logits the HF reference (``DMSRun``) records, and its post-RoPE query is
+    the one the reference attention scores: the neurons zero after RoPE too, every other value equal."""
+    import kvsqueeze.attention as attention
+    from kvsqueeze.attention import AttentionState, attention_state
+    from kvsqueeze.methods.dms.gates import install, query_neuron_index
+
+    model = _tiny_query_neuron_model(arch)
+    cfg = DMSConfig(window=4, sinks=1, gate="query_neuron")
+    pre_rope = {}  # the query as the engine's module has it before RoPE (after q_norm for Qwen3)
+    for i, layer in enumerate(model.model.layers):
+        target = getattr(layer.self_attn, "q_norm", None) or layer.self_attn.q_proj
+        target.register_forward_hook(lambda m, a, out, i=i: pre_rope.__setitem__(i, out.detach().clone()))
+    install(model, DMSGates.for_model(model, cfg))  # after ours: our hooks see the query unmodified
+    scored, original = [], attention.grouped_scores
+    monkeypatch.setattr(attention, "grouped_scores",
+                        lambda q, k, s: scored.append(q.detach().clone()) or original(q, k, s))
+    ids = torch.randint(0, 97, (1, 21), generator=torch.Generator().manual_seed(1))
+    run = DMSRun(cfg)
+    with torch.no_grad(), attention_state(AttentionState(dms=run)):
+        model(ids)
+    idx = query_neuron_index(model)
+    rope = _TrtllmStyleRope(model)
+    positions = torch.arange(21)[None]
+    for i in range(2):
+        q = pre_rope[i].reshape(21, -1)  # [tokens, heads * head_dim]
+        k = torch.randn(21, 2 * 16)
+        backend = type("Backend", (), {"dms_logits": None})()
+        with torch.no_grad():
+            q_out, k_out = tdms.QueryNeuronRotary(rope, idx, cfg, 2, backend)(positions, [q, k])
+            unzeroed = rope(positions, [q.index_fill(1, idx, 0.0), k])[0]
+        torch.testing.assert_close(backend.dms_logits, run.logits[i][0].T, atol=1e-5, rtol=1e-5)
+        assert unzeroed[:, idx].abs().max() > 1e-3  # RoPE rotates part of the pair back into the neuron
+        assert torch.equal(q_out[:, idx], torch.zeros(21, 2))  # ... and it is zeroed again
+        torch.testing.assert_close(q_out, scored[i][0].transpose(0, 1).reshape(21, -1), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(k_out, rope(positions, [q, k])[1])  # keys untouched by the gate
+
+
 def _tiny_model_dir(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -161,10 +239,24 @@ def test_export_writes_a_checkpoint_the_trtllm_model_loads(tmp_path):
         split_released({**rest, **gate_tensors}, 2)
     with pytest.raises(KvsqueezeError, match="a new or empty directory"):
         tdms.export_checkpoint(base, gates, out)
-    with pytest.raises(KvsqueezeError, match="gate='query_neuron'"):
-        tdms.export_checkpoint(base, DMSGates(DMSConfig(gate="query_neuron"), 32, 2, 2), tmp_path / "q")
     with pytest.raises(KvsqueezeError, match=r"gates=3: expected 2 layers"):
         tdms.export_checkpoint(base, DMSGates(cfg, 32, 3, 2), tmp_path / "three")
+    # query-neuron gates: the config alone (no gate tensors), and the weights split with none expected
+    q_cfg = DMSConfig(window=16, gate="query_neuron")
+    q_out = tdms.export_checkpoint(base, DMSGates(q_cfg, 32, 2, 2), tmp_path / "q")
+    assert DMSConfig(**json.loads((q_out / "config.json").read_text())[tdms.CONFIG_KEY]) == q_cfg
+    assert not (q_out / "dms_gates.safetensors").exists()
+    assert split_released(load_file(str(q_out / "model.safetensors")), 2, "query_neuron")[1] == {}
+    # a Qwen3 base gets the Qwen3 architecture; another model type is refused naming the supported ones
+    qwen = json.loads((base / "config.json").read_text())
+    (tmp_path / "qwen").mkdir()
+    (tmp_path / "qwen" / "config.json").write_text(json.dumps({**qwen, "model_type": "qwen3"}))
+    got = tdms.export_checkpoint(tmp_path / "qwen", DMSGates(q_cfg, 32, 2, 2), tmp_path / "qwen-out")
+    assert json.loads((got / "config.json").read_text())["architectures"] == ["KvsqueezeDMSQwen3ForCausalLM"]
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "config.json").write_text(json.dumps({**qwen, "model_type": "gpt2"}))
+    with pytest.raises(KvsqueezeError, match="model_type='gpt2'.*llama, qwen3"):
+        tdms.export_checkpoint(tmp_path / "gpt2", gates, tmp_path / "gpt2-out")
 
 
 @pytest.mark.skipif(HAS_TRTLLM, reason="checks the message given where TensorRT-LLM is absent")
@@ -183,4 +275,5 @@ def test_engine_classes_subclass_vanilla_attention():  # pragma: no cover - GPU 
 
     tdms.register()
     assert issubclass(tdms.DMSVanillaAttention, VanillaAttention)
-    assert MODEL_CLASS_MAPPING[tdms.ARCHITECTURE] is getattr(tdms, tdms.ARCHITECTURE)
+    for arch in tdms.ARCHITECTURES.values():
+        assert MODEL_CLASS_MAPPING[arch] is getattr(tdms, arch)

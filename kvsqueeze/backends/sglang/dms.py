@@ -61,9 +61,8 @@ from kvsqueeze.backends.sglang.metrics import gauges
 from kvsqueeze.backends.sglang.patch import patch, patch_item, set_value
 from kvsqueeze.errors import KvsqueezeError, bad_value
 from kvsqueeze.kernels.paged_decode import paged_decode
-from kvsqueeze.methods.dms import rule
 from kvsqueeze.methods.dms.checkpoint import load_config, load_gates
-from kvsqueeze.methods.dms.gates import query_neuron_index
+from kvsqueeze.methods.dms.gates import query_neuron_index, read_query_neuron, zero_neurons
 from kvsqueeze.methods.dms.pages import HeadSlotPool, SlotsExhausted
 
 logger = logging.getLogger(__name__)
@@ -103,7 +102,7 @@ def checkpoint_dir() -> Path | None:
 class _QueryNeuronRope(torch.nn.Module):
     """One layer's RoPE with query-neuron gates: the repurposed neuron of the query (after q-norm,
     before RoPE) is read as the gate and zeroed, and zeroed again after RoPE, which rotates part of its
-    pair back into it (:func:`kvsqueeze.methods.dms.gates.zero_query_neuron`, the released code)."""
+    pair back into it (:func:`kvsqueeze.methods.dms.gates.read_query_neuron` and ``zero_neurons``, the released code)."""
 
     def __init__(self, rope, layer: int, idx: torch.Tensor, cfg, kv_heads: int):
         super().__init__()
@@ -111,16 +110,11 @@ class _QueryNeuronRope(torch.nn.Module):
         self.register_buffer("idx", idx, persistent=False)
 
     def forward(self, positions, q, k, *args, **kwargs):
-        c, shape = self.cfg, q.shape
-        flat = q.reshape(shape[0], -1)
-        lg = rule.gate_logits(flat[:, self.idx].float(), c.logit_scale, c.logit_bias, c.per_layer, c.evict)
+        shape = q.shape
+        lg, flat = read_query_neuron(q.reshape(shape[0], -1), self.idx, self.cfg)
         _LOGITS[self.layer] = lg.expand(shape[0], self.kv_heads).detach()
-        flat = flat.clone()
-        flat[:, self.idx] = 0.0
         q, k = self.rope(positions, flat.reshape(shape), k, *args, **kwargs)
-        out = q.reshape(q.shape[0], -1).clone()
-        out[:, self.idx] = 0.0
-        return out.reshape(q.shape), k
+        return zero_neurons(q.reshape(q.shape[0], -1), self.idx).reshape(q.shape), k
 
 
 def _install_gates(model, directory: Path) -> None:

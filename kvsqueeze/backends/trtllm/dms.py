@@ -18,15 +18,18 @@ TensorRT-LLM part (created on first access when ``tensorrt_llm`` imports; verifi
 
 - ``DMSVanillaAttention``: the ``VANILLA`` attention backend with the DMS mask: it receives the gate
   logits of the layer's tokens, updates the slot's flags and attends under :func:`keep_mask`;
-- ``KvsqueezeDMSLlamaForCausalLM``: registered with ``register_auto_model``; a Llama model whose decoder
-  layers compute the projection gates from the layer input (the residual stream the input norm
-  returns) and hand the logits to their attention backend; its ``load_weights`` takes the DMS
-  parameters (released naming, ``model.layers.N.self_attn.dms_proj_alpha[_norm].weight``) out of the
-  checkpoint and loads the rest as Llama weights.
+- ``KvsqueezeDMSLlamaForCausalLM`` and ``KvsqueezeDMSQwen3ForCausalLM``: registered with
+  ``register_auto_model``; Llama / Qwen3 models whose decoder layers hand gate logits to their
+  attention backend: projection gates from the layer input (the residual stream the input norm
+  returns), query-neuron gates from the query in the module's RoPE (:class:`QueryNeuronRotary`: read
+  after the q-norm, zeroed before and after RoPE; Qwen3's fused q/k-norm + RoPE kernel is turned off
+  for it); ``load_weights`` takes the DMS parameters (released naming,
+  ``model.layers.N.self_attn.dms_proj_alpha[_norm].weight``; none for query-neuron gates) out of the
+  checkpoint and loads the rest as the base model's weights.
 
 :func:`export_checkpoint` writes a directory TensorRT-LLM loads as that model (HF weights, config with
-``architectures = ["KvsqueezeDMSLlamaForCausalLM"]`` and ``kvsqueeze_dms`` = the DMS config, the gates
-in ``dms_gates.safetensors`` under the released names). Serve it with ``attn_backend="VANILLA"`` after
+``architectures`` naming ours and ``kvsqueeze_dms`` = the DMS config; projection gates in
+``dms_gates.safetensors`` under the released names). Serve it with ``attn_backend="VANILLA"`` after
 ``kvsqueeze.backends.trtllm.dms.register()`` (registers the architecture in the calling process).
 
 Memory: TensorRT-LLM 1.2's vanilla backend keeps each sequence in one contiguous cache block, and its
@@ -49,9 +52,10 @@ from kvsqueeze.errors import KvsqueezeError, bad_value
 from kvsqueeze.methods.dms import rule
 from kvsqueeze.methods.dms.checkpoint import load_released_tensors, released_tensors, split_released
 from kvsqueeze.methods.dms.config import GATES_FILE, DMSConfig
-from kvsqueeze.methods.dms.gates import DMSGates
+from kvsqueeze.methods.dms.gates import DMSGates, neuron_index, read_query_neuron, zero_neurons
 
 ARCHITECTURE = "KvsqueezeDMSLlamaForCausalLM"
+ARCHITECTURES = {"llama": ARCHITECTURE, "qwen3": "KvsqueezeDMSQwen3ForCausalLM"}  # model_type -> ours
 CONFIG_KEY = "kvsqueeze_dms"
 
 
@@ -135,11 +139,34 @@ def gate_logits(gates: DMSGates, layer: int, layer_input: torch.Tensor) -> torch
     """Projection-gate logits ``[tokens, kv_heads or 1]`` from the layer input (pre-norm residual)."""
     cfg = gates.config
     if cfg.gate != "projection":
-        raise bad_value("gate", cfg.gate, "'projection' (query-neuron gates are not wired for TensorRT-LLM)")
+        raise bad_value("gate", cfg.gate, "'projection' (query-neuron gates are read in RoPE: QueryNeuronRotary)")
     weight = gates.layers[layer].dms_proj_alpha.weight
     if weight.device != layer_input.device:  # the engine may build the model before placing it
         gates.to(layer_input.device)
     return gates.logits(layer, layer_input.to(weight.dtype))
+
+
+class QueryNeuronRotary(torch.nn.Module):
+    """A layer's RoPE for query-neuron gates, with the call convention of TensorRT-LLM's
+    ``RotaryEmbedding`` (``rotary(position_ids, [q, k], ...) -> [q, k]``, ``q [tokens, heads * head_dim]``):
+    the repurposed neurons of the query (after the q-norm where the model has one, before RoPE) are read
+    as the gate logits and handed to the layer's attention backend (``backend.dms_logits``), zeroed, and
+    zeroed again after RoPE (:func:`kvsqueeze.methods.dms.gates.read_query_neuron`, ``zero_neurons``: the
+    rule every engine calls)."""
+
+    def __init__(self, rotary, idx: torch.Tensor, config: DMSConfig, kv_heads: int, backend):
+        super().__init__()
+        self.rotary, self.config, self.kv_heads, self._backend = rotary, config, kv_heads, [backend]
+        self.register_buffer("idx", idx, persistent=False)
+
+    def forward(self, position_ids, targets, *args, **kwargs):
+        q, *rest = targets
+        n = q.shape[0]
+        logits, flat = read_query_neuron(q.reshape(n, -1), self.idx.to(q.device), self.config)
+        self._backend[0].dms_logits = logits.expand(n, self.kv_heads)
+        out = list(self.rotary(position_ids, [flat.reshape(q.shape), *rest], *args, **kwargs))
+        out[0] = zero_neurons(out[0].reshape(n, -1), self.idx.to(q.device)).reshape(out[0].shape)
+        return out
 
 
 def reclaim_support(version: tuple[int, ...] | None) -> tuple[bool, str]:
@@ -163,8 +190,8 @@ def reclaim_support(version: tuple[int, ...] | None) -> tuple[bool, str]:
 
 
 def export_checkpoint(model_dir: str | Path, gates: DMSGates, out: str | Path) -> Path:
-    """Write ``out``: the HF model of ``model_dir`` with the DMS gates, loadable by TensorRT-LLM as
-    :data:`ARCHITECTURE` (see the module docstring)."""
+    """Write ``out``: the HF model of ``model_dir`` (Llama or Qwen3) with the DMS gates, loadable by
+    TensorRT-LLM as the matching architecture of :data:`ARCHITECTURES` (see the module docstring)."""
     from safetensors.torch import save_file
 
     model_dir, out = Path(model_dir), Path(out)
@@ -172,12 +199,10 @@ def export_checkpoint(model_dir: str | Path, gates: DMSGates, out: str | Path) -
     if not cfg_path.is_file():
         raise bad_value("model", str(model_dir), "a Hugging Face model directory with a config.json")
     config = json.loads(cfg_path.read_text())
-    if config.get("model_type") != "llama":
+    if config.get("model_type") not in ARCHITECTURES:
         raise bad_value("model_type", config.get("model_type"),
-                        "'llama' (the TensorRT-LLM DMS model extends its Llama model)")
-    if gates.config.gate != "projection":
-        raise bad_value("gate", gates.config.gate, "'projection' (query-neuron gates are not wired here)")
-    if len(gates.layers) != config["num_hidden_layers"]:
+                        f"one of {', '.join(ARCHITECTURES)} (the TensorRT-LLM DMS models extend those)")
+    if gates.config.gate == "projection" and len(gates.layers) != config["num_hidden_layers"]:
         raise bad_value("gates", len(gates.layers), f"{config['num_hidden_layers']} layers (the model's)")
     if out.exists() and any(out.iterdir()):
         raise bad_value("out", str(out), "a new or empty directory")
@@ -185,10 +210,11 @@ def export_checkpoint(model_dir: str | Path, gates: DMSGates, out: str | Path) -
     for f in model_dir.iterdir():
         if f.is_file() and f.name != "config.json":
             shutil.copy2(f, out / f.name)
-    config["architectures"] = [ARCHITECTURE]
+    config["architectures"] = [ARCHITECTURES[config["model_type"]]]
     config[CONFIG_KEY] = asdict(gates.config)
     (out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
-    save_file(released_tensors(gates), str(out / GATES_FILE))
+    if gates.config.gate == "projection":  # query-neuron gates have no tensors of their own
+        save_file(released_tensors(gates), str(out / GATES_FILE))
     return out
 
 
@@ -202,6 +228,7 @@ def _build():  # pragma: no cover - needs TensorRT-LLM
     require("DMS on TensorRT-LLM")
     from tensorrt_llm._torch.attention_backend.vanilla import VanillaAttention
     from tensorrt_llm._torch.models.modeling_llama import LlamaForCausalLM
+    from tensorrt_llm._torch.models.modeling_qwen3 import Qwen3ForCausalLM
     from tensorrt_llm._torch.models.modeling_utils import register_auto_model
 
     class DMSVanillaAttention(VanillaAttention):
@@ -212,12 +239,13 @@ def _build():  # pragma: no cover - needs TensorRT-LLM
 
         def forward(self, q, k, v, metadata, **kwargs):
             if self.dms_logits is None or self.dms_logits.shape[0] != q.shape[0]:
-                # the layer's input norm did not run this step (a fused norm path): never reuse
-                # another step's decisions
+                # the gate was not read this step (a fused norm or RoPE path): never reuse another
+                # step's decisions
                 raise KvsqueezeError(
                     f"DMS on TensorRT-LLM: layer {self.dms_layer} got no gate logits for its "
-                    f"{q.shape[0]} tokens; the decoder layer must call its input_layernorm (fused "
-                    "norm/all-reduce paths, as with tensor parallelism, are not supported)")
+                    f"{q.shape[0]} tokens; the decoder layer must call its input_layernorm (projection "
+                    "gates) or its rotary embedding (query-neuron gates); fused norm/all-reduce and "
+                    "fused RoPE paths are not supported")
             self._dms_at = 0
             try:
                 return super().forward(q, k, v, metadata, **kwargs)
@@ -259,33 +287,57 @@ def _build():  # pragma: no cover - needs TensorRT-LLM
                 -1, layer_input.shape[-1]))
             return out
 
-    @register_auto_model(ARCHITECTURE)
-    class KvsqueezeDMSLlamaForCausalLM(LlamaForCausalLM):
-        def __init__(self, model_config):
-            super().__init__(model_config)
-            pc = model_config.pretrained_config
-            cfg = DMSConfig(**getattr(pc, CONFIG_KEY))
-            self.dms_gates = DMSGates(cfg, pc.hidden_size, pc.num_hidden_layers, pc.num_key_value_heads,
-                                      getattr(pc, "rms_norm_eps", 1e-6)).to(pc.torch_dtype)
-            self.dms_flags = EvictionFlags(cfg, pc.num_key_value_heads)
-            for i, layer in enumerate(self.model.layers):
-                backend = layer.self_attn.attn
-                if type(backend) is not VanillaAttention:
-                    raise KvsqueezeError(f"DMS on TensorRT-LLM: layer {i} attention backend is "
-                                         f"{type(backend).__name__}; expected VanillaAttention "
-                                         "(LLM(..., attn_backend='VANILLA'))")
-                backend.__class__ = DMSVanillaAttention
-                backend.dms_setup(self.dms_flags, i)
-                layer.input_layernorm = _GateRecorder(layer.input_layernorm, self.dms_gates, i, backend)
+    def dms_model(base):
+        """``base`` (a TensorRT-LLM causal LM) whose attention applies the DMS gates of its config."""
 
-        def load_weights(self, weights, *args, **kwargs):
-            rest, gate_tensors = split_released(dict(weights), len(self.model.layers))
-            out = super().load_weights(rest, *args, **kwargs)
-            load_released_tensors(self.dms_gates, {k: t.to(self.dms_gates.layers[0].dms_proj_alpha.weight.device)
-                                                   for k, t in gate_tensors.items()})
-            return out
+        class DMSModel(base):
+            def __init__(self, model_config):
+                super().__init__(model_config)
+                pc = model_config.pretrained_config
+                cfg = DMSConfig(**getattr(pc, CONFIG_KEY))
+                self.dms_gates = DMSGates(cfg, pc.hidden_size, pc.num_hidden_layers, pc.num_key_value_heads,
+                                          getattr(pc, "rms_norm_eps", 1e-6)).to(pc.torch_dtype)
+                self.dms_flags = EvictionFlags(cfg, pc.num_key_value_heads)
+                head_dim = getattr(pc, "head_dim", None) or pc.hidden_size // pc.num_attention_heads
+                idx = neuron_index(pc.num_attention_heads, pc.num_key_value_heads, head_dim)
+                for i, layer in enumerate(self.model.layers):
+                    attn = layer.self_attn
+                    backend = attn.attn
+                    if type(backend) is not VanillaAttention:
+                        raise KvsqueezeError(f"DMS on TensorRT-LLM: layer {i} attention backend is "
+                                             f"{type(backend).__name__}; expected VanillaAttention "
+                                             "(LLM(..., attn_backend='VANILLA'))")
+                    backend.__class__ = DMSVanillaAttention
+                    backend.dms_setup(self.dms_flags, i)
+                    if cfg.gate == "projection":
+                        layer.input_layernorm = _GateRecorder(layer.input_layernorm, self.dms_gates, i, backend)
+                        continue
+                    # query-neuron gates: read in the module's RoPE, which must not be fused away
+                    if getattr(attn, "fuse_qk_norm_rope", False):
+                        attn.fuse_qk_norm_rope = False  # Qwen3: q/k norm, then the module's RoPE
+                    if getattr(attn, "rope_fusion", False) or getattr(attn, "rotary_emb", None) is None:
+                        raise KvsqueezeError(f"DMS on TensorRT-LLM: layer {i} fuses RoPE into its attention "
+                                             "kernel; query-neuron gates need the module's own RoPE "
+                                             "(attn_backend='VANILLA')")
+                    attn.rotary_emb = QueryNeuronRotary(attn.rotary_emb, idx, cfg, pc.num_key_value_heads, backend)
 
-    return {"DMSVanillaAttention": DMSVanillaAttention, ARCHITECTURE: KvsqueezeDMSLlamaForCausalLM}
+            def load_weights(self, weights, *args, **kwargs):
+                gate = self.dms_gates.config.gate
+                rest, gate_tensors = split_released(dict(weights), len(self.model.layers), gate)
+                out = super().load_weights(rest, *args, **kwargs)
+                if gate == "projection":
+                    device = self.dms_gates.layers[0].dms_proj_alpha.weight.device
+                    load_released_tensors(self.dms_gates, {k: t.to(device) for k, t in gate_tensors.items()})
+                return out
+
+        return DMSModel
+
+    built = {"DMSVanillaAttention": DMSVanillaAttention}
+    for arch, base in ((ARCHITECTURES["llama"], LlamaForCausalLM), (ARCHITECTURES["qwen3"], Qwen3ForCausalLM)):
+        cls = dms_model(base)
+        cls.__name__ = cls.__qualname__ = arch
+        built[arch] = register_auto_model(arch)(cls)
+    return built
 
 
 _BUILT: dict | None = None
@@ -293,7 +345,7 @@ _BUILT: dict | None = None
 
 def __getattr__(name):  # pragma: no cover - needs TensorRT-LLM
     global _BUILT
-    if name in ("DMSVanillaAttention", ARCHITECTURE):
+    if name == "DMSVanillaAttention" or name in ARCHITECTURES.values():
         if _BUILT is None:
             _BUILT = _build()
         return _BUILT[name]
@@ -301,5 +353,5 @@ def __getattr__(name):  # pragma: no cover - needs TensorRT-LLM
 
 
 def register() -> None:  # pragma: no cover - needs TensorRT-LLM
-    """Register :data:`ARCHITECTURE` with TensorRT-LLM (call before ``LLM(...)``)."""
+    """Register :data:`ARCHITECTURES` with TensorRT-LLM (call before ``LLM(...)``)."""
     __getattr__(ARCHITECTURE)

@@ -114,12 +114,14 @@ def released_tensors(gates: DMSGates) -> dict[str, torch.Tensor]:
     return out
 
 
-def split_released(weights: dict, n_layers: int) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Separate a checkpoint's DMS gate tensors (released names) from the model's own weights."""
+def split_released(weights: dict, n_layers: int, gate: str = "projection"
+                   ) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Separate a checkpoint's DMS gate tensors (released names) from the model's own weights; every
+    layer's are required for projection gates, none for query-neuron gates (which have none)."""
     rest, gates = {}, {}
     for name, tensor in weights.items():
         (gates if ".dms_proj_alpha" in name else rest)[name] = tensor
-    want = {released_name(i, p) for i in range(n_layers) for p in GATE_PARTS}
+    want = {released_name(i, p) for i in range(n_layers) for p in GATE_PARTS} if gate == "projection" else set()
     missing = sorted(want - set(gates))
     if missing:
         raise KvsqueezeError(f"DMS checkpoint: {len(missing)} gate tensors missing (first: {missing[0]}); "

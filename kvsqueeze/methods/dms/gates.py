@@ -70,18 +70,44 @@ class DMSGates(nn.Module):
                                 c.per_layer, c.evict)
 
 
+def neuron_index(heads: int, kv_heads: int, head_dim: int) -> torch.Tensor:
+    """Positions, in a query of ``heads * head_dim`` values, of the neurons repurposed as gates: the
+    last dimension of each GQA group's first query head (one per KV head)."""
+    if heads < 1 or kv_heads < 1 or heads % kv_heads:
+        raise bad_value("heads", (heads, kv_heads), "query heads a whole multiple of KV heads")
+    group = heads // kv_heads
+    return torch.tensor([(g * group) * head_dim + head_dim - 1 for g in range(kv_heads)])
+
+
 def query_neuron_index(model) -> torch.Tensor:
-    """Output rows of ``q_proj`` repurposed as gates: last neuron of each group's first query head."""
+    """Output rows of ``q_proj`` repurposed as gates (:func:`neuron_index` of the model's config)."""
     c = model.config
     d = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    group = c.num_attention_heads // c.num_key_value_heads
-    return torch.tensor([(g * group) * d + d - 1 for g in range(c.num_key_value_heads)])
+    return neuron_index(c.num_attention_heads, c.num_key_value_heads, d)
+
+
+def read_query_neuron(query: torch.Tensor, idx: torch.Tensor, config: DMSConfig
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The query-neuron gate of every engine: ``query [..., heads * head_dim]`` after the q-norm (where
+    the model has one) and before RoPE -> (gate logits ``[..., kv_heads or 1]`` in float32, the query
+    with the neurons zeroed, so that they no longer contribute to ``q . k``)."""
+    c = config
+    logits = rule.gate_logits(query[..., idx].float(), c.logit_scale, c.logit_bias, c.per_layer, c.evict)
+    return logits, zero_neurons(query, idx)
+
+
+def zero_neurons(query: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """A copy of ``query [..., heads * head_dim]`` with the repurposed neurons zeroed: before RoPE
+    (:func:`read_query_neuron`) and again after it, which rotates part of each neuron's pair back into
+    it (the released code zeroes both times)."""
+    out = query.clone()
+    out[..., idx] = 0.0
+    return out
 
 
 def zero_query_neuron(query: torch.Tensor, n_kv: int) -> torch.Tensor:
-    """``query [b, heads, q, head_dim]`` after RoPE with the repurposed neuron (last dimension of each
-    group's first query head, :func:`query_neuron_index`) zeroed again: RoPE rotates part of the
-    neuron's pair back into it, and the released code zeroes it both before and after RoPE."""
+    """``query [b, heads, q, head_dim]`` after RoPE with the repurposed neurons zeroed again (the
+    reference attention's layout; :func:`zero_neurons` for an engine's flat layout)."""
     q = query.clone()
     q[:, ::query.shape[1] // n_kv, :, -1] = 0.0
     return q
@@ -126,10 +152,8 @@ def install(model, gates: DMSGates) -> list:
                 if run is None:
                     return None
                 flat = out.reshape(*out.shape[:-2], -1) if has_norm else out  # [b, T, heads, d] after q_norm
-                run.add_logits(i, rule.gate_logits(flat[..., idx].float(), cfg.logit_scale,
-                                                   cfg.logit_bias, cfg.per_layer, cfg.evict))
-                flat = flat.clone()
-                flat[..., idx] = 0.0
+                logits, flat = read_query_neuron(flat, idx, cfg)
+                run.add_logits(i, logits)
                 return flat.reshape(out.shape)
             handles.append(target.register_forward_hook(q_hook))
     return handles
