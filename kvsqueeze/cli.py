@@ -648,7 +648,8 @@ def _add_bench_parsers(sub) -> None:
     b.add_argument("--url", default=None, help="target this running server instead of starting one")
     b.add_argument("--model", default=None, help="a local Hugging Face checkpoint (default: embedded)")
     b.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
-                   help=f"comma-separated, of {', '.join(TASKS)} (default {','.join(DEFAULT_TASKS)})")
+                   help=f"comma-separated, of {', '.join(TASKS)}; needle:CHARS / facts:CHARS set the context's "
+                        f"characters of prose (default 2500, ~650 tokens) (default {','.join(DEFAULT_TASKS)})")
     b.add_argument("--questions", type=int, default=6, help="questions per task and configuration")
     b.add_argument("--users", type=int, default=2,
                    help="questions in flight in the pilot phase (the batch phase runs as many as fit)")

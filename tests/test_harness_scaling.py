@@ -16,7 +16,7 @@ import pytest
 from kvsqueeze.errors import KvsqueezeError
 from kvsqueeze.harness import axes, report, stats, sweep
 from kvsqueeze.harness.stub import StubConfig, StubServer
-from kvsqueeze.harness.tasks import make_questions
+from kvsqueeze.harness.tasks import make_questions, parse_tasks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -250,6 +250,31 @@ def test_needle_and_facts_hide_their_answer_in_the_middle_half_and_splits_are_di
     assert [q.prompt for q in make_questions(["needle"], 3)] == [q.prompt for q in make_questions(["needle"], 3)]
     with pytest.raises(KvsqueezeError, match="split='test'"):
         make_questions(["needle"], 1, split="test")
+
+
+def test_sized_tasks_take_the_context_length_they_name():
+    """``needle:CHARS`` / ``facts:CHARS``: a context of that many characters of prose (tokens in
+    proportion), the answer still in the middle half, the spec kept as the question's task; the
+    unsized default set is the one every earlier release generated; bad sizes refused by name."""
+    from transformers import AutoTokenizer
+
+    from kvsqueeze.model import resolve_model
+
+    tok = AutoTokenizer.from_pretrained(resolve_model(None))
+    short = make_questions(parse_tasks("needle:1250,facts:1250"), 4)
+    full = make_questions(["needle", "facts"], 4)
+    assert [q.task for q in short[:2]] == ["needle:1250", "facts:1250"] and short[0].qid == "needle:1250-0"
+    for q in short:
+        body = q.prompt.split("\n\n", 1)[1].rsplit("\n\n", 1)[0]
+        key = q.answer if q.task.startswith("needle") else re.search(r"What is (\w+)'s locker", q.prompt).group(1)
+        assert 0.15 < body.index(key) / len(body) < 0.85  # the middle half of the words
+    ratio = (sum(len(tok(q.prompt).input_ids) for q in short) / sum(len(tok(q.prompt).input_ids) for q in full))
+    assert 0.4 < ratio < 0.6  # half the characters, about half the tokens
+    assert [q.prompt for q in full] == [q.prompt for q in make_questions(parse_tasks("needle,facts"), 4)]
+    for bad, why in (("needle:50", r"in \[400, 20000\]"), ("lookup:900", "only needle, facts take"),
+                     ("needle:x", "whole number"), ("haystack", "one of passkey")):
+        with pytest.raises(KvsqueezeError, match=why):
+            parse_tasks(bad)
 
 
 # ---- SGLang's own client ---------------------------------------------------------------------------

@@ -17,6 +17,8 @@ Three tasks the embedded 135M model can partly solve (so that accuracy moves wit
   the same held-out document (~1k tokens of Python's documentation) with 4 word substitutions at random
   places and a 5-digit key at a random depth; the answer is the key.
 
+``needle`` and ``facts`` take their context length as a setting, ``needle:CHARS`` (characters of held-out
+prose; default 2500, ~650 tokens): on this CPU the prompt's prefill is most of a sweep's cost.
 ``needle`` and ``facts`` are the tasks of the hyper-scaling reproduction: on the embedded model at
 temperature 0.7 a single sample is right about a quarter to a half of the time and the majority of 8
 samples markedly more often (``benchmarks/harness_tasks.py``, results/harness/tasks.md, measured on the
@@ -151,13 +153,33 @@ _BUILDERS = {"passkey": passkey_question, "lookup": lookup_question,
              "needle": needle_question, "facts": facts_question}
 
 
+SIZED = ("needle", "facts")  # tasks whose context length is a setting: TASK:CHARS
+MIN_CHARS, MAX_CHARS = 400, 20000  # characters of held-out prose a sized task's context may take
+
+
+def task_setting(spec: str) -> tuple[str, int | None]:
+    """``needle`` -> ("needle", None); ``needle:1250`` -> ("needle", 1250): the context's characters of
+    held-out prose (default 2500, ~650 tokens with the embedded tokenizer; ~0.26 tokens a character)."""
+    name, _, chars = spec.partition(":")
+    if name not in TASKS:
+        raise bad_value("tasks", spec, f"one of {', '.join(TASKS)} (or {'/'.join(SIZED)}:CHARS)")
+    if not chars:
+        return name, None
+    if name not in SIZED:
+        raise bad_value("tasks", spec, f"{name} without a size (only {', '.join(SIZED)} take :CHARS)")
+    if not chars.isdigit() or not MIN_CHARS <= int(chars) <= MAX_CHARS:
+        raise bad_value("tasks", spec, f"{name}:CHARS with CHARS a whole number of characters of context "
+                        f"in [{MIN_CHARS}, {MAX_CHARS}]")
+    return name, int(chars)
+
+
 def parse_tasks(text: str | list[str]) -> list[str]:
+    """``needle,facts:1250`` -> the task specs (each checked by :func:`task_setting`)."""
     names = [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
     if not names:
         raise bad_value("tasks", text, f"a comma-separated list of {', '.join(TASKS)}")
     for t in names:
-        if t not in TASKS:
-            raise bad_value("tasks", t, f"one of {', '.join(TASKS)}")
+        task_setting(t)
     return names
 
 
@@ -172,8 +194,17 @@ def make_questions(tasks: list[str], per_task: int, seed: int = 0, split: str = 
     if split not in SPLITS:
         raise bad_value("split", split, f"one of {', '.join(SPLITS)}")
     rng = random.Random(seed if split == "eval" else f"dev:{seed}")
-    by_task = {t: [_BUILDERS[t](rng, f"{t}-{i}") for i in range(per_task)] for t in tasks}
+    by_task = {}
+    for t in tasks:
+        name, chars = task_setting(t)
+        build = _BUILDERS[name] if chars is None else functools.partial(_BUILDERS[name], chars=chars)
+        by_task[t] = [_sized(build(rng, f"{t}-{i}"), t) for i in range(per_task)]
     return [by_task[t][i] for i in range(per_task) for t in tasks]
+
+
+def _sized(q: Question, spec: str) -> Question:
+    """The question under its task's spec (``facts:1250``), so that reports tell the sizes apart."""
+    return q if q.task == spec else Question(q.qid, spec, q.prompt, q.answer)
 
 
 _NUMBER = re.compile(r"\d+")
