@@ -171,6 +171,7 @@ class SharedSlotsMachine(RuleBasedStateMachine):
             own = r["tokens"][p]
             if key in self.tree:
                 if self.tree[key] != own:  # a duplicate: the engine frees it, the row uses the tree's
+                    self.pool.adopt(torch.tensor([self.tree[key]]), torch.tensor([own]))
                     self.pool.forget(torch.tensor([own]))
                     self.free_tokens.append(own)
                     r["tokens"][p] = self.tree[key]
@@ -299,6 +300,60 @@ def test_threads_of_one_prompt_hold_it_once():
                     dms_rule.held(flags[layer, h], w).nonzero()[:, 0].tolist())
     pool.check()
     assert pool.num_slots - pool.free_slots <= stored + 4 * L * H
+
+
+@pytest.mark.parametrize("adopt", [True, False])
+def test_a_prompt_sharing_a_cached_prefix_stays_resumable_once_its_duplicates_are_freed(adopt):
+    """Prompts A and B share their first k tokens (a common template). The decision about the last
+    shared token is made by the token after it, which differs: A evicts it (it left A's window, never
+    stored), B keeps it. Both are prefilled, A enters the cache first, then B, whose duplicate indices
+    of the shared prefix the cache frees (SGLang keeps its own). With ``adopt`` (what the SGLang radix
+    cache calls first), B's held slot moves to the cache's token and B's whole prompt stays resumable:
+    its threads resume at n - 1 and hold exactly B's rule positions. Without it B is cut back to the
+    sinks (every thread of B would prefill the prompt again: what a server showed with two prompts of
+    one template prefilled together)."""
+    n, k, w = 30, 8, W
+    g = torch.Generator().manual_seed(7)
+    fa = torch.rand(L, H, n, generator=g) < 0.6
+    fa[..., :SINKS], fa[..., -1] = False, False
+    fb = fa.clone()
+    fb[..., k:-1] = torch.rand(L, H, n - k - 1, generator=g) < 0.6  # B's own tokens decide differently
+    fa[..., k - 1], fb[..., k - 1] = True, False  # decided by token k, which differs
+    pool = HeadSlotPool(2000, L, H, w, SINKS, num_tokens=200, rows=6)
+    a_tok, b_tok = torch.arange(n), torch.arange(100, 100 + n)
+    _prefill(pool, 0, fa, a_tok)
+    _prefill(pool, 1, fb, b_tok)
+    assert bool((pool.token_slot[a_tok[k - 1]] < 0).all())  # A never stored it
+    pool.publish(a_tok)
+    path = torch.cat([a_tok[:k], b_tok[k:]])  # B in the cache: A's indices for the shared prefix
+    moved = pool.adopt(a_tok[:k], b_tok[:k]) if adopt else 0
+    pool.forget(b_tok[:k])
+    pool.publish(b_tok[k:])
+    pool.release(0)
+    pool.release(1)
+    pool.check()
+    if not adopt:  # the window at any later point needs tokens only B stored: cut back to the sinks
+        assert pool.resumable(path[:n - 1]) == SINKS
+        return
+    assert moved == L * H  # B's slot of the last shared token, per (layer, head); the rest A had
+    assert pool.resumable(path[:n - 1]) == n - 1
+    for row in (2, 3):  # two threads of B
+        pool.begin(row, path[:n - 1], n)
+        for layer in range(L):
+            cf = torch.cat([fb[layer][:, n - 2:n - 1], torch.zeros(H, 1, dtype=torch.bool)], 1)
+            pool.extend_place(row, layer, cf, torch.tensor([150 + row]))
+            for h in range(H):
+                assert pool.held_positions(row, layer, h) == set(dms_rule.held(fb[layer, h], w).nonzero()[:, 0].tolist())
+    assert pool.resumable(a_tok[:n - 1]) == n - 1  # A's own continuation is untouched
+    pool.check()
+    for row in (2, 3):
+        pool.release(row)
+    pool.forget(torch.tensor([152, 153]))
+    pool.forget(torch.cat([a_tok, b_tok[k:]]))  # the cache evicts everything: nothing leaks
+    pool.check()
+    assert pool.free_slots == pool.num_slots
+    with pytest.raises(KvsqueezeError, match="one duplicate per kept token"):
+        pool.adopt(a_tok[:3], b_tok[:2])
 
 
 def test_bad_pool_input():

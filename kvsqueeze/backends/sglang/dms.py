@@ -23,7 +23,8 @@ cache and chunked prefill stay on. Installed by the kvsqueeze plugin, every SGLa
   indices from a range 16x larger, reports as available the free slots in dense-token equivalents,
   and tells the pool which indices it frees (a radix node evicted, a duplicate, an uncached tail).
 - **Radix cache** (``kvsqueeze-dms``, SGLang's unified radix tree, registered as a radix-cache
-  backend): the tokens it takes in keep their slots; a hit is cut back to the longest prefix whose
+  backend): the tokens it takes in keep their slots (where it already holds a prefix under its own
+  indices, the slots this continuation holds there move to them first: ``HeadSlotPool.adopt``); a hit is cut back to the longest prefix whose
   held tokens are all still stored (``HeadSlotPool.resumable``), and the request resumes from it
   without copying: its view references the prefix's slots, the window's flags come from the
   decisions stored per token. Its evictable size is what evicting it would free.
@@ -484,6 +485,7 @@ def _backend_class():
 
 
 def _radix_cache_class():
+    from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
     from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
 
     class DMSRadixCache(UnifiedRadixCache):
@@ -504,8 +506,15 @@ def _radix_cache_class():
             return res if ok == m else super().match_prefix(dataclasses.replace(params, key=params.key[:ok]))
 
         def insert(self, params):
-            res = super().insert(params)
             st = self._dms()
+            if st is not None and params.value is not None and params.key is not None and len(params.key):
+                # the tree keeps its own indices of a prefix it holds and frees this request's: first
+                # the slots this continuation holds there and the tree's tokens lack move over
+                have = super().match_prefix(MatchPrefixParams(key=params.key))
+                if have.device_prefix_len:
+                    k = have.device_prefix_len
+                    st.pool.adopt(self.path_device_indices(have.last_device_node)[:k], params.value[:k])
+            res = super().insert(params)
             if st is not None and params.value is not None:
                 st.pool.publish(params.value[res.prefix_len:len(params.key)])
             return res

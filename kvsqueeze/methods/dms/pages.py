@@ -7,7 +7,10 @@ the engine token index that produced it (``token -> slot`` per layer and head) a
 - every running sequence (engine request *row*) whose head holds that token: the row's *view*, the list
   of slots its attention reads (keys carry RoPE already, so their order does not matter), and
 - the engine's prefix cache, once it has *published* the token (``publish``; ``forget`` when the engine
-  frees the token index, e.g. a radix node evicted).
+  frees the token index, e.g. a radix node evicted). When the cache already holds a request's prefix
+  under other token indices, the request's stored slots that the cache's tokens lack move over to them
+  before its duplicates are freed (``adopt``): which tokens of a shared prefix are held depends on the
+  token after it, so two continuations of one prefix may hold different ones.
 
 A slot is freed when its last reference goes. The rules are those of :mod:`kvsqueeze.methods.dms.rule`,
 as the reference cache (:mod:`kvsqueeze.methods.dms.cache`) applies them:
@@ -164,6 +167,31 @@ class HeadSlotPool:
         self.token_cached[new] = True
         s = self.token_slot[new].reshape(-1)
         self.cached[s[s >= 0]] = True
+
+    def adopt(self, kept: torch.Tensor, duplicates: torch.Tensor) -> int:
+        """The engine's prefix cache keeps ``kept`` (its token indices of a prefix) and is about to free
+        ``duplicates``, the same tokens at the same positions computed again by a request (their K/V
+        are the same). Which tokens of a shared prefix a sequence holds depends on the token after it:
+        the prefix's last token may be flagged (and not stored) in the continuation that put it in the
+        cache, but held in this one. Where a kept token has no slot for a (layer, head) and its
+        duplicate has one, the slot moves to the kept token, so that this continuation stays resumable
+        once its duplicates are freed. Returns the slots moved."""
+        kept = torch.as_tensor(kept, dtype=torch.long).reshape(-1).cpu()
+        dup = torch.as_tensor(duplicates, dtype=torch.long).reshape(-1).cpu()
+        if kept.numel() != dup.numel():
+            raise bad_value("duplicates", dup.numel(), f"one duplicate per kept token ({kept.numel()})")
+        differ = kept != dup  # a request that resumed from the cache holds the cache's own indices
+        kept, dup = kept[differ], dup[differ]
+        move = (self.token_slot[kept] < 0) & (self.token_slot[dup] >= 0)
+        if not bool(move.any()):
+            return 0
+        i, lh = move.nonzero(as_tuple=True)
+        slots = self.token_slot[dup[i], lh]
+        self.token_slot[dup[i], lh] = -1
+        self.token_slot[kept[i], lh] = slots
+        self.slot_token[slots] = kept[i]
+        self.cached[slots] = self.token_cached[kept[i]]
+        return int(slots.numel())
 
     def forget(self, tokens: torch.Tensor) -> None:
         """The engine freed the token indices ``tokens`` (a cache entry evicted, a duplicate, a
