@@ -70,6 +70,15 @@ def test_peak_per_question_closed_forms():
     held = [dict(r, kv_held_peak_server=90 * 27) for r in rows]  # 27 dense-token equivalents each
     assert axes.question_peak_tokens(held, 30, 3, shares_prompt=True) == 54
     assert axes.question_peak_tokens([{"prompt_tokens": "", "output_tokens": 3}], 30, 3, True) is None
+    # a DMS server's samples that took 30 dense-token equivalents of the prompt from the radix cache:
+    # the shared part once, each sample's own 10 on top
+    shared = [dict(r, kv_held_peak_server=90 * 40, kv_shared_server=90 * 30) for r in rows]
+    assert axes.question_peak_tokens(shared, 30, 3, shares_prompt=True) == 30 + 2 * 10
+    # ... and the report's per-question peaks read the shared part too (they once summed the samples)
+    import pandas as pd
+
+    df = pd.DataFrame([dict(r, qid="q", extracted="7", answer="7", ok=1) for r in shared])
+    assert report._question_outcomes(df, {"layers": 30, "kv_heads": 3}, "n")[1] == {"q": 50}
     assert axes.max_batch(1000, 333) == 3 and axes.max_batch(999, 333) == 3 and axes.max_batch(998, 333) == 2
     assert axes.max_batch(100, 333) == 0
 

@@ -7,9 +7,10 @@ Definitions (``docs/metrics.md`` says the same in prose):
 - **reads**: decode-step KV token reads of the W samples of a question, summed over layers and KV
   heads: the server's own count where it reports one (DMS), else computed for a dense cache
   (:func:`kv_reads_computed`).
-- **peak per question**: the KV tokens one question holds at its peak, whatever else runs: the sum of
-  its samples' own peaks where the server reports them (DMS's per-head pool, in dense-token
-  equivalents: slots / (layers x KV heads)), else computed for a dense cache from lengths: the prompt
+- **peak per question**: the KV tokens one question holds at its peak, whatever else runs: where the
+  server reports its samples' peaks (DMS's per-head pool, in dense-token equivalents: slots / (layers
+  x KV heads)), the prompt slots they share from the prefix cache once plus each sample's own part,
+  else computed for a dense cache from lengths: the prompt
   once plus every sample's generated tokens when the W samples of one request share the prompt's
   prefix-cache pages (mode ``n``), the prompt per sample otherwise (:func:`question_peak_tokens`).
 - **maximum batch**: ``floor(budget / peak per question)`` questions at once (:func:`max_batch`),

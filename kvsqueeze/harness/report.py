@@ -59,8 +59,8 @@ def _question_outcomes(sub, dims, mode: str):
         extracted = [a if isinstance(a, str) else None for a in g["extracted"]]
         outcomes[qid] = score_question(qid, extracted, str(g["answer"].iloc[0]))
         if (g["ok"] == 1).all():
-            recs = g[["prompt_tokens", "output_tokens"] + (["kv_held_peak_server"] if "kv_held_peak_server"
-                                                           in g else [])].to_dict("records")
+            recs = g[["prompt_tokens", "output_tokens"] + [c for c in ("kv_held_peak_server", "kv_shared_server")
+                                                           if c in g]].to_dict("records")
             peaks[qid] = question_peak_tokens(recs, int(dims.get("layers", 0)), int(dims.get("kv_heads", 0)),
                                               mode == "n")
     return outcomes, peaks
@@ -510,8 +510,8 @@ def write_report(metas: list[dict], summary, out_dir: Path, plots: list[Path], p
               "for acc/sample (the share of samples that are right). KV reads/question: decode-step KV "
               "token reads of the W samples of a question, summed over layers and KV heads (the server's "
               "own count for DMS, computed from lengths for a dense cache). Peak KV tok/question: what one "
-              "question holds at its peak whatever else runs (DMS: its samples' own peaks in its per-head "
-              "pool; a dense cache: the prompt once, shared by the W samples through the prefix cache, "
+              "question holds at its peak whatever else runs (DMS: the prompt slots its samples share from "
+              "the radix cache once, plus each sample's own peak in its per-head pool; a dense cache: the prompt once, shared by the W samples through the prefix cache, "
               "plus every generated token). Max batch: the questions of that size the server's KV budget "
               "holds at once (predicted from a pilot of a few questions, then the rest of the questions "
               "run at that concurrency; `of N`: fewer questions were left than fit; `retracted!`: the "
