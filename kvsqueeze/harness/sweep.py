@@ -426,8 +426,9 @@ def kvtc_calibration(model_path: Path, given: str | None, log=print) -> str:
 def check_fits(spec: BenchSpec, questions, model_path: Path) -> dict:
     """Refuse, before anything starts, a budget that cannot hold one question of a configuration: the
     longest prompt and the W samples' L tokens for a method whose samples share the prompt (a dense
-    cache with its prefix cache), the longest prompt and L for DMS (whose samples each hold their own
-    copy of the prompt, compressed, and are admitted one at a time at worst). Returns prompt lengths."""
+    cache with its prefix cache), the longest prompt and L for DMS (whose samples share the prompt's
+    slots through the radix cache when it holds them, and are admitted one at a time at worst).
+    Returns prompt lengths."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_path)
