@@ -130,7 +130,9 @@ def test_warm_start_gates_evict_as_fitted_through_the_dms_hooks(small):
                 hard, _ = run.eviction(layer, n, 3)
                 agree += (hard[0, :, lo:hi] == labels).float().sum().item()
                 total += labels.numel()
-        assert agree / total == pytest.approx(report["agreement"], abs=1e-3)
+        # the fit's agreement, up to 0.5% of the decisions: a logit within float rounding of zero can
+        # flip between the fit's pass and the hooks' (2 of these 1080 did on an AMD EPYC machine)
+        assert round(abs(agree - report["agreement"] * total)) <= 0.005 * total, (agree, report["agreement"], total)
         assert agree / total > 0.8
     finally:
         for h in handles:
