@@ -24,8 +24,8 @@ cache and chunked prefill stay on. Installed by the kvsqueeze plugin, every SGLa
   and tells the pool which indices it frees (a radix node evicted, a duplicate, an uncached tail).
 - **Radix cache** (``kvsqueeze-dms``, SGLang's unified radix tree, registered as a radix-cache
   backend): the tokens it takes in keep their slots (where it already holds a prefix under its own
-  indices, the slots this continuation holds there move to them first: ``HeadSlotPool.adopt``); a hit is cut back to the longest prefix whose
-  held tokens are all still stored (``HeadSlotPool.resumable``), and the request resumes from it
+  indices, the slots this continuation holds there move to them first: ``HeadSlotPool.adopt``); a
+  hit is cut back to the longest prefix whose held tokens are all still stored (``HeadSlotPool.resumable``), and the request resumes from it
   without copying: its view references the prefix's slots, the window's flags come from the
   decisions stored per token. Its evictable size is what evicting it would free.
 - **Attention backend ``dms``** (a ``torch_native`` subclass). An extend (a prefill, a prefill chunk,
@@ -103,7 +103,8 @@ def checkpoint_dir() -> Path | None:
 class _QueryNeuronRope(torch.nn.Module):
     """One layer's RoPE with query-neuron gates: the repurposed neuron of the query (after q-norm,
     before RoPE) is read as the gate and zeroed, and zeroed again after RoPE, which rotates part of its
-    pair back into it (:func:`kvsqueeze.methods.dms.gates.read_query_neuron` and ``zero_neurons``, the released code)."""
+    pair back into it (:func:`kvsqueeze.methods.dms.gates.read_query_neuron`, then ``zero_neurons``:
+    the released code's rule)."""
 
     def __init__(self, rope, layer: int, idx: torch.Tensor, cfg, kv_heads: int):
         super().__init__()
