@@ -25,9 +25,9 @@ cache and chunked prefill stay on. Installed by the kvsqueeze plugin, every SGLa
 - **Radix cache** (``kvsqueeze-dms``, SGLang's unified radix tree, registered as a radix-cache
   backend): the tokens it takes in keep their slots (where it already holds a prefix under its own
   indices, the slots this continuation holds there move to them first: ``HeadSlotPool.adopt``); a
-  hit is cut back to the longest prefix whose held tokens are all still stored (``HeadSlotPool.resumable``), and the request resumes from it
-  without copying: its view references the prefix's slots, the window's flags come from the
-  decisions stored per token. Its evictable size is what evicting it would free.
+  hit is cut back to the longest prefix whose held tokens are all still stored
+  (``HeadSlotPool.resumable``), and the request resumes from it without copying: its view references
+  the prefix's slots, the window's flags come from the decisions stored per token. Its evictable size is what evicting it would free.
 - **Attention backend ``dms``** (a ``torch_native`` subclass). An extend (a prefill, a prefill chunk,
   the rest of a prompt after a radix hit) attends to the held prefix and to itself under the DMS rule
   (key ``j`` visible to query ``i`` iff ``j <= i`` and (``i - j <= window`` or ``j`` unflagged)); then
