@@ -10,9 +10,9 @@ Definitions (``docs/metrics.md`` says the same in prose):
 - **peak per question**: the KV tokens one question holds at its peak, whatever else runs: where the
   server reports its samples' peaks (DMS's per-head pool, in dense-token equivalents: slots / (layers
   x KV heads)), the prompt slots they share from the prefix cache once plus each sample's own part,
-  else computed for a dense cache from lengths: the prompt
-  once plus every sample's generated tokens when the W samples of one request share the prompt's
-  prefix-cache pages (mode ``n``), the prompt per sample otherwise (:func:`question_peak_tokens`).
+  else computed for a dense cache from lengths: the prompt once plus every sample's generated tokens
+  when the W samples of one request share the prompt's prefix-cache pages (mode ``n``), the prompt
+  per sample otherwise (:func:`question_peak_tokens`).
 - **maximum batch**: ``floor(budget / peak per question)`` questions at once (:func:`max_batch`),
   the budget being the server's KV pool (``sglang:max_total_num_tokens``); the harness runs the
   configuration's remaining questions at that concurrency and checks that the server retracted none.

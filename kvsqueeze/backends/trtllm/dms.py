@@ -161,11 +161,11 @@ class QueryNeuronRotary(torch.nn.Module):
 
     def forward(self, position_ids, targets, *args, **kwargs):
         q, *rest = targets
-        n = q.shape[0]
-        logits, flat = read_query_neuron(q.reshape(n, -1), self.idx.to(q.device), self.config)
+        n, idx = q.shape[0], self.idx.to(q.device)
+        logits, flat = read_query_neuron(q.reshape(n, -1), idx, self.config)
         self._backend[0].dms_logits = logits.expand(n, self.kv_heads)
         out = list(self.rotary(position_ids, [flat.reshape(q.shape), *rest], *args, **kwargs))
-        out[0] = zero_neurons(out[0].reshape(n, -1), self.idx.to(q.device)).reshape(out[0].shape)
+        out[0] = zero_neurons(out[0].reshape(n, -1), idx).reshape(out[0].shape)
         return out
 
 
@@ -298,8 +298,7 @@ def _build():  # pragma: no cover - needs TensorRT-LLM
                 self.dms_gates = DMSGates(cfg, pc.hidden_size, pc.num_hidden_layers, pc.num_key_value_heads,
                                           getattr(pc, "rms_norm_eps", 1e-6)).to(pc.torch_dtype)
                 self.dms_flags = EvictionFlags(cfg, pc.num_key_value_heads)
-                head_dim = getattr(pc, "head_dim", None) or pc.hidden_size // pc.num_attention_heads
-                idx = neuron_index(pc.num_attention_heads, pc.num_key_value_heads, head_dim)
+                idx = neuron_index(pc)
                 for i, layer in enumerate(self.model.layers):
                     attn = layer.self_attn
                     backend = attn.attn

@@ -70,20 +70,22 @@ class DMSGates(nn.Module):
                                 c.per_layer, c.evict)
 
 
-def neuron_index(heads: int, kv_heads: int, head_dim: int) -> torch.Tensor:
+def neuron_index(config) -> torch.Tensor:
     """Positions, in a query of ``heads * head_dim`` values, of the neurons repurposed as gates: the
-    last dimension of each GQA group's first query head (one per KV head)."""
+    last dimension of each GQA group's first query head (one per KV head). ``config``: a Hugging Face
+    style model config (``num_attention_heads``, ``num_key_value_heads``, ``head_dim`` or
+    ``hidden_size``), as every engine's model carries one."""
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     if heads < 1 or kv_heads < 1 or heads % kv_heads:
         raise bad_value("heads", (heads, kv_heads), "query heads a whole multiple of KV heads")
+    d = getattr(config, "head_dim", None) or config.hidden_size // heads
     group = heads // kv_heads
-    return torch.tensor([(g * group) * head_dim + head_dim - 1 for g in range(kv_heads)])
+    return torch.tensor([(g * group) * d + d - 1 for g in range(kv_heads)])
 
 
 def query_neuron_index(model) -> torch.Tensor:
     """Output rows of ``q_proj`` repurposed as gates (:func:`neuron_index` of the model's config)."""
-    c = model.config
-    d = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return neuron_index(c.num_attention_heads, c.num_key_value_heads, d)
+    return neuron_index(model.config)
 
 
 def read_query_neuron(query: torch.Tensor, idx: torch.Tensor, config: DMSConfig
