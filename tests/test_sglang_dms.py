@@ -122,6 +122,17 @@ def test_sglang_dms_matches_the_reference_dms_inference(tmp_path_factory, embedd
     assert differ >= len(prompts) // 2, list(zip(got, vanilla))
 
 
+def strict_dms_server(tmp_path_factory, name: str, budget: int, chunk: str):
+    """A DMS server (shipped 8x gates, metrics on) of ``budget`` KV tokens whose idle memory check is
+    strict (SGLang's: available + evictable == total), and its log."""
+    log = tmp_path_factory.mktemp(name) / "server.log"
+    env = {"KVSQUEEZE_DMS": str(shipped_gates_dir(8)), "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1"}
+    srv = SGLangServer(model=resolve_model(None), port=free_port(), log_path=log, env=env,
+                       extra_args=["--enable-metrics", "--max-total-tokens", str(budget),
+                                   "--chunked-prefill-size", chunk] + DMS_ARGS).start_and_wait(timeout=400)
+    return srv, log
+
+
 def test_dms_server_frees_memory_admits_more_and_returns_every_page(tmp_path_factory, embedded, prompts):
     """A burst at a budget a dense pool fills with two of these requests (radix cache on, prefill
     unchunked): DMS runs more at once, outputs equal the reference inference, and the radix cache
@@ -136,11 +147,7 @@ def test_dms_server_frees_memory_admits_more_and_returns_every_page(tmp_path_fac
     _, tok, _ = embedded
     budget, burst = 1024, prompts[:8]
     ref = reference(embedded, prompts, 8)[0][:8]
-    log = tmp_path_factory.mktemp("dms-load") / "server.log"
-    env = {"KVSQUEEZE_DMS": str(shipped_gates_dir(8)), "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1"}
-    srv = SGLangServer(model=resolve_model(None), port=free_port(), log_path=log, env=env,
-                       extra_args=["--enable-metrics", "--max-total-tokens", str(budget),
-                                   "--chunked-prefill-size", "-1"] + DMS_ARGS).start_and_wait(timeout=400)
+    srv, log = strict_dms_server(tmp_path_factory, "dms-load", budget, "-1")
     greedy = {"max_new_tokens": NEW, "temperature": 0, "ignore_eos": True}
     try:
         scraper = MetricsScraper(srv.url, interval=0.1).start()
@@ -304,3 +311,56 @@ def test_released_qwen3_checkpoint_served_by_sglang_equals_the_reference(tmp_pat
           f"{sum(a == b for a, b in zip(got, ref))}/{len(got)} greedy outputs = reference, ratios {ratios}")
     assert got == ref
     assert all(r > 1.3 for r in ratios)  # the gates do evict
+
+
+def test_an_extend_evicts_only_the_slots_its_kept_tokens_lack(tmp_path_factory, embedded, prompts):
+    """Cached prompts whose requests have not come yet (as SGLang caches the prompt of an ``n>1``
+    request before its samples) survive a new prompt whose dense length exceeds the free room but
+    whose kept tokens fit: SGLang's own allocator evicts the cache for the extend's dense length
+    before the forward, the DMS allocator only for the slots a layer lacks while it places them.
+    Under real pressure the cache is still evicted, outputs equal the reference inference, and
+    SGLang's strict idle check finds every slot back."""
+    from kvsqueeze.harness.sweep import parse_prometheus
+
+    budget, cached, lh = 650, prompts[:4], 30 * 3
+    ref = reference(embedded, prompts, 8)[0]
+    srv, log = strict_dms_server(tmp_path_factory, "dms-extend-room", budget, "4096")
+    greedy = {"max_new_tokens": NEW, "temperature": 0, "ignore_eos": True}
+
+    def metrics():
+        with urllib.request.urlopen(srv.url + "/metrics", timeout=30) as r:
+            return parse_prometheus(r.read().decode())
+
+    try:
+        for p in cached:
+            post(srv.url + "/generate", {"input_ids": p, "sampling_params": {"max_new_tokens": 1}})
+        time.sleep(1.5)  # the gauges are set as outputs stream
+        before = metrics()
+        fresh = post(srv.url + "/generate", {"input_ids": prompts[4], "sampling_params": greedy})
+        after = metrics()
+        again = [post(srv.url + "/generate", {"input_ids": p, "sampling_params": {"max_new_tokens": 1}})
+                 for p in cached]
+        pressure = [post(srv.url + "/generate", {"input_ids": p, "sampling_params": greedy})
+                    for p in prompts[5:11]]
+        time.sleep(3)  # idle: SGLang checks available + evictable == total (strict)
+        end = metrics()
+        running = log.read_text()
+        assert srv.proc.poll() is None, running[-4000:]
+    finally:
+        srv.stop()
+    assert "leak detected" not in running.lower() and "Traceback" not in running, running[-4000:]
+    free = before["kvsqueeze_dms_free_slots"] / lh
+    fresh_peak = fresh["meta_info"]["kvsqueeze_dms"][0]["peak_held_tokens"]
+    evicted = after.get("sglang:evicted_tokens_total", 0) - before.get("sglang:evicted_tokens_total", 0)
+    print(f"{len(cached)} cached prompts leave {free:.0f} of {budget} dense-token equivalents free; a "
+          f"{len(prompts[4])}-token prompt holds {fresh_peak:.0f} at its peak and evicted {evicted:.0f} cached "
+          f"tokens; the cached prompts hit {[a['meta_info']['cached_tokens'] for a in again]}; under pressure "
+          f"{end.get('sglang:evicted_tokens_total', 0):.0f} evicted")
+    # the premise: SGLang's own eviction would have to free room for the whole dense prompt
+    assert free < len(prompts[4]) and fresh_peak < free
+    assert evicted == 0
+    assert all(a["meta_info"]["cached_tokens"] == len(p) - 1 for a, p in zip(again, cached))
+    assert fresh["text"] == ref[4]
+    assert end.get("sglang:evicted_tokens_total", 0) > 0  # the six more prompts did not all fit
+    assert sum(o["text"] == r for o, r in zip(pressure, ref[5:11])) >= 5
+    assert end["kvsqueeze_dms_free_slots"] + round(end["kvsqueeze_dms_cached_tokens"] * lh) == budget * lh

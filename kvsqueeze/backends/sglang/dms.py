@@ -39,9 +39,12 @@ cache and chunked prefill stay on. Installed by the kvsqueeze plugin, every SGLa
 - **Admission.** The allocator's prefill budget charges a new request the tokens its extend computes
   in full for the pass (the gates decide during it), its later footprint as the measured kept
   fraction of the tokens that left the window (``HeadSlotPool.kept_fraction``; 1 before any did);
-  running requests' expected growth is scaled the same way. The decode-memory check counts exactly
-  the slots the next step needs (evicting the radix cache first), so a shortfall retracts a request
-  (SGLang's path) instead of failing. Finished, aborted and retracted requests let their slots go when
+  running requests' expected growth is scaled the same way. The radix cache is evicted only for
+  slots that are needed now: an extend evicts what each layer's kept tokens lack when it places them
+  (not the whole extend's dense length before its forward, which would drop cached prompts whose
+  requests are about to arrive, such as the prompt SGLang caches before the samples of an ``n>1``
+  request); the decode-memory check counts exactly the slots the next step needs (evicting the radix
+  cache first), so a shortfall retracts a request (SGLang's path) instead of failing. Finished, aborted and retracted requests let their slots go when
   SGLang frees their request row.
 - **Metrics.** ``meta_info["kvsqueeze_dms"]`` of each finished request (held, peak, ratio, KV token
   reads, the slots taken from the radix cache; the harness reads ``kv_token_reads``,
@@ -167,6 +170,8 @@ class _State:
         self.kept_seen = None  # the kept fraction at the last admission pass that found no room
         self.decode = None  # (slots [L, bs, H], slot tables [L, bs, H, W], lengths [L, bs, H])
         self.extend = None  # per request of the extend in progress: its tokens' engine indices
+        self.room = None  # (tree cache, slots) -> whether evicting the prefix cache freed that many more
+        self.reclaim = None  # slots -> the same, with the tree cache of the batch being allocated
 
     def reset(self) -> None:
         rows, window, sinks, num_tokens = self.args
@@ -314,13 +319,44 @@ def _attach(model_runner, cfg) -> _State:
     set_value(alloc, "size", key, pool.size * VIRTUAL_FACTOR)
     alloc.clear()
     budget_cls = _prefill_budget_class()
-    patch(alloc, "available_size", key, lambda available: lambda: min(available(), st.available_tokens()))
+    indices = {}
+
+    def available_size(available):
+        indices["free"] = available  # SGLang's own count: free token indices
+        return lambda: min(available(), st.available_tokens())
+
+    patch(alloc, "available_size", key, available_size)
+
+    def evict(evict_to_free):
+        def room(tree_cache, slots: int) -> bool:
+            """Evict the prefix cache until ``slots`` more slots are free than now."""
+            before = st.pool.free_slots
+            if tree_cache is not None:
+                evict_to_free(tree_cache, -(-(before + slots) // st.lh))
+            return st.pool.free_slots >= before + slots
+
+        def _evict(tree_cache, num_tokens):
+            # SGLang evicts for a whole extend's (or a decode batch's) tokens before it allocates their
+            # indices. An extend stores only the tokens its gates keep, which are not known before its
+            # forward: the extend evicts what each layer lacks when it places it (``reclaim``), so a
+            # cached prompt whose requests are about to arrive is not evicted for room that is not
+            # needed. Here only SGLang's token indices must suffice (rare: 16x the budget).
+            st.reclaim = lambda slots: room(tree_cache, slots)
+            if num_tokens > indices["free"]():
+                evict_to_free(tree_cache, num_tokens)
+        st.room = room
+        return _evict
+
+    patch(alloc, "evict_to_free_tokens", key, evict, chains=False,
+          why="SGLang evicts the prefix cache for an extend's dense length before its forward; DMS stores "
+          "only the tokens the gates keep, so the extend evicts what it lacks while it places them, and "
+          "SGLang's eviction runs only when its token indices run short")
 
     def check_decode(check):
         def _check(*, num_tokens, tree_cache, requests=None, spec_algorithm=None):
             need = st.slots_for_next_decode([r.kv.req_pool_idx for r in requests or []])
             if need > st.pool.free_slots:  # the prefix cache gives back what it alone holds first
-                alloc.evict_to_free_tokens(tree_cache, -(-need // st.lh) + 1)
+                st.room(tree_cache, need - st.pool.free_slots + st.lh)
             return need <= st.pool.free_slots
         return _check
 
@@ -456,13 +492,23 @@ def _backend_class():
                     qq, kk.repeat_interleave(group, 0), vv.repeat_interleave(group, 0),
                     attn_mask=vis.to(q.device).repeat_interleave(group, 0), scale=layer.scaling)
                 o[s:s + n] = out.transpose(0, 1)
-                placed = st.pool.extend_place(int(row), lid, cf, st.extend[i])
+                placed = self._place(int(row), lid, cf, st.extend[i])
                 for h, (offs, slots) in enumerate(placed):
                     kp = offs.to(q.device) + s
                     st.k[slots.to(st.k.device), 0] = k_[kp, h].to(st.k.dtype)
                     st.v[slots.to(st.v.device), 0] = v_[kp, h].to(st.v.dtype)
                 s += n
             return o.reshape(-1, hq * vd)
+
+        def _place(self, row: int, lid: int, cf, tokens):
+            st = self.st
+            try:
+                return st.pool.extend_place(row, lid, cf, tokens)
+            except SlotsExhausted as exc:  # the prefix cache gives back what this layer lacks
+                if st.reclaim is None or not st.reclaim(exc.short):
+                    raise RuntimeError(f"DMS: {exc}, and the prefix cache has no more to evict, although "
+                                       "admission counted room for the whole extend") from exc
+            return st.pool.extend_place(row, lid, cf, tokens)
 
         # ---- decode -------------------------------------------------------------------------------
         def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):

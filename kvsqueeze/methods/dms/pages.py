@@ -48,7 +48,12 @@ from kvsqueeze.methods.dms import rule
 
 
 class SlotsExhausted(KvsqueezeError):
-    """Not enough free slots for the operation; nothing was changed."""
+    """Not enough free slots for the operation; nothing was changed. ``short``: how many more free
+    slots it needs."""
+
+    def __init__(self, message: str, short: int):
+        super().__init__(message)
+        self.short = short
 
 
 @dataclass
@@ -133,7 +138,7 @@ class HeadSlotPool:
     def _alloc(self, lh: torch.Tensor) -> torch.Tensor:
         n = lh.numel()
         if n > self.n_free:
-            raise SlotsExhausted(f"slots: {n} needed, {self.n_free} free")
+            raise SlotsExhausted(f"slots: {n} needed, {self.n_free} free", n - self.n_free)
         ids = self.free_stack[self.n_free - n:self.n_free].clone()
         self.n_free -= n
         self.slot_lh[ids] = lh
@@ -373,7 +378,7 @@ class HeadSlotPool:
         need = int(own_keep.sum()) + int(own_lag.sum())
         if need > self.n_free + freed:
             raise SlotsExhausted(f"slots: an extend of {n - m} tokens (layer {layer}) needs "
-                                 f"{need}, {self.n_free + freed} free")
+                                 f"{need}, {self.n_free + freed} free", need - self.n_free - freed)
         # nothing has changed so far; from here on the layer is placed
         self.token_flag[tokens[:, None], lhs[None, :]] = cf[:, :-1].T  # token m+i decided m+i-1
         new_lag = torch.full((hk,), -1, dtype=torch.long)
@@ -446,7 +451,7 @@ class HeadSlotPool:
             raise bad_value("row", row, "a row whose extend is placed")
         need = self.slots_for_append(row)
         if need > self.n_free:
-            raise SlotsExhausted(f"slots: decode step needs {need}, {self.n_free} free")
+            raise SlotsExhausted(f"slots: decode step needs {need}, {self.n_free} free", need - self.n_free)
         t = r.seen
         lf, vi = self._leaving(row)
         L, H = self.n_layers, self.kv_heads
