@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from kvsqueeze.errors import KvsqueezeError
@@ -142,12 +143,38 @@ def test_server_reported_peaks_set_the_batch_and_a_retracting_server_is_caught(t
     c = json.loads((run / "configs.json").read_text())[0]
     assert c["max_batch"]["peak_source"] == "server"
     assert c["max_batch"]["pilot_peaks"][0] == pytest.approx(peak, rel=0.02)
-    assert c["max_batch"]["used"] == 5
-    # the stub really holds only 2.5 questions: the batch phase's retractions are reported
-    assert c["max_batch"]["retractions"] > 0 and c["max_batch"]["verified"] is False
-    assert c["status"] == "incomplete" and any("retracted" in r for r in c["reasons"])
+    # the stub really holds only 2.5 questions: the batch phase at the predicted 5 retracts, so the
+    # harness verifies waves of a quarter fewer questions at once: 3 (retracts), then 2 (passes)
+    mb = c["max_batch"]
+    assert mb["predicted"] == 5
+    assert [(a["users"], a["retractions"] > 0) for a in mb["attempts"]] == [(5, True), (3, True), (2, False)]
+    assert mb["used"] == 2 and mb["verified"] is True and mb["retractions"] == 0
+    assert mb["throughput_phase"] == "verify-2" and c["status"] == "complete"
     row = json.loads((run / "summary.json").read_text())[0]
     assert row["kv_reads_source"] == "server"
+    # the waves' questions were answered in the batch phase: counted once for accuracy
+    assert row["questions"] == 8 and row["samples"] == 8 * W and row["max_batch"] == 2
+    samples = pd.read_csv(run / "samples.csv")
+    wave = samples[samples["phase"] == "verify-2"]
+    assert len(wave) == 2 * W and len(samples) == (8 + 3 + 2) * W
+    span = (wave["start_unix"] + wave["e2e_s"]).max() - wave["start_unix"].min()
+    assert row["output_tok_s"] == pytest.approx(wave["output_tokens"].sum() / span, rel=1e-6)
+    assert "2 (verified after 5 retracted)" in (run / "report.md").read_text()
+
+
+def test_a_server_that_retracts_at_every_smaller_batch_leaves_the_configuration_incomplete(tmp_path):
+    (P,) = _stub_prompt_words()
+    W, k, ratio = 2, 4, 1.5
+    peak = W * (P + k - 1) / ratio
+    cfg = StubConfig(ttft=0.2, gap=0.05, tokens=k, budget=int(5.3 * peak), kv_ratio=ratio,
+                     real_budget=int(0.5 * peak))  # not even one question fits beside nothing
+    with StubServer(cfg) as s:
+        run = sweep.run_bench(_spec(tmp_path, s.url, [f"W={W} L=8"]), log=lambda m: None)
+    c = json.loads((run / "configs.json").read_text())[0]
+    mb = c["max_batch"]
+    assert [a["users"] for a in mb["attempts"]] == [5, 3, 2, 1] and mb["verified"] is False
+    assert c["status"] == "incomplete" and any("retracted" in r and "at 1 as well" in r for r in c["reasons"])
+    assert "(retracted!)" in (run / "report.md").read_text()
 
 
 def test_a_budget_too_small_for_one_question_fails_before_anything_starts(tmp_path):

@@ -135,8 +135,8 @@ def strict_dms_server(tmp_path_factory, name: str, budget: int, chunk: str):
 
 def test_dms_server_frees_memory_admits_more_and_returns_every_page(tmp_path_factory, embedded, prompts):
     """A burst at a budget a dense pool fills with two of these requests (radix cache on, prefill
-    unchunked): DMS runs more at once, outputs equal the reference inference, and the radix cache
-    is evicted under the memory pressure. Then the threads of one prompt share it: four requests of
+    unchunked): DMS runs more at once, outputs equal the reference inference, and a prompt longer
+    than the room the burst's cache left (dense) still runs. Then the threads of one prompt share it: four requests of
     a cached prompt, one aborted mid-generation while the others finish equal to the reference; an
     ``n=4`` request holds its prompt once. Every finished or aborted request gives its slots back
     (SGLang's strict idle check, the pool's gauges: free + cache-only = all), and a prompt longer
@@ -155,7 +155,8 @@ def test_dms_server_frees_memory_admits_more_and_returns_every_page(tmp_path_fac
             outs = list(ex.map(lambda p: post(srv.url + "/generate", {"input_ids": p, "sampling_params": greedy}),
                                burst))
         peak = scraper.stop()["peak sglang:num_running_reqs"]
-        # a prompt of 800 tokens: its prefill needs more room than the cache of the burst left free
+        # a prompt of 800 tokens: denser than the room the cache of the burst left free (the cache
+        # is evicted for what its kept tokens lack, if anything: the test below)
         long = post(srv.url + "/generate", {"input_ids": prompts[10] + prompts[11], "sampling_params": {
             "max_new_tokens": 4, "temperature": 0}})
         with urllib.request.urlopen(srv.url + "/metrics", timeout=30) as r:
@@ -222,7 +223,6 @@ def test_dms_server_frees_memory_admits_more_and_returns_every_page(tmp_path_fac
         assert x["dense_tokens"] == len(burst[0]) + NEW - 1  # the last token is sampled, never stored
         assert x["ratio"] > 2 and x["held_tokens"] < x["dense_tokens"] / 2
         assert x["reads_per_step"] < x["dense_reads_per_step"] / 2
-    assert evicted > 0  # the burst's finished requests filled the cache; admission evicted it
     assert long["meta_info"]["completion_tokens"] == 4
     # the threads of a cached prompt: a radix hit each, the survivors equal the reference
     assert all(t["meta_info"]["cached_tokens"] == len(burst[0]) - 1 for t in siblings)

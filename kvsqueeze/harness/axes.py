@@ -15,7 +15,8 @@ Definitions (``docs/metrics.md`` says the same in prose):
   per sample otherwise (:func:`question_peak_tokens`).
 - **maximum batch**: ``floor(budget / peak per question)`` questions at once (:func:`max_batch`),
   the budget being the server's KV pool (``sglang:max_total_num_tokens``); the harness runs the
-  configuration's remaining questions at that concurrency and checks that the server retracted none.
+  configuration's remaining questions at that concurrency and checks that the server retracted none
+  (after retractions it verifies smaller batches, :func:`kvsqueeze.harness.sweep.run_two_phase`).
 - **bandwidth bound**: a decode step reads the weights once and the KV every running sample holds;
   with ``B`` questions of ``W`` samples running, ``B*W`` tokens per step can come out at most
   ``bandwidth / (weight bytes + B * peak per question * KV bytes per token)`` times a second

@@ -82,7 +82,11 @@ def summarize(meta: dict, configs: list[dict], df, outcomes_out: dict | None = N
     bandwidth = float(np.median(bw)) if bw else None
     rows = []
     for c in configs:
-        sub = df[df["config"] == c["config"]] if not df.empty else df
+        rows_c = df[df["config"] == c["config"]] if not df.empty else df
+        phase = rows_c["phase"].fillna("").astype(str) if "phase" in rows_c else None
+        # answers: the pilot's and the batch's; the waves that verified a smaller batch after a
+        # retraction ran questions the batch phase had answered, for throughput only
+        sub = rows_c[~phase.str.startswith("verify")] if phase is not None else rows_c
         ok = sub[sub["ok"] == 1] if len(sub) else sub
         srv = c.get("server") or {}
         mb = c.get("max_batch") or {}
@@ -95,7 +99,8 @@ def summarize(meta: dict, configs: list[dict], df, outcomes_out: dict | None = N
             if outcomes_out is not None:
                 outcomes_out[c["config"]] = outcomes
             acc = accuracy(list(outcomes.values()))
-            batch = ok[ok["phase"] == "batch"] if "phase" in ok and (ok["phase"] == "batch").any() else ok
+            tp = mb.get("throughput_phase", "batch")
+            batch = rows_c[(phase == tp) & (rows_c["ok"] == 1)] if phase is not None and (phase == tp).any() else ok
             t_start = batch["start_unix"].min()
             t_end = (batch["start_unix"] + batch["e2e_s"].fillna(0)).max()
             span = max(float(t_end - t_start), 1e-9)
@@ -391,7 +396,10 @@ def _batch(r):
     if used is None or used != used:
         return "–"
     mark = "" if r.get("max_batch_verified") else (" (retracted!)" if r.get("max_batch_verified") is False else " (?)")
-    return f"{used:.0f}" + (f" of {r.get('max_batch_predicted'):.0f}" if r.get("max_batch_capped") else "") + mark
+    pred = r.get("max_batch_predicted")
+    backed = pred == pred and pred is not None and used < pred and not r.get("max_batch_capped")
+    return (f"{used:.0f}" + (f" of {pred:.0f}" if r.get("max_batch_capped") else "")
+            + (f" (verified after {pred:.0f} retracted)" if backed and r.get("max_batch_verified") else "") + mark)
 
 
 ACCURACY_COLUMNS = [("method", "method", "{}"), ("W", "W", "{}"), ("L", "L", "{}"),
@@ -514,9 +522,11 @@ def write_report(metas: list[dict], summary, out_dir: Path, plots: list[Path], p
               "the radix cache once, plus each sample's own peak in its per-head pool; a dense cache: the "
               "prompt once, shared by the W samples through the prefix cache, plus every generated token). Max batch: the questions of that size the server's KV budget "
               "holds at once (predicted from a pilot of a few questions, then the rest of the questions "
-              "run at that concurrency; `of N`: fewer questions were left than fit; `retracted!`: the "
-              "server retracted requests at it). Out tok/s at max batch: output tokens of that phase over "
-              "its span. Decode tok/s: max batch x W / TPOT p50 of that phase; % of bandwidth bound: "
+              "run at that concurrency; `of N`: fewer questions were left than fit; `verified after N "
+              "retracted`: the server retracted requests at the predicted N, so the harness ran waves of "
+              "fewer questions at once (each a quarter fewer, on questions already answered, which are not "
+              "counted again) until one had no retraction; `retracted!`: none did). Out tok/s at max "
+              "batch: output tokens of the phase at that batch over its span. Decode tok/s: max batch x W / TPOT p50 of that phase; % of bandwidth bound: "
               "decode tok/s over what the measured memory bandwidth allows when each decode step reads "
               "the weights and the KV held (max batch x peak per question). Server peak KV tokens: the "
               "largest `sglang:num_used_tokens` (or DMS's held tokens) seen while polling `/metrics` "

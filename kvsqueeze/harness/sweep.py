@@ -4,8 +4,10 @@ the server's figures, and write ``results/<run>/`` (raw rows, configurations, re
 Each configuration runs in two phases (``docs/metrics.md``): a *pilot* of a few questions at low
 concurrency measures how much KV one question holds at its peak; the *batch* phase runs the remaining
 questions at the largest concurrency the server's KV budget holds for that peak (capped by the
-questions left), and checks that the server retracted nothing. Accuracy counts every question;
-throughput at the maximum batch comes from the batch phase. A run that stops part way resumes from
+questions left), and checks that the server retracted nothing; after retractions, waves of fewer
+questions at once verify the largest batch that runs without (``verify-N``, for throughput only).
+Accuracy counts every question once; throughput at the maximum batch comes from the batch phase or
+the verifying wave that passed. A run that stops part way resumes from
 its finished configurations (``--resume RUN``)."""
 
 from __future__ import annotations
@@ -339,14 +341,17 @@ def run_two_phase(plan: Plan, workdir: Path, max_time: float, dims: dict, pilot:
                                                              else ""))
     second = Plan(**{**asdict(plan), "questions": rest, "users": users, "phase": "batch"})
     res2 = run_config(second, workdir, max_time, log, server_alive)
-    retracted = res2.server.get("delta sglang:num_retracted_requests_total")
-    if retracted is None and "peak sglang:num_running_reqs" in res2.server:
-        retracted = 0.0  # SGLang exports the counter from its first retraction on
+    retracted = _retractions(res2.server)
     mb["retractions"] = retracted
     mb["verified"] = bool(retracted == 0) if retracted is not None else None
-    if retracted:
+    mb["throughput_phase"] = "batch"
+    mb["attempts"] = [{"users": users, "phase": "batch", "retractions": retracted}]
+    if retracted and users > 1 and server_alive():
+        _back_off(plan, rest, users, mb, workdir, max_time, log, server_alive)
+    if retracted and not mb["verified"]:
         res2.reasons.append(f"the server retracted {retracted:.0f} requests at {users} questions at once: the "
-                            "maximum batch is smaller than predicted")
+                            "maximum batch is smaller than predicted" + (
+                                f", and at {mb['attempts'][-1]['users']} as well" if len(mb["attempts"]) > 1 else ""))
     res.max_batch = mb
     res.server = res2.server
     res.rows += res2.rows
@@ -360,6 +365,40 @@ def run_two_phase(plan: Plan, workdir: Path, max_time: float, dims: dict, pilot:
                            "or server failure)")
     res.status = "incomplete" if res.reasons else "complete"
     return res
+
+
+def _retractions(server: dict) -> float | None:
+    retracted = server.get("delta sglang:num_retracted_requests_total")
+    if retracted is None and "peak sglang:num_running_reqs" in server:
+        retracted = 0.0  # SGLang exports the counter from its first retraction on
+    return retracted
+
+
+BACK_OFF = 0.75  # each verification after a retraction tries this share of the last concurrency
+BACK_OFF_TRIES = 3
+
+
+def _back_off(plan: Plan, rest: list, users: int, mb: dict, workdir: Path, max_time: float, log,
+              server_alive) -> None:
+    """The batch phase retracted at ``users`` questions at once: verify smaller batches, each one wave
+    of that many of the batch's questions at once (``phase`` ``verify-N``; their answers are not
+    counted again), until the server retracts none; the first that passes is the maximum batch and
+    its wave gives the throughput."""
+    for _ in range(BACK_OFF_TRIES):
+        users = max(1, min(int(users * BACK_OFF), users - 1))
+        probe = Plan(**{**asdict(plan), "questions": rest[:users], "users": users, "phase": f"verify-{users}"})
+        log(f"  {plan.config}: retractions at {mb['attempts'][-1]['users']} questions at once; verifying {users}")
+        got = run_config(probe, workdir, max_time, log, server_alive)
+        retracted = _retractions(got.server)
+        ok = retracted == 0 and not got.failed_rows and got.rows == users * plan.W
+        mb["attempts"].append({"users": users, "phase": probe.phase, "retractions": retracted,
+                               "complete": got.rows == users * plan.W and not got.failed_rows})
+        if ok:
+            mb.update(used=users, verified=True, retractions=0.0, throughput_phase=probe.phase,
+                      capped_by_questions=False)
+            return
+        if users == 1 or not server_alive():
+            return
 
 
 # ---------------------------------------------------------------------------------------------
