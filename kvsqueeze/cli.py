@@ -432,13 +432,19 @@ def cmd_bench(args, extra: list[str]) -> int:
         raise bad_value("out", args.out, "no --out with --resume (the run continues in its own directory)")
     if args.pilot < 1:
         raise bad_value("pilot", args.pilot, "a number of pilot questions >= 1")
+    redo = [m.strip() for m in (args.redo or "").split(",") if m.strip()]
+    if redo and not args.resume:
+        raise bad_value("redo", args.redo, "methods of a run continued with --resume")
+    unknown = [m for m in redo if m not in [x.label for x in methods]]
+    if unknown:
+        raise bad_value("redo", ",".join(unknown), f"methods of the run ({', '.join(x.label for x in methods)})")
     out = Path(args.resume or args.out or Path("results") / time.strftime("bench-%Y%m%d-%H%M%S"))
     spec = sweep.BenchSpec(methods=methods, grid=grid, out_dir=out, url=args.url, model=args.model,
                            tasks=tasks, questions_per_task=args.questions, users=args.users,
                            temperature=args.temperature, max_time=args.max_time, seed=args.seed,
                            calibration=args.calibration, flush_between=not args.no_flush,
                            server_args=extra, budget_tokens=args.budget or None, pilot=args.pilot,
-                           resume=bool(args.resume))
+                           resume=bool(args.resume), redo=redo)
     n = len(methods) * len(spec.configs())
     print(f"kvsqueeze bench: {len(methods)} method(s) x {len(spec.configs())} configuration(s) = {n} "
           f"runs of {len(tasks) * args.questions} questions, at most {args.max_time:.0f} s per phase; "
@@ -661,6 +667,9 @@ def _add_bench_parsers(sub) -> None:
     b.add_argument("--max-time", type=float, default=600.0, help="seconds per phase of a configuration at most")
     b.add_argument("--resume", default=None, metavar="RUN",
                    help="continue the run in directory RUN: its finished configurations are kept")
+    b.add_argument("--redo", default=None, metavar="METHODS",
+                   help="with --resume: these methods' configurations run again, finished or not "
+                   "(to re-measure a method whose server changed; the others are kept)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--calibration", default=None, help="KVTC calibration for kvtc methods")
     b.add_argument("--no-flush", action="store_true",

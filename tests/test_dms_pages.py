@@ -302,6 +302,46 @@ def test_threads_of_one_prompt_hold_it_once():
     assert pool.num_slots - pool.free_slots <= stored + 4 * L * H
 
 
+def test_a_thread_peak_counts_the_prompt_slots_that_left_its_view():
+    """Four threads resume from a cached prompt and decode past the window with gates that evict:
+    the prompt's flagged tokens leave each thread's view but stay stored (the cache keeps them while
+    the threads run on it). The peak per question the harness computes from the threads' figures
+    (the shared slots once plus each thread's peak less its shared part) must follow the pool's own
+    count of stored slots: at most it, and below it only by the cache's slots the threads do not
+    share (the prompt's last token, the lag) and one lag slot per head and thread."""
+    n, w, k, threads = 40, W, W + 6, 4
+    flags = torch.ones(L, H, n, dtype=torch.bool)
+    flags[:, :, -1] = False
+    pool = HeadSlotPool(4000, L, H, w, 0, num_tokens=1000, rows=threads + 1)
+    _prefill(pool, 0, flags, torch.arange(n))
+    pool.publish(torch.arange(n))
+    pool.release(0)
+    cache = pool.num_slots - pool.free_slots
+    rows = list(range(1, threads + 1))
+    for row in rows:
+        pool.begin(row, torch.arange(n - 1), n)
+        for layer in range(L):
+            cf = torch.cat([flags[layer][:, n - 2:n - 1], torch.zeros(H, 1, dtype=torch.bool)], 1)
+            pool.extend_place(row, layer, cf, torch.tensor([100 * row]))
+    used = pool.num_slots - pool.free_slots
+    for step in range(k):
+        for row in rows:
+            tok = 100 * row + 1 + step
+            pool.append(row, tok)
+            for layer in range(L):
+                pool.decode_flags(torch.tensor([row]), layer, torch.tensor([n + step]), torch.full((1, H), 5.0),
+                                  torch.tensor([tok]))
+        used = max(used, pool.num_slots - pool.free_slots)
+    figs = [pool.stats(r) for r in rows]
+    shared = max(f["shared"] for f in figs)
+    question = shared + sum(f["peak"] - f["shared"] for f in figs)
+    assert used - (cache - shared) - threads * L * H <= question <= used
+    for r in rows:
+        pool.release(r)
+    pool.check()
+    assert pool.num_slots - pool.free_slots == cache
+
+
 @pytest.mark.parametrize("adopt", [True, False])
 def test_a_prompt_sharing_a_cached_prefix_stays_resumable_once_its_duplicates_are_freed(adopt):
     """Prompts A and B share their first k tokens (a common template). The decision about the last

@@ -207,15 +207,39 @@ def test_resume_keeps_finished_configurations_and_refuses_another_grid(tmp_path)
             sweep.run_bench(_spec(tmp_path, s.url, ["W=1,2 L=8"], **quick), log=lambda m: None)
         logs = []
         sweep.run_bench(_spec(tmp_path, s.url, ["W=1,2 L=8"], resume=True, **quick), log=logs.append)
-    assert any("1 configuration(s) finished" in m for m in logs)
-    assert (first_dir / "requests.csv").read_text() == kept
-    again = json.loads((run / "configs.json").read_text())
-    assert [c["config"] for c in again] == [c["config"] for c in configs]
-    assert all(c["status"] == "complete" for c in again)
-    assert "half a row" not in (second_dir / "requests.csv").read_text()
-    assert len(json.loads((run / "run.json").read_text())["resumed"]) == 1
+        assert any("1 configuration(s) finished" in m for m in logs)
+        assert (first_dir / "requests.csv").read_text() == kept
+        again = json.loads((run / "configs.json").read_text())
+        assert [c["config"] for c in again] == [c["config"] for c in configs]
+        assert all(c["status"] == "complete" for c in again)
+        assert "half a row" not in (second_dir / "requests.csv").read_text()
+        # --redo: a method's configurations run again although finished (its server changed)
+        logs, before = [], s.requests
+        sweep.run_bench(_spec(tmp_path, s.url, ["W=1,2 L=8"], resume=True, redo=["none"], **quick),
+                        log=logs.append)
+        served = s.requests - before
+    assert any("0 configuration(s) finished" in m for m in logs)
+    redone = json.loads((run / "configs.json").read_text())
+    assert served == 3 + 3 and all(c["status"] == "complete" for c in redone)
+    assert all(r["started_unix"] > a["started_unix"] for r, a in zip(redone, again))
+    samples = pd.read_csv(run / "samples.csv")
+    assert len(samples) == 3 * 1 + 3 * 2  # the new rows only, nothing twice
+    resumed = json.loads((run / "run.json").read_text())["resumed"]
+    assert len(resumed) == 2 and "redo" not in resumed[0] and "redo none" in resumed[1]
     with pytest.raises(KvsqueezeError, match="run directory written by kvsqueeze bench"):
         sweep._check_resume(tmp_path / "nope", _spec(tmp_path, None, ["W=1"]))
+
+
+def test_redo_is_refused_without_resume_or_for_a_method_not_in_the_run(tmp_path, monkeypatch, capsys):
+    from kvsqueeze import cli
+
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["bench", "--methods", "none", "--redo", "none", "--url", "http://127.0.0.1:9"]) != 0
+    assert "redo='none': expected methods of a run continued with --resume" in capsys.readouterr().err
+    assert cli.main(["bench", "--methods", "none", "--redo", "dms:8", "--resume", "x",
+                     "--url", "http://127.0.0.1:9"]) != 0
+    assert "redo='dms:8': expected methods of the run (none)" in capsys.readouterr().err
+    assert not (tmp_path / "results").exists() and not (tmp_path / "x").exists()
 
 
 # ---- the report's frontiers and pairs ---------------------------------------------------------------

@@ -423,6 +423,7 @@ class BenchSpec:
     budget_tokens: int | None = DEFAULT_BUDGET  # None: the servers' own (SGLang's default)
     pilot: int = PILOT_QUESTIONS
     resume: bool = False
+    redo: list[str] = field(default_factory=list)  # with resume: methods whose configurations run again
 
     def configs(self) -> list[tuple[int, int, str, str]]:
         g = self.grid
@@ -498,7 +499,7 @@ def _check_resume(out: Path, spec: BenchSpec) -> tuple[dict, list[dict]]:
                         "temperature, budget and target; it differs in " + ", ".join(
                             f"{k} ({theirs.get(k)!r} there, {ours[k]!r} here)" for k in diff))
     configs = json.loads((out / "configs.json").read_text()) if (out / "configs.json").is_file() else []
-    return meta, [c for c in configs if c.get("status") == "complete"]
+    return meta, [c for c in configs if c.get("status") == "complete" and c.get("method") not in spec.redo]
 
 
 def run_bench(spec: BenchSpec, log=print) -> Path:
@@ -540,10 +541,12 @@ def run_bench(spec: BenchSpec, log=print) -> Path:
     dtype = flag_value(spec.server_args, "--dtype") or cpu_defaults().get("--dtype") or "auto"
     if spec.resume:
         log(f"resuming {out}: {len(done)} configuration(s) finished, the others run again")
+        kept = {c["config"] for c in done}
         for c in json.loads((out / "configs.json").read_text()) if (out / "configs.json").is_file() else []:
-            if c.get("status") != "complete":
+            if c["config"] not in kept:
                 shutil.rmtree(out / "configs" / _slug(c["config"]), ignore_errors=True)
-        meta["resumed"] = meta.get("resumed", []) + [time.strftime("%Y-%m-%d %H:%M:%S")]
+        meta["resumed"] = meta.get("resumed", []) + [time.strftime("%Y-%m-%d %H:%M:%S")
+                                                     + (f" (redo {','.join(spec.redo)})" if spec.redo else "")]
         meta["status"] = "running"
     else:
         done = []

@@ -225,7 +225,7 @@ class _State:
         """A finished request's figures: held and peak in dense-token equivalents, its ratio, KV token
         reads per decode step (DMS's and a dense cache's), and the totals the harness reads
         (``kv_token_reads``: summed over decode steps, layers and KV heads; ``kv_tokens_held_peak``:
-        peak (layer, KV head) slots its attention held; ``kv_tokens_prefix_shared``: of those, the
+        peak (layer, KV head) slots stored for it, ``HeadSlotPool.footprint``; ``kv_tokens_prefix_shared``: of those, the
         slots it took from the prefix cache, shared with whoever else holds that prefix)."""
         rec = self.per_request.pop(rid, None)
         if rec is None:

@@ -67,6 +67,9 @@ class _Row:
     start: int = 0  # first position of the extend in progress
     prompt: int = 0  # tokens before the first decode step
     shared: int = 0  # (layer, head) slots taken from the cache when the row began from a cached prefix
+    base: int = 0  # positions of that cached prefix (0: none)
+    shared_left: int = 0  # of the shared slots, those that have left the view (still stored: the cache
+    # holds them while the row runs on its prefix)
     peak: int = 0
     reads: int = 0  # KV token reads of decode steps, summed over layers and heads
     steps: int = 0
@@ -116,7 +119,15 @@ class HeadSlotPool:
         return int((self.cached & (self.view_refs == 0)).sum())
 
     def held(self, row: int) -> int:
+        """Slots the row's attention reads (its view)."""
         return int(self.rows[row].length.sum())
+
+    def footprint(self, row: int) -> int:
+        """Slots stored for the row: its view, and the slots it took from the cached prefix that have
+        left its view since (the cache keeps them while the row runs on that prefix). The row's
+        ``peak`` is the largest footprint; less its ``shared`` slots, what it holds on its own."""
+        r = self.rows[row]
+        return int(r.length.sum()) + r.shared_left
 
     def seen(self, row: int) -> int:
         return self.rows[row].seen
@@ -305,7 +316,7 @@ class HeadSlotPool:
             held_slots = r.view[..., :width][valid]
             self.view_refs.index_add_(0, held_slots, torch.ones_like(held_slots, dtype=torch.int32))
             shared = int(held_slots.numel())
-        r.seen, r.start, r.prompt, r.shared, r.placed = n, m, n, shared, 0
+        r.seen, r.start, r.prompt, r.shared, r.base, r.placed = n, m, n, shared, m, 0
         self.rows[row] = r
         return shared
 
@@ -370,6 +381,7 @@ class HeadSlotPool:
         lagp = n - w - 2
         to_lag = valid & ~stay & (kpos == lagp)
         gone = r.view[layer, :, :width][valid & ~stay & ~to_lag]
+        shared_left = int((valid & ~stay & (kpos < r.base)).sum())
         old_lag = r.lag[layer][r.lag[layer] >= 0]
         own_keep = rule.held(torch.cat([torch.zeros(hk, m, dtype=torch.bool), cf[:, 1:]], 1), w)[:, m:]
         own_lag = torch.zeros(hk, dtype=torch.bool) if lagp < m else pf[:, lagp - lo]
@@ -424,9 +436,10 @@ class HeadSlotPool:
             where = torch.full((n,), -1, dtype=torch.long)
             where[pos] = torch.arange(pos.numel())
             r.windex[layer, h, p % self.size] = where[lo:n]
+        r.shared_left += shared_left
         r.placed = layer + 1
         if r.placed == self.n_layers:
-            r.peak = max(r.peak, self.held(row))
+            r.peak = max(r.peak, self.footprint(row))
         return out
 
     # ---- rows: decode ----------------------------------------------------------------------
@@ -463,6 +476,7 @@ class HeadSlotPool:
             self.left += L * H
             self.left_evicted += int(lf.sum())
         leaving = r.view.gather(-1, vi[..., None])[..., 0]
+        r.shared_left += int((lf & (r.pos.gather(-1, vi[..., None])[..., 0] < r.base)).sum())
         self._unref(r.lag[r.lag >= 0])  # first, so that their slots serve this step
         r.lag = torch.where(lf, leaving, -1)
         self._grow(r, int(r.length.max()) + 1)
@@ -477,9 +491,8 @@ class HeadSlotPool:
         self.token_flag[int(token)] = False
         r.seen = t + 1
         r.steps += 1
-        held = self.held(row)
-        r.reads += held
-        r.peak = max(r.peak, held)
+        r.reads += self.held(row)
+        r.peak = max(r.peak, self.footprint(row))
         return new
 
     def decode_flags(self, rows: torch.Tensor, layer: int, positions: torch.Tensor, logits: torch.Tensor,
