@@ -17,7 +17,7 @@ from kvsqueeze.errors import KvsqueezeError
 from kvsqueeze.kernels.paged_decode import (paged_decode_reference, paged_decode_torch,
                                             paged_decode_triton)
 from kvsqueeze.methods.dms import rule as dms_rule
-from kvsqueeze.methods.dms.pages import HeadSlotPool, SlotsExhausted
+from kvsqueeze.methods.dms.pages import HeadSlotPool, SlotsExhausted, decode_layer
 
 ROOT = Path(__file__).resolve().parents[1]
 L, H, W, SINKS = 2, 2, 3, 1
@@ -438,6 +438,38 @@ def test_pool_plus_paged_decode_equals_attention_over_the_held_tokens():
         assert held == [p for p in range(t + 1) if not flags[0, h, p] or p >= t - W]
         p = torch.softmax(q[0, qh] @ k_all[h, held].T * d ** -0.5, -1)
         assert torch.allclose(out[0, qh], p @ v_all[h, held], atol=1e-5)
+
+
+def test_a_decode_layer_traces_as_one_graph_and_equals_the_eager_step():
+    """What a CUDA graph captures of a DMS decode step: each layer writes the new K/V into their
+    slots, keeps the gate logits in a device buffer and attends to the held slots. Traced by
+    torch.compile with ``fullgraph=True`` (any host read, Python side effect or data-dependent shape
+    would break the graph and fail here), two steps of new data through one compiled graph give the
+    eager step's stores and logits and the reference attention over the held slots."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(4)
+    bs, hk, hq, d, width, num = 3, 2, 4, 8, 7, 64
+    stores = [torch.randn(num, 1, d, generator=g) for _ in range(2)]
+    step = torch.compile(decode_layer, fullgraph=True, dynamic=False, backend="eager")
+    for _ in range(2):  # same shapes, new data: no new graph
+        q = torch.randn(bs, hq, d, generator=g)
+        k, v = torch.randn(bs * hk, d, generator=g), torch.randn(bs * hk, d, generator=g)
+        logits = torch.randn(bs, hk, generator=g)
+        slots = torch.randperm(num, generator=g)[:bs * hk]
+        lengths = torch.randint(1, width + 1, (bs, hk), generator=g)
+        tables = torch.randint(0, num, (bs, hk, width), generator=g)
+        tables[..., 0] = slots.reshape(bs, hk)  # each head attends to its new token
+        eager = [t.clone() for t in stores] + [torch.zeros(bs, hk)]
+        traced = [t.clone() for t in stores] + [torch.zeros(bs, hk)]
+        want = decode_layer(q, k, v, logits, slots, tables, lengths, *eager, 0.3)
+        got = step(q, k, v, logits, slots, tables, lengths, *traced, 0.3)
+        for a, b in zip(eager, traced):
+            assert torch.equal(a, b)
+        assert torch.equal(traced[2], logits) and torch.equal(traced[0][slots, 0], k)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got, paged_decode_reference(q, traced[0], traced[1], tables, lengths, 0.3),
+                                   rtol=1e-5, atol=1e-6)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
 def test_batched_torch_paged_decode_equals_the_reference():

@@ -14,7 +14,7 @@ order of slots does not matter. A head with length 0 returns zeros.
 
 ``paged_decode_reference`` is PyTorch (float32 accumulation), one (sequence, head) at a time: the
 reference; ``paged_decode_torch`` is the same computation batched (one gather of every held slot,
-padded to the longest head, and a masked softmax): the CPU path of the SGLang backend;
+padded to the tables' width, and a masked softmax): the CPU path of the SGLang backend;
 ``paged_decode_triton`` is split-K (flash-decoding): one program per (sequence, KV head, split of its
 held slots) walks its pages ``BLOCK_N`` slots at a time with an online softmax, every query head of the
 GQA group sharing each K/V load, and a second kernel merges the splits; tested against the reference
@@ -73,10 +73,12 @@ def paged_decode_reference(q, k_pages, v_pages, page_table, lengths, scale=None)
 
 
 def paged_decode_torch(q, k_pages, v_pages, page_table, lengths, scale=None):
-    b, hq, hkv, d = _check(q, k_pages, v_pages, page_table, lengths)
+    # traced (torch.compile, a graph capture), the lengths are not read back: the tables cover them
+    b, hq, hkv, d = _check(q, k_pages, v_pages, page_table, lengths,
+                           check_lengths=not torch.compiler.is_compiling())
     ps = k_pages.shape[1]
     scale = d ** -0.5 if scale is None else scale
-    n = int(lengths.max()) if lengths.numel() else 0
+    n = page_table.shape[2] * ps  # the tables' width, known without reading the lengths
     if n == 0:
         return torch.zeros(b, hq, d, dtype=q.dtype, device=q.device)
     j = torch.arange(n, device=q.device)

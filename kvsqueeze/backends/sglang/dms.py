@@ -35,7 +35,9 @@ cache and chunked prefill stay on. Installed by the kvsqueeze plugin, every SGLa
   or in the window take slots. Decode: before the forward, each request's next token takes a fresh
   slot per layer and head, and the flagged token leaving the window leaves the view; the token
   attends to exactly its head's held slots (``kvsqueeze.kernels.paged_decode`` with pages of one slot:
-  the batched PyTorch path on CPU, the Triton kernel on a GPU).
+  the batched PyTorch path on CPU, the Triton kernel on a GPU). Each layer's forward only touches
+  device tensors (``kvsqueeze.methods.dms.pages.decode_layer``: the gate logits go to a buffer); the
+  pool takes in the step's decisions after ``ModelRunner.forward``, with one read of that buffer.
 - **Admission.** The allocator's prefill budget charges a new request the tokens its extend computes
   in full for the pass (the gates decide during it), its later footprint as the measured kept
   fraction of the tokens that left the window (``HeadSlotPool.kept_fraction``; 1 before any did);
@@ -64,10 +66,9 @@ import torch
 from kvsqueeze.backends.sglang.metrics import gauges
 from kvsqueeze.backends.sglang.patch import patch, patch_item, set_value
 from kvsqueeze.errors import KvsqueezeError, bad_value
-from kvsqueeze.kernels.paged_decode import paged_decode
 from kvsqueeze.methods.dms.checkpoint import load_config, load_gates
 from kvsqueeze.methods.dms.gates import query_neuron_index, read_query_neuron, zero_neurons
-from kvsqueeze.methods.dms.pages import HeadSlotPool, SlotsExhausted
+from kvsqueeze.methods.dms.pages import HeadSlotPool, SlotsExhausted, decode_layer
 
 logger = logging.getLogger(__name__)
 
@@ -168,16 +169,29 @@ class _State:
         self.peak_sequences = 0  # most requests holding slots at once
         self.last_reads = 0
         self.kept_seen = None  # the kept fraction at the last admission pass that found no room
-        self.decode = None  # (slots [L, bs, H], slot tables [L, bs, H, W], lengths [L, bs, H])
+        self.decode = None  # on the device: (slots [L, bs * H], slot tables [L, bs, H, W], lengths [L, bs, H])
+        self.step_logits = None  # [L, bs, H] gate logits of the decode step, written by the forward
+        self.pending = None  # (rows, positions, tokens) of the decode step whose decisions are not taken in
         self.extend = None  # per request of the extend in progress: its tokens' engine indices
         self.room = None  # (tree cache, slots) -> whether evicting the prefix cache freed that many more
         self.reclaim = None  # slots -> the same, with the tree cache of the batch being allocated
+
+    def finish_decode(self) -> None:
+        """After a decode forward: the gates' decisions of every layer go to the pool, with one read
+        of the step's logits (none inside the forward, which a CUDA graph can then capture)."""
+        if self.pending is None:
+            return
+        rows, positions, tokens = self.pending
+        self.pending = None
+        logits = self.step_logits.cpu()
+        for layer in range(self.n_layers):
+            self.pool.decode_flags(rows, layer, positions, logits[layer], tokens)
 
     def reset(self) -> None:
         rows, window, sinks, num_tokens = self.args
         self.pool = HeadSlotPool(self.num_slots, self.n_layers, self.kv_heads, window, sinks, num_tokens, rows)
         self.per_request.clear()
-        self.decode = self.extend = None
+        self.decode = self.extend = self.pending = None
 
     def kept(self) -> float:
         f = self.pool.kept_fraction()
@@ -397,6 +411,14 @@ def _attach(model_runner, cfg) -> _State:
             st.reset()
         return _clear
 
+    def forward(orig):
+        def _forward(*args, **kwargs):
+            out = orig(*args, **kwargs)
+            st.finish_decode()
+            return out
+        return _forward
+
+    patch(model_runner, "forward", key, forward)
     patch(alloc, "free", key, free)
     patch(rtp, "free_rows", key, free_rows)
     patch(rtp, "free", key, free_req)
@@ -424,6 +446,7 @@ def _backend_class():
         def init_forward_metadata(self, forward_batch):
             super().init_forward_metadata(forward_batch)
             fb, st = forward_batch, self.st
+            st.finish_decode()  # a decode forward that ran outside ModelRunner.forward
             st.decode = st.extend = None
             if fb.req_pool_indices is None or fb.req_pool_indices.numel() == 0:
                 return
@@ -442,8 +465,11 @@ def _backend_class():
                         raise RuntimeError(f"DMS: {exc} although SGLang's decode check passed") from exc
                 st.peak_sequences = max(st.peak_sequences, len(st.pool.rows))
                 pt, ln = st.pool.tables(rows)
-                st.decode = (torch.stack(slots, 1), pt, ln)
                 st.last_reads = int(ln.sum())
+                dev = st.k.device  # one copy to the device per step; the layers read only the device
+                st.decode = (torch.stack(slots, 1).reshape(st.n_layers, -1).to(dev), pt.to(dev), ln.to(dev))
+                st.step_logits = torch.zeros(st.n_layers, len(rows), st.kv_heads, dtype=torch.float32, device=dev)
+                st.pending = (torch.tensor(rows), fb.seq_lens.cpu() - 1, locs)
             elif fb.forward_mode.is_extend():
                 prefix = fb.extend_prefix_lens.tolist() if fb.extend_prefix_lens is not None else [0] * len(rows)
                 rtt = self.req_to_token
@@ -520,12 +546,8 @@ def _backend_class():
             if st.decode is None:
                 raise RuntimeError("DMS: a decode forward without its placement (init_forward_metadata)")
             slots, pt, ln = st.decode
-            st.pool.decode_flags(fb.req_pool_indices, lid, fb.positions, self._logits(lid, bs), fb.out_cache_loc)
-            idx = slots[lid].reshape(-1).to(st.k.device)
-            st.k[idx, 0] = k.reshape(-1, d).to(st.k.dtype)
-            st.v[idx, 0] = v.reshape(-1, vd).to(st.v.dtype)
-            out = paged_decode(q.reshape(bs, hq, d), st.k, st.v, pt[lid].to(q.device), ln[lid].to(q.device),
-                               layer.scaling)
+            out = decode_layer(q.reshape(bs, hq, d), k.reshape(-1, d), v.reshape(-1, vd), self._logits(lid, bs),
+                               slots[lid], pt[lid], ln[lid], st.k, st.v, st.step_logits[lid], layer.scaling)
             return out.reshape(-1, hq * vd).to(q.dtype)
 
     return DMSAttnBackend

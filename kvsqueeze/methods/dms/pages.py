@@ -34,7 +34,11 @@ the prefix's window come from the decisions stored per token (the decision token
 ``p - 1``).
 
 An engine adapter gives the attention kernel per-(sequence, head) slot tables and lengths
-(``tables``; ``kvsqueeze/kernels/paged_decode.py`` with pages of one slot).
+(``tables``; ``kvsqueeze/kernels/paged_decode.py`` with pages of one slot). A decode step splits in
+three: before the forward the pool places the batch's tokens (``append``, ``tables``: host work);
+each layer's forward (:func:`decode_layer`) only writes and reads device tensors, so a CUDA graph can
+capture it; after the forward the pool takes in the gates' decisions (``decode_flags``), reading the
+step's logits back once.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from dataclasses import dataclass
 import torch
 
 from kvsqueeze.errors import KvsqueezeError, bad_value
+from kvsqueeze.kernels.paged_decode import paged_decode
 from kvsqueeze.methods.dms import rule
 
 
@@ -593,3 +598,16 @@ class WindowFlags:
         placed, or None while there is none."""
         pos = rule.leaving(seen, self.window)
         return None if pos < 0 else self.ring[row, :, :, pos % self.size]
+
+
+def decode_layer(q, k, v, logits, slots, tables, lengths, k_store, v_store, logit_store, scale=None):
+    """One layer of a DMS decode step, on the device and free of host reads, Python side effects and
+    data-dependent shapes (what a CUDA graph captures): the batch's new keys and values ``k``, ``v``
+    ``[batch * kv_heads, dim]`` go to their slots ``slots [batch * kv_heads]`` of ``k_store`` /
+    ``v_store`` ``[num_slots, 1, dim]``, the gate logits ``[batch, kv_heads]`` to ``logit_store``
+    (read by :meth:`HeadSlotPool.decode_flags` after the step), and the queries ``q [batch, q_heads,
+    dim]`` attend to their heads' held slots (``tables``, ``lengths``: :meth:`HeadSlotPool.tables`)."""
+    k_store[slots, 0] = k.to(k_store.dtype)
+    v_store[slots, 0] = v.to(v_store.dtype)
+    logit_store.copy_(logits)
+    return paged_decode(q, k_store, v_store, tables, lengths, scale)
