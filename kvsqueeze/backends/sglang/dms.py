@@ -27,7 +27,8 @@ cache and chunked prefill stay on. Installed by the kvsqueeze plugin, every SGLa
   indices, the slots this continuation holds there move to them first: ``HeadSlotPool.adopt``); a
   hit is cut back to the longest prefix whose held tokens are all still stored
   (``HeadSlotPool.resumable``), and the request resumes from it without copying: its view references
-  the prefix's slots, the window's flags come from the decisions stored per token. Its evictable size is what evicting it would free.
+  the prefix's slots, the window's flags come from the decisions stored per token. Its evictable
+  size is what evicting it would free.
 - **Attention backend ``dms``** (a ``torch_native`` subclass). An extend (a prefill, a prefill chunk,
   the rest of a prompt after a radix hit) attends to the held prefix and to itself under the DMS rule
   (key ``j`` visible to query ``i`` iff ``j <= i`` and (``i - j <= window`` or ``j`` unflagged)); then
@@ -46,8 +47,8 @@ cache and chunked prefill stay on. Installed by the kvsqueeze plugin, every SGLa
   (not the whole extend's dense length before its forward, which would drop cached prompts whose
   requests are about to arrive, such as the prompt SGLang caches before the samples of an ``n>1``
   request); the decode-memory check counts exactly the slots the next step needs (evicting the radix
-  cache first), so a shortfall retracts a request (SGLang's path) instead of failing. Finished, aborted and retracted requests let their slots go when
-  SGLang frees their request row.
+  cache first), so a shortfall retracts a request (SGLang's path) instead of failing. Finished,
+  aborted and retracted requests let their slots go when SGLang frees their request row.
 - **Metrics.** ``meta_info["kvsqueeze_dms"]`` of each finished request (held, peak, ratio, KV token
   reads, the slots taken from the radix cache; the harness reads ``kv_token_reads``,
   ``kv_tokens_held_peak`` and ``kv_tokens_prefix_shared``); gauges on ``/metrics``.
@@ -169,7 +170,7 @@ class _State:
         self.peak_sequences = 0  # most requests holding slots at once
         self.last_reads = 0
         self.kept_seen = None  # the kept fraction at the last admission pass that found no room
-        self.decode = None  # on the device: (slots [L, bs * H], slot tables [L, bs, H, W], lengths [L, bs, H])
+        self.decode = None  # on the device: slots [L, bs * H], slot tables [L, bs, H, W], lengths [L, bs, H]
         self.step_logits = None  # [L, bs, H] gate logits of the decode step, written by the forward
         self.pending = None  # (rows, positions, tokens) of the decode step whose decisions are not taken in
         self.extend = None  # per request of the extend in progress: its tokens' engine indices
@@ -239,8 +240,9 @@ class _State:
         """A finished request's figures: held and peak in dense-token equivalents, its ratio, KV token
         reads per decode step (DMS's and a dense cache's), and the totals the harness reads
         (``kv_token_reads``: summed over decode steps, layers and KV heads; ``kv_tokens_held_peak``:
-        peak (layer, KV head) slots stored for it, ``HeadSlotPool.footprint``; ``kv_tokens_prefix_shared``: of those, the
-        slots it took from the prefix cache, shared with whoever else holds that prefix)."""
+        peak (layer, KV head) slots stored for it, ``HeadSlotPool.footprint``;
+        ``kv_tokens_prefix_shared``: of those, the slots it took from the prefix cache, shared with
+        whoever else holds that prefix)."""
         rec = self.per_request.pop(rid, None)
         if rec is None:
             return {}
