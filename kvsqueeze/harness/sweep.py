@@ -390,10 +390,10 @@ def _back_off(plan: Plan, rest: list, users: int, mb: dict, workdir: Path, max_t
         log(f"  {plan.config}: retractions at {mb['attempts'][-1]['users']} questions at once; verifying {users}")
         got = run_config(probe, workdir, max_time, log, server_alive)
         retracted = _retractions(got.server)
-        ok = retracted == 0 and not got.failed_rows and got.rows == users * plan.W
+        complete = got.rows == users * plan.W and not got.failed_rows
         mb["attempts"].append({"users": users, "phase": probe.phase, "retractions": retracted,
-                               "complete": got.rows == users * plan.W and not got.failed_rows})
-        if ok:
+                               "complete": complete})
+        if retracted == 0 and complete:
             mb.update(used=users, verified=True, retractions=0.0, throughput_phase=probe.phase,
                       capped_by_questions=False)
             return

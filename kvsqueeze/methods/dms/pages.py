@@ -496,8 +496,9 @@ class HeadSlotPool:
         self.token_flag[int(token)] = False
         r.seen = t + 1
         r.steps += 1
-        r.reads += self.held(row)
-        r.peak = max(r.peak, self.footprint(row))
+        held = self.held(row)
+        r.reads += held
+        r.peak = max(r.peak, held + r.shared_left)  # the footprint, from the view counted once
         return new
 
     def decode_flags(self, rows: torch.Tensor, layer: int, positions: torch.Tensor, logits: torch.Tensor,
