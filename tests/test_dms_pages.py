@@ -589,3 +589,50 @@ def test_sglang_admission_charges_the_measured_kept_fraction():
     stored = st.num_slots - st.pool.free_slots
     assert st.evictable_tokens() == -(-stored // (layers * heads))
     assert st.available_tokens() + st.evictable_tokens() == budget
+
+
+def test_a_graph_step_reads_the_eager_placement_from_buffers_fixed_at_capture():
+    """What SGLang's decode graph runners do with DMS: capture a batch size once (every row padding),
+    then before each replay place the batch, padded to that size, into the same buffers. Two twin
+    pools decode the same two requests, one eagerly and one through buffers captured for 4 rows:
+    the buffers keep their addresses, the real rows read exactly the eager step's slots, tables and
+    lengths, the padding rows hold nothing and write only to the scratch slot, and after the step the
+    gates' decisions (padding left out) leave both pools identical."""
+    from kvsqueeze.backends.sglang.dms import _DecodeGraph, _State
+
+    g = torch.Generator().manual_seed(8)
+    n, d = 12, 4
+    flags = torch.rand(L, H, n, generator=g) < 0.6
+    flags[..., -1] = False
+    twins = [_State(64, L, H, d, d, torch.float32, "cpu", 6, W, 0, 200) for _ in range(2)]
+    eager, graph = twins
+    for st in twins:
+        for row in (1, 2):  # SGLang's request rows start at 1 (0 is the padding row)
+            _prefill(st.pool, row, flags, torch.arange(row * 50, row * 50 + n))
+    graph.graph = _DecodeGraph(graph, max_bs=4, width=32)
+    (slots0, tables0, lengths0), logits0 = graph.graph.capture(4)
+    tokens = torch.tensor([150, 151])
+    eager.place_decode([1, 2], [n + 1, n + 1], tokens, 0)
+    graph.place_decode([1, 2], [n + 1, n + 1], tokens, 2)
+    (es, et, el), (gs, gt, gl) = eager.decode, graph.decode
+    assert [t.data_ptr() for t in (gs, gt, gl, graph.step_logits)] == [
+        t.data_ptr() for t in (slots0, tables0, lengths0, logits0)]
+    assert gt.shape[1] == 4 and torch.equal(gs[:, :2 * H], es) and torch.equal(gl[:, :2], el)
+    assert torch.equal(gt[:, :2, :, :et.shape[-1]].long(), et)
+    assert int(gl[:, 2:].abs().sum()) == 0 and bool((gs[:, 2 * H:] == graph.scratch).all())
+    q = torch.randn(4, 2 * H, d, generator=g)
+    k, v = torch.randn(4 * H, d, generator=g), torch.randn(4 * H, d, generator=g)
+    gate = torch.randn(L, 4, H, generator=g)
+    for layer in range(L):
+        want = decode_layer(q[:2], k[:2 * H], v[:2 * H], gate[layer, :2], es[layer], et[layer], el[layer],
+                            eager.k, eager.v, eager.step_logits[layer])
+        got = decode_layer(q, k, v, gate[layer], gs[layer], gt[layer], gl[layer], graph.k, graph.v,
+                           graph.step_logits[layer])
+        torch.testing.assert_close(got[:2], want)
+        assert got[2:].abs().sum() == 0  # a padding row attends to nothing
+    assert torch.equal(graph.k[:graph.scratch], eager.k[:eager.scratch])  # padding wrote to the scratch only
+    for st in twins:
+        st.finish_decode()
+        st.pool.check()
+    assert torch.equal(eager.pool.tables([1, 2])[0], graph.pool.tables([1, 2])[0])
+    assert eager.pool.free_slots == graph.pool.free_slots

@@ -97,3 +97,16 @@ def test_dms_refuses_a_model_it_is_not_wired_into_before_it_starts(tmp_path, ctx
         plan_server(parse_server("dms:4"), ctx)
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen3ForCausalLM"]}))
     assert "--attention-backend" in plan_server(parse_server("dms:4"), ctx).args
+
+
+def test_dms_decode_graphs_stay_off_unless_their_sizes_are_given(ctx):
+    """DMS turns SGLang's decode graphs off by default; giving their batch sizes (or, on a CPU,
+    ``--enable-torch-compile``) keeps them on, and the plan says so."""
+    plain = plan_server(parse_server("dms:4"), ctx)
+    assert "--disable-cuda-graph" in plain.args and "--disable-overlap-schedule" in plain.args
+    for given in (["--cuda-graph-bs-decode", "1", "2", "4"], ["--enable-torch-compile"],
+                  ["--cuda-graph-max-bs-decode=8"]):
+        plan = plan_server(parse_server("dms:4"), ctx, given)
+        assert "--disable-cuda-graph" not in plan.args, given
+        assert "--disable-overlap-schedule" in plan.args
+        assert any("decode graphs captured" in n for n in plan.notes), plan.notes

@@ -262,17 +262,15 @@ def test_gates_that_never_evict_give_the_vanilla_outputs(tmp_path_factory, embed
     assert got == vanilla[:half]
 
 
-@pytest.mark.parametrize("separate", [True, False], ids=["projection", "query_neuron"])
-def test_released_qwen3_checkpoint_served_by_sglang_equals_the_reference(tmp_path_factory, separate):
+def released_qwen3(d, separate: bool, n_prompts: int):
     """A tiny random Qwen3 in the released Model-Optimizer DMS layout (q/k norms; projection gates, or
-    the repurposed query neuron, zeroed before and after RoPE), served by SGLang with its radix cache
-    and prefill chunks: greedy outputs equal the reference DMS inference, while the gates evict."""
+    the repurposed query neuron) written to ``d``, ``n_prompts`` random 60-token prompts, and their
+    greedy outputs under the reference DMS inference."""
     from safetensors.torch import load_file, save_file
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     from kvsqueeze.attention import ATTN_IMPL, register
 
-    d = tmp_path_factory.mktemp("qwen3-dms")
     torch.manual_seed(11)
     cfg = Qwen3Config(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
@@ -290,16 +288,28 @@ def test_released_qwen3_checkpoint_served_by_sglang_equals_the_reference(tmp_pat
             w[f"model.layers.{i}.self_attn.dms_proj_alpha_norm.weight"] = torch.ones(64)
     save_file({k: v.contiguous() for k, v in w.items()}, str(d / "model.safetensors"))
     g = torch.Generator().manual_seed(5)
-    prompts = [torch.randint(0, 97, (60,), generator=g).tolist() for _ in range(3)]
+    prompts = [torch.randint(0, 97, (60,), generator=g).tolist() for _ in range(n_prompts)]
     register()
     hf = Qwen3ForCausalLM.from_pretrained(d, attn_implementation=ATTN_IMPL).eval()
     method = DMSMethod(checkpoint=str(d))
     ref = [method.greedy(hf, torch.tensor(p), NEW)[0] for p in prompts]
     method.unbind(hf)
+    return prompts, ref
+
+
+QWEN3_ARGS = ["--chunked-prefill-size", "16", "--skip-tokenizer-init", "--max-total-tokens", "2048"]
+
+
+@pytest.mark.parametrize("separate", [True, False], ids=["projection", "query_neuron"])
+def test_released_qwen3_checkpoint_served_by_sglang_equals_the_reference(tmp_path_factory, separate):
+    """A tiny random Qwen3 in the released Model-Optimizer DMS layout (q/k norms; projection gates, or
+    the repurposed query neuron, zeroed before and after RoPE), served by SGLang with its radix cache
+    and prefill chunks: greedy outputs equal the reference DMS inference, while the gates evict."""
+    d = tmp_path_factory.mktemp("qwen3-dms")
+    prompts, ref = released_qwen3(d, separate, 3)
     log = d / "server.log"
     srv = SGLangServer(model=d, port=free_port(), log_path=log, env={"KVSQUEEZE_DMS": str(d)},
-                       extra_args=DMS_ARGS + ["--chunked-prefill-size", "16", "--skip-tokenizer-init",
-                                              "--max-total-tokens", "2048"]).start_and_wait(timeout=400)
+                       extra_args=DMS_ARGS + QWEN3_ARGS).start_and_wait(timeout=400)
     try:
         outs = [post(srv.url + "/generate", {"input_ids": p, "sampling_params": {
             "max_new_tokens": NEW, "temperature": 0, "ignore_eos": True}}) for p in prompts]
@@ -310,6 +320,49 @@ def test_released_qwen3_checkpoint_served_by_sglang_equals_the_reference(tmp_pat
     print(f"released Qwen3 layout, {'projection' if separate else 'query-neuron'} gates, in SGLang: "
           f"{sum(a == b for a, b in zip(got, ref))}/{len(got)} greedy outputs = reference, ratios {ratios}")
     assert got == ref
+    assert all(r > 1.3 for r in ratios)  # the gates do evict
+
+
+def test_decode_graphs_captured_by_sglang_replay_the_reference(tmp_path_factory):
+    """SGLang's decode graph runner with DMS (on a CPU: ``--enable-torch-compile``, the decode forward
+    compiled per captured batch size, replayed on static slot tables): batches of 1 (a captured size),
+    3 (padded to 4: a padding row holds nothing and writes to the scratch slot) and 6 (above the
+    largest captured size: eager) give greedy outputs equal to the reference DMS inference while the
+    gates evict, and SGLang's strict idle check finds every slot back."""
+    import re
+
+    d = tmp_path_factory.mktemp("qwen3-dms-graphs")
+    prompts, ref = released_qwen3(d, True, 10)
+    log = d / "server.log"
+    env = {"KVSQUEEZE_DMS": str(d), "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1"}
+    srv = SGLangServer(model=d, port=free_port(), log_path=log, env=env, extra_args=DMS_ARGS + QWEN3_ARGS + [
+        "--enable-torch-compile", "--cuda-graph-bs-decode", "1", "2", "4", "--decode-log-interval", "1"]
+                       ).start_and_wait(timeout=600)
+    greedy = {"max_new_tokens": NEW, "temperature": 0, "ignore_eos": True}
+
+    def run(batch):
+        with ThreadPoolExecutor(len(batch)) as ex:
+            return list(ex.map(lambda p: post(srv.url + "/generate", {"input_ids": p, "sampling_params": greedy}),
+                               batch))
+
+    try:
+        outs = run(prompts[:1]) + run(prompts[1:4]) + run(prompts[4:10])
+        time.sleep(3)  # idle: SGLang checks available + evictable == total (strict); a leak kills it
+        alive = post(srv.url + "/generate", {"input_ids": prompts[0], "sampling_params": greedy})
+    finally:
+        srv.stop()
+    text = log.read_text()
+    steps = re.findall(r"Decode batch, #running-req: (\d+),.*cpu graph: (True|False)", text)
+    by_graph = {g: sorted({int(n) for n, gg in steps if gg == g}) for g in ("True", "False")}
+    got = [o["output_ids"] for o in outs]
+    ratios = [o["meta_info"]["kvsqueeze_dms"][0]["ratio"] for o in outs]
+    print(f"decode graphs: batch sizes replayed {by_graph['True']}, eager {by_graph['False']}; "
+          f"{sum(a == b for a, b in zip(got, ref))}/{len(got)} greedy outputs = reference, ratios {ratios}")
+    assert "Capture cpu graph bs [1, 2, 4]" in text
+    assert {1, 3} <= set(by_graph["True"])  # a captured size, and a padded one
+    assert all(n > 4 for n in by_graph["False"])  # eager only above the captured sizes
+    assert got == ref
+    assert alive["output_ids"] == ref[0]
     assert all(r > 1.3 for r in ratios)  # the gates do evict
 
 

@@ -30,6 +30,13 @@ Why each one exists:
   takes one of the two cores the storage codec runs on. The shim sleeps 0.5 ms at the end of such an
   idle turn (CPU device, storage tier on, requests pending, nothing to run); a running batch is
   never delayed, since ``on_idle`` runs only when there is no batch.
+* ``cpu_graphs`` (applied by an attention backend that implements SGLang's CPU graph hooks, DMS's):
+  with ``--enable-torch-compile`` SGLang captures CPU decode graphs (``CPUGraphRunner``: the model's
+  decode forward compiled per batch size, replayed with padded batches), but only on its CPU platform,
+  which the AMX build demands; the platform this machine gets declares no graph capture, and the
+  runner registers fake kernels for ``sgl_kernel`` CPU operators this build lacks (an error). The shim
+  declares graph capture on that platform (on a machine without CUDA) and skips the fake kernels when
+  ``sgl_kernel`` has no CPU operators (nothing would call them).
 """
 
 from __future__ import annotations
@@ -161,6 +168,26 @@ def storage_wait_yield() -> None:
     except ImportError:
         return
     patch(Scheduler, "on_idle", "cpu_shims.storage_wait_yield", _yielding_on_idle)
+
+
+def cpu_graphs() -> None:
+    """Let ``--enable-torch-compile`` capture SGLang's CPU decode graphs without the AMX build."""
+    import msgspec
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    from sglang.srt.model_executor import cpu_graph_runner
+    from sglang.srt.platforms.interface import SRTPlatform
+
+    key = "cpu_shims.cpu_graphs"
+    if not SRTPlatform.capabilities.graph_capture:
+        set_value(SRTPlatform, "capabilities", key,
+                  msgspec.structs.replace(SRTPlatform.capabilities, graph_capture=True))
+    if not hasattr(torch.ops.sgl_kernel, "shm_allreduce"):  # no sgl_kernel CPU operators in this build
+        patch(cpu_graph_runner, "register_fake_ops", key, lambda register: (lambda tp_size: None),
+              chains=False, why="the fake kernels are for sgl_kernel CPU operators this build does not "
+              "have (registering them fails); nothing calls them")
 
 
 def apply_all() -> None:

@@ -162,8 +162,12 @@ class _State:
         self.num_slots = budget_tokens * self.lh
         self.args = (rows, window, sinks, num_tokens)
         self.pool = HeadSlotPool(self.num_slots, n_layers, kv_heads, window, sinks, num_tokens, rows)
-        self.k = torch.zeros(self.num_slots, 1, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros(self.num_slots, 1, v_head_dim, dtype=dtype, device=device)
+        # one row more than the pool's slots: the scratch slot that a captured decode step's padded
+        # batch rows write their K/V to (the pool never hands it out)
+        self.scratch = self.num_slots
+        self.k = torch.zeros(self.num_slots + 1, 1, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros(self.num_slots + 1, 1, v_head_dim, dtype=dtype, device=device)
+        self.graph: _DecodeGraph | None = None  # static decode buffers once a graph runner asks for them
         self.req_to_token = req_to_token
         self.per_request: dict[str, dict] = {}
         self.peak_held = 0
@@ -177,14 +181,46 @@ class _State:
         self.room = None  # (tree cache, slots) -> whether evicting the prefix cache freed that many more
         self.reclaim = None  # slots -> the same, with the tree cache of the batch being allocated
 
+    def place_decode(self, rows: list[int], seq_lens: list[int], tokens: torch.Tensor, padded: int) -> None:
+        """Before a decode forward: each request's next token takes a slot per (layer, KV head) and the
+        slot tables go to the device, with ``padded`` more batch rows that hold nothing (a graph's
+        padding), written into the static buffers when a graph runner set them up."""
+        slots = []
+        for row, n, tok in zip(rows, seq_lens, tokens.tolist()):
+            r = self.pool.rows.get(row)
+            if r is None or r.seen != n - 1:
+                raise RuntimeError(f"DMS: request row {row} decodes token {n - 1} but the head "
+                                   "pool has not placed the tokens before it")
+            try:
+                slots.append(self.pool.append(row, tok))
+            except SlotsExhausted as exc:  # the decode-memory check is exact; this is a bug
+                raise RuntimeError(f"DMS: {exc} although SGLang's decode check passed") from exc
+        self.peak_sequences = max(self.peak_sequences, len(self.pool.rows))
+        pt, ln = self.pool.tables(rows)
+        self.last_reads = int(ln.sum())
+        slots = torch.stack(slots, 1).reshape(self.n_layers, -1) if slots else \
+            torch.zeros(self.n_layers, 0, dtype=torch.long)
+        bs = len(rows) + padded
+        if self.graph is not None and bs <= self.graph.max_bs:
+            self.decode, self.step_logits = self.graph.stage(slots, pt, ln, bs)
+        else:
+            if padded:
+                raise RuntimeError(f"DMS: a decode batch of {bs} rows ({padded} padding) exceeds the "
+                                   "graph buffers")
+            dev = self.k.device  # one copy to the device per step; the layers read only the device
+            self.decode = (slots.to(dev), pt.to(dev), ln.to(dev))
+            self.step_logits = torch.zeros(self.n_layers, bs, self.kv_heads, dtype=torch.float32, device=dev)
+        self.pending = (torch.tensor(rows, dtype=torch.long), torch.tensor(seq_lens) - 1, tokens)
+
     def finish_decode(self) -> None:
         """After a decode forward: the gates' decisions of every layer go to the pool, with one read
-        of the step's logits (none inside the forward, which a CUDA graph can then capture)."""
+        of the step's logits (none inside the forward, which a CUDA graph can then capture); a graph's
+        padding rows are left out."""
         if self.pending is None:
             return
         rows, positions, tokens = self.pending
         self.pending = None
-        logits = self.step_logits.cpu()
+        logits = self.step_logits[:, :len(rows)].cpu()
         for layer in range(self.n_layers):
             self.pool.decode_flags(rows, layer, positions, logits[layer], tokens)
 
@@ -265,6 +301,50 @@ class _State:
                 "reads_per_step": self.last_reads, "kept_fraction": self.kept(),
                 "free_slots": self.pool.free_slots, "cached_tokens": self.pool.cache_only_slots() / self.lh,
                 "peak_sequences": self.peak_sequences}
+
+
+class _DecodeGraph:
+    """What a captured decode step reads, at addresses fixed for the server's life: the new tokens'
+    slots ``[layers, max_bs * kv_heads]``, slot tables ``[layers, max_bs, kv_heads, width]`` (int32;
+    ``width``, the context length, bounds every head's view), lengths ``[layers, max_bs, kv_heads]`` and
+    the gate logits ``[layers, max_bs, kv_heads]``. A step of ``bs`` rows (padding included) reads the
+    first ``bs`` rows of each; padding rows hold nothing and write to the scratch slot."""
+
+    def __init__(self, st: _State, max_bs: int, width: int):
+        L, H, dev = st.n_layers, st.kv_heads, st.k.device
+        self.max_bs, self.width, self.kv_heads, self.scratch = max_bs, width, H, st.scratch
+        self.slots = torch.full((L, max_bs * H), st.scratch, dtype=torch.long, device=dev)
+        self.tables = torch.zeros(L, max_bs, H, width, dtype=torch.int32, device=dev)
+        self.lengths = torch.zeros(L, max_bs, H, dtype=torch.long, device=dev)
+        self.logits = torch.zeros(L, max_bs, H, dtype=torch.float32, device=dev)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.slots, self.tables, self.lengths, self.logits))
+
+    def views(self, bs: int):
+        """The first ``bs`` rows: (slots, tables, lengths) and the logits buffer."""
+        return (self.slots[:, :bs * self.kv_heads], self.tables[:, :bs], self.lengths[:, :bs]), \
+            self.logits[:, :bs]
+
+    def capture(self, bs: int):
+        """A capture's batch: every row padding."""
+        self.slots[:, :bs * self.kv_heads] = self.scratch
+        self.lengths[:, :bs] = 0
+        return self.views(bs)
+
+    def stage(self, slots: torch.Tensor, tables: torch.Tensor, lengths: torch.Tensor, bs: int):
+        """A step's placement (``n`` real rows) into the buffers, rows ``n..bs`` padding."""
+        n, w = tables.shape[1], tables.shape[-1]
+        if w > self.width:
+            raise RuntimeError(f"DMS: a head holds {w} slots, more than the graph tables' width {self.width} "
+                               "(the context length)")
+        H = self.kv_heads
+        self.slots[:, :n * H].copy_(slots)
+        self.slots[:, n * H:bs * H] = self.scratch
+        self.tables[:, :n, :, :w].copy_(tables)
+        self.lengths[:, :n].copy_(lengths)
+        self.lengths[:, n:bs] = 0
+        return self.views(bs)
 
 
 def _state_of(obj) -> _State | None:
@@ -443,6 +523,7 @@ def _backend_class():
             self.window, self.sinks = cfg.window, cfg.sinks
             self.st = _attach(model_runner, cfg)
             self.req_to_token = model_runner.req_to_token_pool.req_to_token
+            self.context_len = int(model_runner.model_config.context_len)
 
         # ---- placing the batch's tokens -------------------------------------------------------
         def init_forward_metadata(self, forward_batch):
@@ -455,23 +536,11 @@ def _backend_class():
             rows = [int(r) for r in fb.req_pool_indices.tolist()]
             locs = fb.out_cache_loc.long().cpu()
             if fb.forward_mode.is_decode():
-                slots = []
-                for row, n, tok in zip(rows, fb.seq_lens.tolist(), locs.tolist()):
-                    r = st.pool.rows.get(row)
-                    if r is None or r.seen != n - 1:
-                        raise RuntimeError(f"DMS: request row {row} decodes token {n - 1} but the head "
-                                           "pool has not placed the tokens before it")
-                    try:
-                        slots.append(st.pool.append(row, tok))
-                    except SlotsExhausted as exc:  # the decode-memory check is exact; this is a bug
-                        raise RuntimeError(f"DMS: {exc} although SGLang's decode check passed") from exc
-                st.peak_sequences = max(st.peak_sequences, len(st.pool.rows))
-                pt, ln = st.pool.tables(rows)
-                st.last_reads = int(ln.sum())
-                dev = st.k.device  # one copy to the device per step; the layers read only the device
-                st.decode = (torch.stack(slots, 1).reshape(st.n_layers, -1).to(dev), pt.to(dev), ln.to(dev))
-                st.step_logits = torch.zeros(st.n_layers, len(rows), st.kv_heads, dtype=torch.float32, device=dev)
-                st.pending = (torch.tensor(rows), fb.seq_lens.cpu() - 1, locs)
+                # a graph runner pads the batch with rows that point at SGLang's reserved request row 0
+                n = len(rows) - rows.count(0)
+                if rows[n:].count(0) != len(rows) - n:
+                    raise RuntimeError(f"DMS: request row 0 (SGLang's padding row) amid a decode batch {rows}")
+                st.place_decode(rows[:n], fb.seq_lens[:n].tolist(), locs[:n], len(rows) - n)
             elif fb.forward_mode.is_extend():
                 prefix = fb.extend_prefix_lens.tolist() if fb.extend_prefix_lens is not None else [0] * len(rows)
                 rtt = self.req_to_token
@@ -487,6 +556,43 @@ def _backend_class():
                     s += e
             else:
                 raise RuntimeError(f"DMS: forward mode {fb.forward_mode} is not supported")
+
+        # ---- graph runners: SGLang's CUDA graphs and its CPU graphs (torch.compile) ------------------
+        # What a decode step reads lives in static buffers (_DecodeGraph), filled before each replay
+        # by the same placement as an eager step; the captured forward is decode_layer per layer.
+        def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
+            st = self.st
+            st.graph = _DecodeGraph(st, max_bs, self.context_len)
+            logger.info("kvsqueeze DMS: decode graph buffers for %d requests x %d slots per head, %.1f MB",
+                        max_bs, self.context_len, st.graph.nbytes() / 1e6)
+
+        init_cpu_graph_state = init_cuda_graph_state
+
+        def get_cuda_graph_seq_len_fill_value(self):
+            return 1
+
+        get_cpu_graph_seq_len_fill_value = get_cuda_graph_seq_len_fill_value
+
+        def _capture(self, bs: int, forward_mode) -> None:
+            st = self.st
+            if not forward_mode.is_decode():
+                raise RuntimeError(f"DMS: graphs capture decode steps only, not {forward_mode}")
+            if st.graph is None:
+                raise RuntimeError("DMS: a graph capture before init_cuda_graph_state")
+            st.finish_decode()
+            st.pending = st.extend = None
+            st.decode, st.step_logits = st.graph.capture(bs)
+
+        def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
+            # CUDA graphs: before a capture (every row padding) or a replay (the batch, padded)
+            if in_capture:
+                self._capture(forward_batch.batch_size, forward_batch.forward_mode)
+            else:
+                self.init_forward_metadata(forward_batch)
+
+        def init_forward_metadata_capture_cpu_graph(self, bs, num_tokens, req_pool_indices, seq_lens,
+                                                    out_cache_loc, encoder_lens, forward_mode, spec_info):
+            self._capture(bs, forward_mode)  # CPU graphs replay through init_forward_metadata
 
         def _logits(self, layer_id: int, n: int) -> torch.Tensor:
             lg = _LOGITS.pop(layer_id, None)
@@ -627,6 +733,9 @@ def install() -> bool:
     from sglang.srt.mem_cache.registry import create_unified_radix_cache, register_radix_cache_backend
     from sglang.srt.models.registry import ModelRegistry
 
+    from kvsqueeze.backends.sglang.cpu_shims import cpu_graphs
+
+    cpu_graphs()  # the dms backend implements SGLang's CPU graph hooks (--enable-torch-compile on a CPU)
     add_attention_backend_choices(["dms"])
     register_attention_backend("dms")(lambda runner: _backend_class()(runner))
     for name in MODELS:

@@ -222,9 +222,11 @@ class FusionSpec(ServingSpec):
 DMS_FLAGS = (("--attention-backend", "dms"), ("--radix-cache-backend", "kvsqueeze-dms"))
 # When chunked prefill is turned off, SGLang 0.5.23 derives a negative static memory fraction: an explicit
 # one. On a GPU: the head pool is placed in Python before each forward, so no overlapped scheduling (the
-# CPU turns it off anyway) and no CUDA-graph capture (docs/dms.md says why).
+# CPU turns it off anyway). Decode graphs (CUDA graphs; CPU graphs with --enable-torch-compile) are
+# captured when asked for by any of GRAPH_FLAGS; off otherwise (docs/dms.md says why).
 DMS_DEFAULTS = (("--mem-fraction-static", "0.8"), ("--disable-overlap-schedule", None),
                 ("--disable-cuda-graph", None))
+GRAPH_FLAGS = ("--enable-torch-compile", "--cuda-graph-bs-decode", "--cuda-graph-max-bs-decode")
 
 
 class DMSSpec(ServingSpec):
@@ -277,10 +279,13 @@ class DMSSpec(ServingSpec):
 
         env = {sg_dms.ENV: str(self.checkpoint(spec))}
         flags = []
+        graphs = [f for f in GRAPH_FLAGS if has_flag(args, f)]
         for flag, value in DMS_FLAGS + DMS_DEFAULTS:
-            if not has_flag(args, flag):
-                flags += [flag] + ([value] if value is not None else [])
-        return ServerPlan(flags, env, [])
+            if has_flag(args, flag) or (flag == "--disable-cuda-graph" and graphs):
+                continue
+            flags += [flag] + ([value] if value is not None else [])
+        notes = [f"DMS decode graphs captured ({', '.join(graphs)})"] if graphs else []
+        return ServerPlan(flags, env, notes)
 
 
 SPECS: dict[str, ServingSpec] = {s.name: s for s in (NoneSpec(), DMSSpec(), KVTCSpec(), FusionSpec())}
