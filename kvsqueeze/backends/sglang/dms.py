@@ -39,6 +39,10 @@ cache and chunked prefill stay on. Installed by the kvsqueeze plugin, every SGLa
   the batched PyTorch path on CPU, the Triton kernel on a GPU). Each layer's forward only touches
   device tensors (``kvsqueeze.methods.dms.pages.decode_layer``: the gate logits go to a buffer); the
   pool takes in the step's decisions after ``ModelRunner.forward``, with one read of that buffer.
+  For SGLang's decode graph runners (CUDA graphs; CPU graphs with ``--enable-torch-compile``) what a
+  step reads lives in buffers allocated once for the largest captured batch (:class:`_DecodeGraph`);
+  before each replay the batch is placed into them, padding rows (request row 0) holding nothing and
+  writing their K/V to a scratch slot.
 - **Admission.** The allocator's prefill budget charges a new request the tokens its extend computes
   in full for the pass (the gates decide during it), its later footprint as the measured kept
   fraction of the tokens that left the window (``HeadSlotPool.kept_fraction``; 1 before any did);
