@@ -597,7 +597,8 @@ def test_a_graph_step_reads_the_eager_placement_from_buffers_fixed_at_capture():
     pools decode the same two requests, one eagerly and one through buffers captured for 4 rows:
     the buffers keep their addresses, the real rows read exactly the eager step's slots, tables and
     lengths, the padding rows hold nothing and write only to the scratch slot, and after the step the
-    gates' decisions (padding left out) leave both pools identical."""
+    gates' decisions (padding left out) leave both pools identical. A dummy batch of padding rows only
+    (no buffers) reads and stores nothing."""
     from kvsqueeze.backends.sglang.dms import _DecodeGraph, _State
 
     g = torch.Generator().manual_seed(8)
@@ -636,3 +637,13 @@ def test_a_graph_step_reads_the_eager_placement_from_buffers_fixed_at_capture():
         st.pool.check()
     assert torch.equal(eager.pool.tables([1, 2])[0], graph.pool.tables([1, 2])[0])
     assert eager.pool.free_slots == graph.pool.free_slots
+    # a batch of padding rows only (a runner's dummy forward), without buffers: nothing read or stored
+    before, free = eager.k.clone(), eager.pool.free_slots
+    eager.place_decode([], [], torch.zeros(0, dtype=torch.long), 3)
+    (s3, t3, l3) = eager.decode
+    out = decode_layer(q[:3], k[:3 * H], v[:3 * H], gate[0, :3], s3[0], t3[0], l3[0], eager.k, eager.v,
+                       eager.step_logits[0])
+    eager.finish_decode()
+    assert out.abs().sum() == 0 and torch.equal(eager.k[:eager.scratch], before[:eager.scratch])
+    assert eager.pool.free_slots == free
+    eager.pool.check()

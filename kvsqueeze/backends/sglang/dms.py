@@ -208,9 +208,11 @@ class _State:
         if self.graph is not None and bs <= self.graph.max_bs:
             self.decode, self.step_logits = self.graph.stage(slots, pt, ln, bs)
         else:
-            if padded:
-                raise RuntimeError(f"DMS: a decode batch of {bs} rows ({padded} padding) exceeds the "
-                                   "graph buffers")
+            if padded:  # rows that hold nothing (a runner's dummy batch): their K/V go to the scratch slot
+                L, H = self.n_layers, self.kv_heads
+                slots = torch.cat([slots, torch.full((L, padded * H), self.scratch, dtype=torch.long)], 1)
+                pt = torch.cat([pt, torch.zeros(L, padded, H, pt.shape[-1], dtype=pt.dtype)], 1)
+                ln = torch.cat([ln, torch.zeros(L, padded, H, dtype=ln.dtype)], 1)
             dev = self.k.device  # one copy to the device per step; the layers read only the device
             self.decode = (slots.to(dev), pt.to(dev), ln.to(dev))
             self.step_logits = torch.zeros(self.n_layers, bs, self.kv_heads, dtype=torch.float32, device=dev)
