@@ -323,7 +323,8 @@ def test_released_qwen3_checkpoint_served_by_sglang_equals_the_reference(tmp_pat
     assert all(r > 1.3 for r in ratios)  # the gates do evict
 
 
-def test_decode_graphs_captured_by_sglang_replay_the_reference(tmp_path_factory):
+@pytest.mark.parametrize("separate", [True, False], ids=["projection", "query_neuron"])
+def test_decode_graphs_captured_by_sglang_replay_the_reference(tmp_path_factory, separate):
     """SGLang's decode graph runner with DMS (on a CPU: ``--enable-torch-compile``, the decode forward
     compiled per captured batch size, replayed on static slot tables): batches of 1 (a captured size),
     3 (padded to 4: a padding row holds nothing and writes to the scratch slot) and 6 (above the
@@ -332,7 +333,7 @@ def test_decode_graphs_captured_by_sglang_replay_the_reference(tmp_path_factory)
     import re
 
     d = tmp_path_factory.mktemp("qwen3-dms-graphs")
-    prompts, ref = released_qwen3(d, True, 10)
+    prompts, ref = released_qwen3(d, separate, 10)
     log = d / "server.log"
     env = {"KVSQUEEZE_DMS": str(d), "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1"}
     srv = SGLangServer(model=d, port=free_port(), log_path=log, env=env, extra_args=DMS_ARGS + QWEN3_ARGS + [
@@ -356,7 +357,7 @@ def test_decode_graphs_captured_by_sglang_replay_the_reference(tmp_path_factory)
     by_graph = {g: sorted({int(n) for n, gg in steps if gg == g}) for g in ("True", "False")}
     got = [o["output_ids"] for o in outs]
     ratios = [o["meta_info"]["kvsqueeze_dms"][0]["ratio"] for o in outs]
-    print(f"decode graphs: batch sizes replayed {by_graph['True']}, eager {by_graph['False']}; "
+    print(f"decode graphs, {'projection' if separate else 'query-neuron'} gates: batch sizes replayed {by_graph['True']}, eager {by_graph['False']}; "
           f"{sum(a == b for a, b in zip(got, ref))}/{len(got)} greedy outputs = reference, ratios {ratios}")
     assert "Capture cpu graph bs [1, 4]" in text
     assert {1, 3} <= set(by_graph["True"])  # a captured size, and a padded one
