@@ -102,7 +102,7 @@ def _kernels():
     @triton.jit
     def split_kernel(q_ptr, k_ptr, v_ptr, pt_ptr, len_ptr, acc_ptr, ml_ptr, scale,
                      stride_qb, stride_qh, stride_kp, stride_ks, stride_vp, stride_vs,
-                     stride_ptb, stride_pth, stride_lb, group, split_tokens, n_iters, n_splits,
+                     stride_ptb, stride_pth, stride_lb, group, n_splits,
                      PAGE: tl.constexpr, DIM: tl.constexpr, DIM_P: tl.constexpr, G_P: tl.constexpr,
                      BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
         # one program per (sequence, KV head, split of its held slots); the GQA group's query heads
@@ -117,13 +117,16 @@ def _kernels():
         dmask = rd < DIM
         q = tl.load(q_ptr + b * stride_qb + (hk * group + rg)[:, None] * stride_qh + rd[None, :],
                     mask=gmask[:, None] & dmask[None, :], other=0.0)
+        # this head's held slots split evenly over the programs, whole blocks each: the work follows
+        # the length read on the device, not the tables' width (a graph's tables are context-wide)
         n = tl.load(len_ptr + b * stride_lb + hk)
-        start = sp * split_tokens
-        end = tl.minimum(start + split_tokens, n)
+        per = tl.cdiv(tl.cdiv(n, n_splits), BLOCK_N) * BLOCK_N
+        start = sp * per
+        end = tl.minimum(start + per, n)
         m = tl.full((G_P,), float("-inf"), tl.float32)
         l = tl.zeros((G_P,), tl.float32)
         acc = tl.zeros((G_P, DIM_P), tl.float32)
-        for it in range(0, n_iters):
+        for it in range(0, tl.cdiv(tl.maximum(end - start, 0), BLOCK_N)):
             j = start + it * BLOCK_N + tl.arange(0, BLOCK_N)
             ok = j < end
             page = tl.load(pt_ptr + b * stride_ptb + hk * stride_pth + j // PAGE, mask=ok, other=0).to(tl.int64)
@@ -205,8 +208,6 @@ def paged_decode_triton(q, k_pages, v_pages, page_table, lengths, scale=None):
     group = hq // hkv
     longest = pt.shape[2] * ps  # a bound known on the host (no device sync)
     n_splits = _n_splits(b, hkv, longest, q.device)
-    split_tokens = -(-max(longest, 1) // n_splits // BLOCK_N) * BLOCK_N
-    n_splits = max(1, -(-max(longest, 1) // split_tokens))
     dim_p = max(16, 1 << (d - 1).bit_length())
     g_p = max(16, 1 << (group - 1).bit_length())
     acc = torch.empty(b, hkv, n_splits, g_p, dim_p, dtype=torch.float32, device=q.device)
@@ -215,7 +216,7 @@ def paged_decode_triton(q, k_pages, v_pages, page_table, lengths, scale=None):
     split_kernel[(b, hkv, n_splits)](q, k_pages, v_pages, pt, ln, acc, ml, float(scale),
                                      q.stride(0), q.stride(1), k_pages.stride(0), k_pages.stride(1),
                                      v_pages.stride(0), v_pages.stride(1), pt.stride(0), pt.stride(1),
-                                     ln.stride(0), group, split_tokens, split_tokens // BLOCK_N, n_splits,
+                                     ln.stride(0), group, n_splits,
                                      PAGE=ps, DIM=d, DIM_P=dim_p, G_P=g_p, BLOCK_N=BLOCK_N,
                                      PRECISION=precision)
     out = torch.empty(b, hq, d, dtype=torch.float32, device=q.device)
