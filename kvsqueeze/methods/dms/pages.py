@@ -608,7 +608,9 @@ def decode_layer(q, k, v, logits, slots, tables, lengths, k_store, v_store, logi
     ``v_store`` ``[num_slots, 1, dim]``, the gate logits ``[batch, kv_heads]`` to ``logit_store``
     (read by :meth:`HeadSlotPool.decode_flags` after the step), and the queries ``q [batch, q_heads,
     dim]`` attend to their heads' held slots (``tables``, ``lengths``: :meth:`HeadSlotPool.tables`)."""
-    k_store[slots, 0] = k.to(k_store.dtype)
-    v_store[slots, 0] = v.to(v_store.dtype)
+    # in place on a flat view: written as ``k_store[slots, 0] = k``, a compiled graph (torch.compile,
+    # SGLang's CPU graphs) copies the whole store per layer instead of writing the rows
+    k_store.view(-1, k_store.shape[-1]).index_put_((slots,), k.to(k_store.dtype))
+    v_store.view(-1, v_store.shape[-1]).index_put_((slots,), v.to(v_store.dtype))
     logit_store.copy_(logits)
     return paged_decode(q, k_store, v_store, tables, lengths, scale)
