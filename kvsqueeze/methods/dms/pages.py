@@ -127,12 +127,12 @@ class HeadSlotPool:
         """Slots the row's attention reads (its view)."""
         return int(self.rows[row].length.sum())
 
-    def footprint(self, row: int) -> int:
-        """Slots stored for the row: its view, and the slots it took from the cached prefix that have
-        left its view since (the cache keeps them while the row runs on that prefix). The row's
-        ``peak`` is the largest footprint; less its ``shared`` slots, what it holds on its own."""
-        r = self.rows[row]
-        return int(r.length.sum()) + r.shared_left
+    def footprint(self, row: int, held: int | None = None) -> int:
+        """Slots stored for the row: its view (``held``, when the caller has counted it), and the
+        slots it took from the cached prefix that have left its view since (the cache keeps them
+        while the row runs on that prefix). The row's ``peak`` is the largest footprint; less its
+        ``shared`` slots, what it holds on its own."""
+        return (self.held(row) if held is None else held) + self.rows[row].shared_left
 
     def seen(self, row: int) -> int:
         return self.rows[row].seen
@@ -498,7 +498,7 @@ class HeadSlotPool:
         r.steps += 1
         held = self.held(row)
         r.reads += held
-        r.peak = max(r.peak, held + r.shared_left)  # the footprint, from the view counted once
+        r.peak = max(r.peak, self.footprint(row, held))
         return new
 
     def decode_flags(self, rows: torch.Tensor, layer: int, positions: torch.Tensor, logits: torch.Tensor,
