@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 VENV=${KVSQUEEZE_VENV:-.venv}
-exec "$VENV/bin/python" -m pytest -ra "$@"
+# --durations=10: the ten slowest tests at the end of every run, so the next person sees where the time goes
+exec "$VENV/bin/python" -m pytest -ra --durations=10 "$@"

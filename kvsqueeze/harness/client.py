@@ -87,6 +87,7 @@ class RequestResult:
     n: int
     start_unix: float
     samples: list[Sample]
+    sent_perf: float = 0.0  # time.perf_counter() when the request was sent: every *_s figure counts from it
     ok: bool = True
     error: str = ""
     status: int | None = None
@@ -255,7 +256,7 @@ class Client:
         parser = StreamParser(endpoint, n)
         start_unix = time.time()
         t0 = time.perf_counter()
-        result = RequestResult(endpoint, n, start_unix, parser.samples)
+        result = RequestResult(endpoint, n, start_unix, parser.samples, sent_perf=t0)
         data = json.dumps(body).encode()
         try:
             conn = self._connection()

@@ -8,6 +8,12 @@ tokens per sample (capped by the request's max tokens). The text of sample ``i``
 ``answer`` (default: the first number of the prompt, so some tasks score) followed by filler words.
 ``die_after`` makes it stop answering after that many requests (a server that dies mid-run).
 
+It keeps its own record of every generation request (:class:`StreamRecord`, ``GET /stub/log``): when
+the request arrived and when each chunk was handed to the socket, on this machine's monotonic clock
+(``time.perf_counter``, the clock the client times with). Tests of the harness's timing compare the
+client's figures with these records rather than with the script, so a late stub on a busy machine
+does not fail them: what the client adds (the receive path) is what they bound.
+
 Run it with ``python -m kvsqueeze.harness.stub --port 8123 --ttft 0.05 --gap 0.01``.
 """
 
@@ -20,6 +26,21 @@ import os
 import re
 import threading
 import time
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class StreamRecord:
+    """One generation request as the stub served it: ``arrival`` (its body read) and ``writes`` (one
+    time per step, taken just before that step's chunks were written: a client cannot receive a
+    chunk earlier), ``perf_counter`` seconds; ``n`` chunks were written per step."""
+
+    path: str
+    prompt: str
+    n: int
+    arrival: float
+    writes: list[float] = field(default_factory=list)
+    finished: float | None = None
 
 
 class StubConfig:
@@ -52,6 +73,7 @@ class StubServer:
         self.retracted = 0
         self.peak_questions = 0  # most requests running at once
         self._requests_running = 0
+        self.log: list[StreamRecord] = []
         self._server = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -92,6 +114,10 @@ class StubServer:
             await self._send(writer, 200, json.dumps({"model_path": "stub"}).encode(),
                              "application/json")
             return True
+        if method == "GET" and path == "/stub/log":
+            await self._send(writer, 200, json.dumps([asdict(r) for r in self.log]).encode(),
+                             "application/json")
+            return True
         if method == "GET" and path == "/metrics":
             text = (f"# TYPE sglang:num_running_reqs gauge\n"
                     f'sglang:num_running_reqs{{model_name="stub"}} {self.running}\n'
@@ -128,6 +154,8 @@ class StubServer:
         answer = cfg.answer if cfg.answer is not None else (m.group(0) if m else "0")
         words = [" " + answer] + [" ok"] * (k - 1)
         prompt_tokens = len((prompt or "").split())
+        record = StreamRecord(path, prompt or "", n, t_arrival)
+        self.log.append(record)
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
                      b"Transfer-Encoding: chunked\r\n\r\n")
         self.running += n
@@ -159,6 +187,7 @@ class StubServer:
                 if delay > 0:
                     await asyncio.sleep(delay)
                 last = step == k - 1
+                record.writes.append(time.perf_counter())
                 for i in range(n):
                     self.generated += 1
                     writer.write(event(self._chunk(path, i, words, step, last, prompt_tokens,
@@ -171,6 +200,7 @@ class StubServer:
             done = b"data: [DONE]\n\n"
             writer.write(f"{len(done):x}\r\n".encode() + done + b"\r\n0\r\n\r\n")
             await writer.drain()
+            record.finished = time.perf_counter()
         finally:
             self.running -= n
             self.reserved -= peak
@@ -227,6 +257,13 @@ class StubServer:
             self._loop.call_soon_threadsafe(self._loop.stop)
         if self._thread:
             self._thread.join(5)
+
+    def record(self, prompt: str) -> StreamRecord:
+        """The one request this stub served with ``prompt`` (tests give each request its own)."""
+        found = [r for r in self.log if r.prompt == prompt]
+        if len(found) != 1:
+            raise LookupError(f"{len(found)} requests with prompt {prompt!r}, expected one")
+        return found[0]
 
     def __enter__(self):
         return self.start()
