@@ -30,7 +30,7 @@ from kvsqueeze.backends.sglang import dms as sg_dms  # noqa: E402
 from kvsqueeze.backends.sglang.server import (SGLangServer, free_port, generate_burst,  # noqa: E402
                                                post_json)
 from kvsqueeze.backends.sglang.serving import ServeContext, parse_server, plan_server  # noqa: E402
-from kvsqueeze.harness.sweep import MetricsScraper  # noqa: E402
+from kvsqueeze.harness.scrape import MetricsScraper  # noqa: E402
 from kvsqueeze.model import resolve_model  # noqa: E402
 
 

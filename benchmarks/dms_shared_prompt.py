@@ -41,7 +41,7 @@ from kvsqueeze.backends.sglang import dms as sg_dms  # noqa: E402
 from kvsqueeze.backends.sglang.server import SGLangServer, free_port, post_json  # noqa: E402
 from kvsqueeze.backends.sglang.serving import ServeContext, parse_server, plan_server  # noqa: E402
 from kvsqueeze.harness import axes  # noqa: E402
-from kvsqueeze.harness.sweep import MetricsScraper  # noqa: E402
+from kvsqueeze.harness.scrape import MetricsScraper  # noqa: E402
 from kvsqueeze.methods.dms.checkpoint import shipped_gates_dir  # noqa: E402
 from kvsqueeze.model import resolve_model  # noqa: E402
 

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 from kvsqueeze.backends.sglang import fusion as sg_fusion  # noqa: E402
 from kvsqueeze.backends.sglang.server import (SGLangServer, free_port, generate_burst,  # noqa: E402
                                                post_json)
-from kvsqueeze.harness.sweep import MetricsScraper  # noqa: E402
+from kvsqueeze.harness.scrape import MetricsScraper  # noqa: E402
 from kvsqueeze.methods.fusion.config import FusionConfig  # noqa: E402
 from kvsqueeze.model import resolve_model  # noqa: E402
 from kvsqueeze.workload import near_duplicate_workload  # noqa: E402

@@ -42,7 +42,8 @@ from kvsqueeze.backends.sglang.server import SGLangServer, free_port  # noqa: E4
 import pandas as pd  # noqa: E402
 
 from kvsqueeze.harness.plan import Plan  # noqa: E402
-from kvsqueeze.harness.sweep import _post, run_config  # noqa: E402
+from kvsqueeze.harness.scrape import post as _post  # noqa: E402
+from kvsqueeze.harness.sweep import run_config  # noqa: E402
 from kvsqueeze.harness.tasks import make_questions  # noqa: E402
 from kvsqueeze.model import resolve_model  # noqa: E402
 

@@ -475,9 +475,16 @@ def cmd_check_server(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from kvsqueeze.harness import report
+    from kvsqueeze.harness import campaign_report, report
 
     runs = [Path(r) for r in args.runs]
+    if len(runs) == 1 and campaign_report.is_campaign(runs[0]):
+        if args.out:
+            raise bad_value("out", args.out, "no --out for a campaign (its report is rebuilt in its folder)")
+        path = campaign_report.build(runs[0])
+        print(path.read_text())
+        print(f"report: {path}")
+        return 0
     out = Path(args.out) if args.out else (runs[0] if len(runs) == 1 else None)
     if out is None:
         raise bad_value("out", None, "a directory for the comparison of several runs (--out DIR)")
@@ -633,6 +640,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fusion: layers whose similarity decides (a-b, list or all; default all but "
                         "the first two and last two)")
     _add_bench_parsers(sub)
+    from kvsqueeze.harness import commands
+
+    commands.add_parsers(sub)
     return p
 
 
@@ -684,8 +694,8 @@ def _add_bench_parsers(sub) -> None:
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--label", default=None, help="the server's name in the table")
     f.add_argument("--json", default=None, help="write the results as JSON to this file")
-    r = sub.add_parser("report", help="rebuild the report of a bench run, or compare several")
-    r.add_argument("runs", nargs="+", help="run directories written by kvsqueeze bench")
+    r = sub.add_parser("report", help="rebuild the report of a bench run or a campaign, or compare bench runs")
+    r.add_argument("runs", nargs="+", help="run directories written by kvsqueeze bench, or one campaign folder")
     r.add_argument("--out", default=None, help="directory of a comparison of several runs")
 
 
@@ -696,7 +706,7 @@ def main(argv: list[str] | None = None) -> int:
         i = argv.index("--")
         argv, extra = argv[:i], argv[i + 1:]
     args, unknown = build_parser().parse_known_args(argv)
-    if args.command == "bench" and unknown:
+    if args.command in ("bench", "campaign") and unknown:
         build_parser().error(f"unrecognized arguments: {' '.join(unknown)} (SGLang flags go after --)")
     if args.command == "serve":
         extra = unknown + extra  # unknown flags pass through to the engine
@@ -718,6 +728,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_kvtc_calibrate(args)
         if args.command == "bench":
             return cmd_bench(args, extra)
+        if args.command == "campaign":
+            from kvsqueeze.harness import commands
+
+            return commands.cmd_campaign(args, extra)
         if args.command == "report":
             return cmd_report(args)
         if args.command == "check-server":

@@ -194,12 +194,12 @@ def test_resume_keeps_finished_configurations_and_refuses_another_grid(tmp_path)
         run = sweep.run_bench(_spec(tmp_path, s.url, ["W=1,2 L=8"], **quick), log=lambda m: None)
         configs = json.loads((run / "configs.json").read_text())
         assert [c["status"] for c in configs] == ["complete", "complete"]
-        first_dir = run / "configs" / sweep._slug(configs[0]["config"])
+        first_dir = run / "configs" / sweep.slug(configs[0]["config"])
         kept = (first_dir / "requests.csv").read_text()
         # the run was interrupted during its second configuration
         configs[1]["status"] = "incomplete"
         (run / "configs.json").write_text(json.dumps(configs))
-        second_dir = run / "configs" / sweep._slug(configs[1]["config"])
+        second_dir = run / "configs" / sweep.slug(configs[1]["config"])
         (second_dir / "requests.csv").write_text("half a row")
         with pytest.raises(KvsqueezeError, match=r"resume=.*grid"):
             sweep.run_bench(_spec(tmp_path, s.url, ["W=1,4 L=8"], resume=True, **quick), log=lambda m: None)

@@ -142,7 +142,7 @@ def test_dms_server_frees_memory_admits_more_and_returns_every_page(tmp_path_fac
     (SGLang's strict idle check, the pool's gauges: free + cache-only = all), and a prompt longer
     than the budget is refused with a clear error."""
     from kvsqueeze.harness import axes
-    from kvsqueeze.harness.sweep import MetricsScraper, parse_prometheus
+    from kvsqueeze.harness.scrape import MetricsScraper, parse_prometheus
 
     _, tok, _ = embedded
     budget, burst = 1024, prompts[:8]
@@ -374,7 +374,7 @@ def test_an_extend_evicts_only_the_slots_its_kept_tokens_lack(tmp_path_factory, 
     before the forward, the DMS allocator only for the slots a layer lacks while it places them.
     Under real pressure the cache is still evicted, outputs equal the reference inference, and
     SGLang's strict idle check finds every slot back."""
-    from kvsqueeze.harness.sweep import parse_prometheus
+    from kvsqueeze.harness.scrape import parse_prometheus
 
     budget, cached, lh = 650, prompts[:4], 30 * 3
     ref = reference(embedded, prompts, 8)[0]

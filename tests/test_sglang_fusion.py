@@ -13,7 +13,7 @@ import torch
 
 from kvsqueeze.backends.sglang import fusion as sg_fusion
 from kvsqueeze.backends.sglang.server import SGLangServer, free_port, post_json
-from kvsqueeze.harness.sweep import parse_prometheus
+from kvsqueeze.harness.scrape import parse_prometheus
 from kvsqueeze.methods.fusion.config import FusionConfig, default_layers
 from kvsqueeze.methods.fusion.online import OnlinePageFusion
 from kvsqueeze.model import resolve_model

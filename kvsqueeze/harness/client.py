@@ -40,6 +40,7 @@ class Sample:
     tokens_source: str = ""  # "usage" (per sample), "usage_total" (request total, n=1), "chunks"
     prompt_tokens: int | None = None
     cached_tokens: int | None = None
+    cached_details: dict | None = None  # SGLang's split of cached_tokens: device / host / storage
     kv_token_reads: int | None = None  # where the server reports it (meta_info)
     kv_tokens_held_peak: int | None = None
     kv_tokens_prefix_shared: int | None = None  # of those, taken from the server's prefix cache
@@ -96,7 +97,10 @@ class RequestResult:
 
 
 def build_body(endpoint: str, prompt: str, n: int, max_tokens: int, temperature: float,
-               model: str = "default", seed: int | None = None, ignore_eos: bool = False) -> dict:
+               model: str = "default", seed: int | None = None, ignore_eos: bool = False,
+               messages: list[dict] | None = None) -> dict:
+    """The streaming request body of one endpoint. ``messages`` (chat endpoint only) replaces the one
+    user message ``prompt`` would make."""
     if endpoint not in ENDPOINTS:
         raise bad_value("endpoint", endpoint, f"one of {', '.join(ENDPOINTS)}")
     if endpoint == "generate":
@@ -114,7 +118,7 @@ def build_body(endpoint: str, prompt: str, n: int, max_tokens: int, temperature:
     if ignore_eos:  # SGLang's extra sampling parameter on its OpenAI endpoints
         body["ignore_eos"] = True
     if endpoint == "chat":
-        body["messages"] = [{"role": "user", "content": prompt}]
+        body["messages"] = messages or [{"role": "user", "content": prompt}]
     else:
         body["prompt"] = prompt
     return body
@@ -165,6 +169,8 @@ class StreamParser:
             s.output_tokens, s.tokens_source = int(meta["completion_tokens"]), "usage"
         s.prompt_tokens = meta.get("prompt_tokens", s.prompt_tokens)
         s.cached_tokens = meta.get("cached_tokens", s.cached_tokens)
+        if isinstance(meta.get("cached_tokens_details"), dict):
+            s.cached_details = meta["cached_tokens_details"]
         for key, value in server_kv_figures(meta).items():
             setattr(s, key, value)
         fr = meta.get("finish_reason")

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from urllib.parse import urlsplit
 
 from kvsqueeze.errors import bad_value
-from kvsqueeze.harness.sweep import parse_prometheus
+from kvsqueeze.harness.scrape import parse_prometheus
 
 KINDS = ("input", "overload", "abort", "slow")
 IDLE_GAUGES = ("sglang:num_used_tokens", "kvsqueeze_dms_held_tokens")

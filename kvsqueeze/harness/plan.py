@@ -117,12 +117,12 @@ def rows_for(plan: Plan, q: Question | dict, group: str, results: list[RequestRe
 class RowWriter:
     """Appends rows to a CSV file, flushing each batch (a killed run keeps what it wrote)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, fields: list[str] | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         new = not self.path.exists() or self.path.stat().st_size == 0
         self._f = open(self.path, "a", newline="")
-        self._w = csv.DictWriter(self._f, fieldnames=ROW_FIELDS)
+        self._w = csv.DictWriter(self._f, fieldnames=fields or ROW_FIELDS)
         if new:
             self._w.writeheader()
         self.count = 0

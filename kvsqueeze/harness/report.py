@@ -14,6 +14,7 @@ from pathlib import Path
 
 from kvsqueeze.errors import KvsqueezeError, bad_value
 from kvsqueeze.harness.axes import kv_reads_computed, question_peak_tokens  # noqa: F401
+from kvsqueeze.harness.scrape import held_tokens
 from kvsqueeze.harness.stats import majority
 
 
@@ -139,8 +140,7 @@ def summarize(meta: dict, configs: list[dict], df, outcomes_out: dict | None = N
                 r["pct_of_bound"] = 100 * r["decode_tok_s"] / bound if r["decode_tok_s"] == r["decode_tok_s"] \
                     else float("nan")
         # what the server holds: DMS's per-head pool (in dense-token equivalents), else SGLang's slots
-        peaks_srv = [v.get("peak kvsqueeze_dms_held_tokens", v.get("peak kvsqueeze_kv_tokens_held",
-                                                                    v.get("peak sglang:num_used_tokens")))
+        peaks_srv = [held_tokens({k.removeprefix("peak "): x for k, x in v.items() if k.startswith("peak ")})
                      for v in (srv, c.get("pilot_server") or {})]
         peaks_srv = [v for v in peaks_srv if v is not None]
         peak = max(peaks_srv) if peaks_srv else None

@@ -17,20 +17,19 @@ import os
 import re
 import subprocess
 import sys
-import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from itertools import product
 from pathlib import Path
 
 from kvsqueeze.backends.sglang.server import cpu_defaults, flag_value, has_flag
-from kvsqueeze.backends.sglang.serving import ServeContext, ServerSpec, parse_servers, plan_server
+from kvsqueeze.backends.sglang.serving import ServerSpec, parse_servers
 from kvsqueeze.errors import KvsqueezeError, bad_value
 from kvsqueeze.harness import axes
 from kvsqueeze.harness.client import ENDPOINTS
 from kvsqueeze.harness.plan import MODES, Plan, config_label
+from kvsqueeze.harness.scrape import LAST_GAUGES, MetricsScraper, post
+from kvsqueeze.harness.servers import kvtc_calibration, model_dims, slug, start_server
 from kvsqueeze.harness.tasks import DEFAULT_TASKS, make_questions, parse_tasks
 
 GRID_KEYS = {"W": int, "L": int, "mode": str, "endpoint": str}
@@ -69,110 +68,6 @@ def parse_methods(text: str | None) -> list[ServerSpec]:
     """``--methods``: servers separated by commas, each one method or several joined by ``+``
     (:func:`kvsqueeze.backends.sglang.serving.parse_servers`)."""
     return parse_servers(text)
-
-
-# ---------------------------------------------------------------------------------------------
-# Server-side figures
-# ---------------------------------------------------------------------------------------------
-PEAK_GAUGES = ("sglang:num_used_tokens", "sglang:num_running_reqs", "sglang:token_usage",
-               "sglang:num_queue_reqs", "kvsqueeze_kv_tokens_held", "kvsqueeze_dms_held_tokens",
-               "kvsqueeze_dms_dense_tokens")
-COUNTERS = ("sglang:prompt_tokens_total", "sglang:generation_tokens_total",
-            "sglang:num_requests_total", "kvsqueeze_kvtc_pages_stored", "kvsqueeze_kvtc_hits",
-            "kvsqueeze_kvtc_misses", "kvsqueeze_kvtc_restore_seconds",
-            "kvsqueeze_kvtc_encode_seconds", "kvsqueeze_kv_token_reads_total",
-            "kvsqueeze_fusion_pages_checked", "kvsqueeze_fusion_pages_fused",
-            "sglang:num_retracted_requests_total")
-LAST_GAUGES = ("sglang:max_total_num_tokens", "kvsqueeze_dms_kept_fraction", "kvsqueeze_dms_peak_sequences",
-               "kvsqueeze_kvtc_pages_held",
-               "kvsqueeze_kvtc_bytes_before", "kvsqueeze_kvtc_bytes_after",
-               "kvsqueeze_fusion_pages_saved", "kvsqueeze_fusion_groups")
-
-
-def parse_prometheus(text: str) -> dict[str, float]:
-    """Sum of every sample of each metric name (labels dropped), histograms' raw series included."""
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        m = re.match(r"([A-Za-z_:][A-Za-z0-9_:]*)(\{.*\})?\s+(\S+)", line)
-        if not m:
-            continue
-        try:
-            v = float(m.group(3))
-        except ValueError:
-            continue
-        out[m.group(1)] = out.get(m.group(1), 0.0) + v
-    return out
-
-
-class MetricsScraper:
-    """Polls ``/metrics`` in a thread: peaks of gauges, deltas of counters, last values."""
-
-    def __init__(self, url: str, interval: float = 0.5):
-        self.url, self.interval = url.rstrip("/") + "/metrics", interval
-        self.first: dict[str, float] | None = None
-        self.last: dict[str, float] = {}
-        self.peak: dict[str, float] = {}
-        self.polls = 0
-        self.errors = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def scrape(self) -> dict[str, float] | None:
-        try:
-            with urllib.request.urlopen(self.url, timeout=5) as r:
-                return parse_prometheus(r.read().decode("utf-8", "replace"))
-        except (urllib.error.URLError, OSError, ValueError):
-            self.errors += 1
-            return None
-
-    def _take(self, values: dict[str, float] | None) -> None:
-        if values is None:
-            return
-        self.polls += 1
-        if self.first is None:
-            self.first = values
-        self.last = values
-        for k in PEAK_GAUGES:
-            if k in values:
-                self.peak[k] = max(self.peak.get(k, float("-inf")), values[k])
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self._take(self.scrape())
-            self._stop.wait(self.interval)
-
-    def start(self) -> "MetricsScraper":
-        self._take(self.scrape())
-        if self.interval:  # None or 0: the first and last scrape only (no load on the server between)
-            self._thread.start()
-        return self
-
-    def stop(self) -> dict:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(10)
-        self._take(self.scrape())
-        first = self.first or {}
-        out = {"polls": self.polls, "scrape_errors": self.errors}
-        out.update({f"peak {k}": v for k, v in self.peak.items()})
-        for k in COUNTERS:
-            if k in self.last:
-                out[f"delta {k}"] = self.last[k] - first.get(k, 0.0)
-        for k in LAST_GAUGES:
-            if k in self.last:
-                out[f"last {k}"] = self.last[k]
-        return out
-
-
-def _post(url: str, timeout: float = 300.0) -> int | None:
-    try:
-        req = urllib.request.Request(url, data=b"", method="POST")
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status
-    except (urllib.error.URLError, OSError):
-        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -442,27 +337,6 @@ class BenchSpec:
                 "temperature": self.temperature, "budget_tokens": self.budget_tokens, "url": self.url}
 
 
-def model_dims(model_path: Path) -> dict:
-    cfg = json.loads((Path(model_path) / "config.json").read_text())
-    return {"layers": int(cfg["num_hidden_layers"]),
-            "kv_heads": int(cfg.get("num_key_value_heads", cfg["num_attention_heads"])),
-            "head_dim": int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]),
-            "bytes_per_value": 2}
-
-
-def kvtc_calibration(model_path: Path, given: str | None, log=print) -> str:
-    """The calibration the ``kvtc`` servers run with: the one given, the model's full one, or its
-    quick one, made once and cached (so that ``kvsqueeze bench`` on a fresh install stays within its
-    time budget); the report names which one served."""
-    from kvsqueeze.methods.kvtc.calibrate import calibration_for
-    from kvsqueeze.model import load_hf
-
-    if given:
-        return str(calibration_for(None, given=given))
-    tok, model = load_hf(model_path)
-    return str(calibration_for(model, tok, quick=True, log=log))
-
-
 def check_fits(spec: BenchSpec, questions, model_path: Path) -> dict:
     """Refuse, before anything starts, a budget that cannot hold one question of a configuration: the
     longest prompt and the W samples' L tokens for a method whose samples share the prompt (a dense
@@ -544,7 +418,7 @@ def run_bench(spec: BenchSpec, log=print) -> Path:
         kept = {c["config"] for c in done}
         for c in json.loads((out / "configs.json").read_text()) if (out / "configs.json").is_file() else []:
             if c["config"] not in kept:
-                shutil.rmtree(out / "configs" / _slug(c["config"]), ignore_errors=True)
+                shutil.rmtree(out / "configs" / slug(c["config"]), ignore_errors=True)
         meta["resumed"] = meta.get("resumed", []) + [time.strftime("%Y-%m-%d %H:%M:%S")
                                                      + (f" (redo {','.join(spec.redo)})" if spec.redo else "")]
         meta["status"] = "running"
@@ -610,7 +484,7 @@ def _run_all(spec: BenchSpec, out: Path, meta: dict, questions, model_path: Path
         server = None
         try:
             if not spec.url:
-                server = _start_server(m, model_path, calibration, out, server_args, log)
+                server = start_server(m, model_path, calibration, out / "logs", server_args, log)
             url = spec.url or server.url
             for W, L, mode, endpoint in mine:
                 k += 1
@@ -622,18 +496,18 @@ def _run_all(spec: BenchSpec, out: Path, meta: dict, questions, model_path: Path
                     f"run{eta})")
                 if server is not None and server.proc is None:
                     try:
-                        server = _start_server(m, model_path, calibration, out, server_args, log)
+                        server = start_server(m, model_path, calibration, out / "logs", server_args, log)
                         url = server.url
                     except KvsqueezeError as e:
                         results.append(_skipped(label, m, W, L, mode, endpoint, str(e)))
                         continue
                 if spec.flush_between:
-                    _post(url + "/flush_cache?timeout=300", timeout=400)
+                    post(url + "/flush_cache?timeout=300", timeout=400)
                 plan = Plan(url=url, W=W, L=L, mode=mode, endpoint=endpoint,
                             temperature=spec.temperature, questions=[q.to_dict() for q in questions],
                             run=run_name, method=m.label, config=label, users=spec.users)
                 alive = (lambda s=server: s is None or (s.proc is not None and s.proc.poll() is None))
-                res = run_two_phase(plan, out / "configs" / _slug(label), spec.max_time, dims, spec.pilot,
+                res = run_two_phase(plan, out / "configs" / slug(label), spec.max_time, dims, spec.pilot,
                                     log, alive, lengths)
                 spent_cost += _cost(W, L, len(questions))
                 if server is not None and server.proc is not None and server.proc.poll() is not None:
@@ -641,7 +515,7 @@ def _run_all(spec: BenchSpec, out: Path, meta: dict, questions, model_path: Path
                         "the next configuration")
                     server.stop()  # whatever is left of its process group; proc becomes None
                 if spec.flush_between:  # pages go to the storage tier: its figures after the flush
-                    _post(url + "/flush_cache?timeout=300", timeout=400)
+                    post(url + "/flush_cache?timeout=300", timeout=400)
                     extra = MetricsScraper(url).scrape()
                     if extra:
                         for key in LAST_GAUGES:
@@ -676,33 +550,7 @@ def _skipped(label, m, W, L, mode, endpoint, why) -> dict:
                                reasons=[f"not run: {why}"]))
 
 
-def _slug(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.=-]+", "_", label).strip("_")
-
-
 def _write_meta(out: Path, meta: dict) -> None:
     tmp = out / "run.json.tmp"
     tmp.write_text(json.dumps(meta, indent=1))
     os.replace(tmp, out / "run.json")
-
-
-def _start_server(m: ServerSpec, model_path: Path, calibration, out: Path, extra: list[str], log):
-    from kvsqueeze.backends.sglang.server import SGLangServer, free_port
-
-    logs = out / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    ctx = ServeContext(model=model_path, log=log, calibration=calibration, quick_calibration=True,
-                       stats_file=str(logs / f"{_slug(m.label)}-kvtc-stats.json"))
-    plan = plan_server(m, ctx, extra)
-    server = SGLangServer(model=model_path, port=free_port(), extra_args=plan.args + list(extra), env=plan.env,
-                          log_path=logs / f"server-{_slug(m.label)}.log")
-    log(f"starting SGLang for {m.label} ({m.summary()}) ...")
-    t0 = time.monotonic()
-    server.start()
-    try:
-        server.wait_ready(timeout=400)
-    except BaseException:
-        server.stop()
-        raise
-    log(f"  ready at {server.url} after {time.monotonic() - t0:.0f}s")
-    return server
