@@ -43,6 +43,8 @@ from kvsqueeze.harness.workloads import Workload, WorkloadContext
 
 DEFAULT_BUDGET = 8192
 POINT_SEED_STRIDE = 1000  # point k of a method draws its conversations with seed + k * this
+# a failed request whose error names one of these lost the server (it did not answer it with an error)
+CONNECTION_LOST = ("ConnectionRefused", "ConnectionReset", "RemoteDisconnected", "BrokenPipe", "IncompleteRead")
 
 
 @dataclass
@@ -233,12 +235,16 @@ def run_point(plan: PointPlan, workdir: Path, log=print, server_alive=lambda: Tr
                                  "not sent: a failed turn ends its conversation, or the time ran out)")
     if timed_out:
         record["reasons"].append(f"{timed_out} requests were still running at the time limit")
+    lost = sum(any(e in (r.get("error") or "") for e in CONNECTION_LOST) for r in rows)
+    if lost:
+        record["reasons"].append(f"{lost} requests lost their connection (the server stopped answering: "
+                                 "refused, reset or closed)")
     figures = measure.point_figures(rows, slo)
     figures.update(measure.kv_figures(scraper.series, bytes_per_token, figures["requests"]))
     figures.update(measure.server_figures(server))
     record["figures"] = figures
     record["server"] = server
-    if any("server died" in r or "Locust" in r for r in record["reasons"]) or timed_out:
+    if any("server died" in r or "Locust" in r for r in record["reasons"]) or timed_out or lost:
         record["status"] = "incomplete"
     return record
 

@@ -7,6 +7,10 @@ arrived and each following chunk ``gap`` seconds after the previous one, one tok
 tokens per sample (capped by the request's max tokens). The text of sample ``i`` answers with
 ``answer`` (default: the first number of the prompt, so some tasks score) followed by filler words.
 ``die_after`` makes it stop answering after that many requests (a server that dies mid-run).
+``slots`` bounds the requests it serves at once: the others wait their turn, and a request's timings
+start when it gets a slot. Each request holds its slot ``ttft + (tokens - 1) * gap`` seconds, so the
+stub serves ``slots / that`` requests per second and no more: below that rate of evenly spaced
+arrivals nothing waits, above it the queue (and the TTFT) grows with every request.
 
 It keeps its own record of every generation request (:class:`StreamRecord`, ``GET /stub/log``): when
 the request arrived and when each chunk was handed to the socket, on this machine's monotonic clock
@@ -55,11 +59,17 @@ class StubConfig:
     def __init__(self, ttft: float = 0.05, gap: float = 0.01, tokens: int = 8,
                  answer: str | None = None, die_after: int | None = None,
                  layers: int = 30, kv_heads: int = 3, budget: int = 1_000_000,
-                 real_budget: int | None = None, kv_ratio: float | None = None):
+                 real_budget: int | None = None, kv_ratio: float | None = None, slots: int | None = None):
         self.ttft, self.gap, self.tokens = ttft, gap, tokens
         self.answer, self.die_after = answer, die_after
         self.layers, self.kv_heads = layers, kv_heads
         self.budget, self.real_budget, self.kv_ratio = budget, real_budget or budget, kv_ratio
+        self.slots = slots
+
+    @property
+    def capacity_rps(self) -> float | None:
+        """Requests per second it serves at most (with ``slots``) at ``tokens`` tokens a request."""
+        return self.slots / (self.ttft + (self.tokens - 1) * self.gap) if self.slots else None
 
 
 class StubServer:
@@ -74,6 +84,7 @@ class StubServer:
         self.peak_questions = 0  # most requests running at once
         self._requests_running = 0
         self.log: list[StreamRecord] = []
+        self._slots: asyncio.Semaphore | None = None
         self._server = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -138,10 +149,16 @@ class StubServer:
             writer.close()
             return False
         req = json.loads(body or b"{}")
-        await self._stream(path, req, writer, t_arrival)
+        if self._slots is None and cfg.slots:
+            self._slots = asyncio.Semaphore(cfg.slots)
+        if self._slots is not None:
+            async with self._slots:  # waits for a free slot; the timings start once it has one
+                await self._stream(path, req, writer, t_arrival, time.perf_counter())
+        else:
+            await self._stream(path, req, writer, t_arrival, t_arrival)
         return True
 
-    async def _stream(self, path, req, writer, t_arrival) -> None:
+    async def _stream(self, path, req, writer, t_arrival, t_served) -> None:
         cfg = self.config
         native = path == "/generate"
         sp = req.get("sampling_params", {}) if native else req
@@ -182,7 +199,7 @@ class StubServer:
 
         try:
             for step in range(k):
-                due = t_arrival + cfg.ttft + step * cfg.gap
+                due = t_served + cfg.ttft + step * cfg.gap
                 delay = due - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
@@ -282,9 +299,11 @@ def main(argv=None) -> int:
     p.add_argument("--answer", default=None)
     p.add_argument("--die-after", type=int, default=None)
     p.add_argument("--budget", type=int, default=1_000_000)
+    p.add_argument("--slots", type=int, default=None, help="requests served at once (the rest wait)")
     a = p.parse_args(argv)
     os.environ["KVSQUEEZE_STUB_SUBPROCESS"] = "1"
-    srv = StubServer(StubConfig(a.ttft, a.gap, a.tokens, a.answer, a.die_after, budget=a.budget), a.host, a.port)
+    srv = StubServer(StubConfig(a.ttft, a.gap, a.tokens, a.answer, a.die_after, budget=a.budget, slots=a.slots),
+                     a.host, a.port)
     print(f"stub server on http://{a.host}:{a.port}", flush=True)
     started = threading.Event()
     try:

@@ -18,7 +18,7 @@ from pathlib import Path
 from kvsqueeze.errors import bad_value
 from kvsqueeze.harness.client import ENDPOINTS, RequestResult
 from kvsqueeze.harness.tasks import extract_answer
-from kvsqueeze.harness.workloads import Conversation, messages_for
+from kvsqueeze.harness.workloads import Conversation, chat_text, messages_for
 
 ROW_FIELDS = ["run", "method", "point", "workload", "load", "value", "worker", "conversation", "turn", "group",
               "phase", "scheduled_s", "sent_s", "lag_s", "start_unix", "ok", "error", "status", "ttft_s", "e2e_s",
@@ -74,8 +74,7 @@ class PointPlan:
 
 class Formatter:
     """Builds each turn's request body: chat messages for the chat endpoint, text for the others
-    (chat conversations formatted with the model's chat template, SGLang's benchmark client's way:
-    the template's text with the tokenizer's BOS token removed, since the server adds its own)."""
+    (chat conversations formatted with the model's chat template: :func:`chat_text`)."""
 
     def __init__(self, plan: PointPlan):
         self.plan = plan
@@ -88,9 +87,7 @@ class Formatter:
             if not self.plan.tokenizer:
                 raise bad_value("tokenizer", "", "the model's directory, to format chat messages as text")
             self._tok = AutoTokenizer.from_pretrained(self.plan.tokenizer)
-        text = self._tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        bos = self._tok.bos_token
-        return text.replace(bos, "") if bos else text
+        return chat_text(self._tok, messages)
 
     def body(self, conv: Conversation, k: int, replies: list[str]) -> tuple[dict, str]:
         """(request body, the prompt as text or JSON messages, for the record)."""

@@ -65,6 +65,18 @@ def messages_for(conv: Conversation, k: int, replies: list[str]) -> list[dict]:
     return out
 
 
+def chat_text(tokenizer, messages: list[dict]) -> str:
+    """Chat messages as the text a model reads: its chat template with the generation prompt. A leading
+    BOS token is removed where the tokenizer adds one itself when the server encodes the text (it
+    would be there twice); SGLang's benchmark client removes every occurrence of the BOS text, which
+    breaks templates whose BOS is also their turn marker (SmolLM2's ``<|im_start|>``)."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    bos = getattr(tokenizer, "bos_token", None)
+    if bos and text.startswith(bos) and tokenizer.encode("x")[:1] == [tokenizer.bos_token_id]:
+        text = text[len(bos):]
+    return text
+
+
 @dataclass
 class WorkloadContext:
     """What a workload needs from the campaign: the served model's tokenizer (lengths are counted with

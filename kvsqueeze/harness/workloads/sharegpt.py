@@ -37,7 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvsqueeze.errors import KvsqueezeError, bad_value
-from kvsqueeze.harness.workloads import Conversation, Turn, Workload, WorkloadContext, positive, too_few
+from kvsqueeze.harness.workloads import (Conversation, Turn, Workload, WorkloadContext, chat_text, positive,
+                                         too_few)
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "bing": "assistant",
          "bard": "assistant", "assistant": "assistant", "system": "system"}
@@ -122,6 +123,8 @@ class ShareGPT(Workload):
 
         pairs = [(messages_of(r)[0]["value"], messages_of(r)[1]["value"]) for r in load_records(self.path or None)
                  if len(messages_of(r)) >= 2]
+        if count > len(pairs):  # before any tokenizing: no filter can find more
+            raise too_few(self.name, len(pairs), count, "prompts (records of two messages or more)")
         random.Random(ctx.seed).shuffle(pairs)
         tok = ctx.tokenizer
         out = []
@@ -129,8 +132,7 @@ class ShareGPT(Workload):
             if len(out) == count:
                 break
             if self.chat:
-                prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                 tokenize=False)
+                prompt = chat_text(tok, [{"role": "user", "content": prompt}])
             p = len(tok.encode(prompt))
             o = self.output or len(tok.encode(reply))
             if p < self.min_len or o < self.min_len:
@@ -195,6 +197,8 @@ class ShareGPTMultiTurn(Workload):
 
     def conversations(self, count: int, ctx: WorkloadContext) -> list[Conversation]:
         records = [r for r in load_records(self.path or None) if len(messages_of(r)) >= 2 * self.min_turns]
+        if count > len(records):
+            raise too_few(self.name, len(records), count, f"conversations of {self.min_turns} turns or more")
         order = list(range(len(records)))
         ctx.rng("multiturn").shuffle(order)
         out = []
