@@ -82,6 +82,19 @@ def test_max_tokens_caps_the_stream_and_usage_counts_tokens(stub):
     assert [len(s.chunk_s) for s in res.samples] == [3, 3]
 
 
+def test_a_kept_alive_connection_the_server_closed_is_replaced_not_failed():
+    """Servers close idle kept-alive connections (uvicorn after 5 s): the next request on it must go out
+    on a new connection, once, and succeed."""
+    with StubServer(StubConfig(ttft=0.01, gap=0.001, tokens=2, idle_close=0.2)) as s:
+        client = Client(s.url)
+        first = client.stream("generate", build_body("generate", "one 1", 1, 4, 0))
+        time.sleep(0.5)  # the stub has closed the connection meanwhile
+        second = client.stream("generate", build_body("generate", "two 2", 1, 4, 0))
+        assert first.ok and second.ok, second.error
+        assert [r.prompt for r in s.log] == ["one 1", "two 2"]  # each sent once
+        client.close()
+
+
 def test_a_refused_connection_is_a_failed_request_not_an_exception():
     port = _free_port()
     res = Client(f"http://127.0.0.1:{port}").stream("generate", build_body("generate", "x", 2, 4, 0))

@@ -258,6 +258,16 @@ class Client:
             self.conn = None
 
     def stream(self, endpoint: str, body: dict) -> RequestResult:
+        """One timed request. A kept-alive connection the server closed while it sat idle (uvicorn
+        closes them after 5 s) fails before any answer comes: then the request is sent once more on a
+        new connection, its clock started again (what HTTP clients do for a stale pooled connection)."""
+        reused = self.conn is not None
+        result = self._stream_once(endpoint, body)
+        if reused and not result.ok and result.status is None and result.error.startswith(STALE):
+            result = self._stream_once(endpoint, body)
+        return result
+
+    def _stream_once(self, endpoint: str, body: dict) -> RequestResult:
         n = int((body.get("sampling_params") or body).get("n", 1))
         parser = StreamParser(endpoint, n)
         start_unix = time.time()
@@ -289,3 +299,7 @@ class Client:
         result.usage = parser.usage
         result.total_s = time.perf_counter() - t0
         return result
+
+
+# errors of a request on a kept-alive connection the server had closed (no answer came)
+STALE = ("BrokenPipeError", "ConnectionResetError", "RemoteDisconnected", "ConnectionAbortedError")

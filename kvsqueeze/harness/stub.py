@@ -59,12 +59,14 @@ class StubConfig:
     def __init__(self, ttft: float = 0.05, gap: float = 0.01, tokens: int = 8,
                  answer: str | None = None, die_after: int | None = None,
                  layers: int = 30, kv_heads: int = 3, budget: int = 1_000_000,
-                 real_budget: int | None = None, kv_ratio: float | None = None, slots: int | None = None):
+                 real_budget: int | None = None, kv_ratio: float | None = None, slots: int | None = None,
+                 idle_close: float | None = None):
         self.ttft, self.gap, self.tokens = ttft, gap, tokens
         self.answer, self.die_after = answer, die_after
         self.layers, self.kv_heads = layers, kv_heads
         self.budget, self.real_budget, self.kv_ratio = budget, real_budget or budget, kv_ratio
         self.slots = slots
+        self.idle_close = idle_close  # close a kept-alive connection idle this long (uvicorn: 5 s)
 
     @property
     def capacity_rps(self) -> float | None:
@@ -97,7 +99,7 @@ class StubServer:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.config.idle_close)
                 lines = head.decode("latin-1").split("\r\n")
                 method, path, _ = lines[0].split(" ", 2)
                 headers = {k.lower(): v.strip() for k, v in
@@ -106,7 +108,7 @@ class StubServer:
                 t_arrival = time.perf_counter()
                 if not await self._route(method, path, body, writer, t_arrival):
                     break
-        except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError, asyncio.TimeoutError):
             pass
         finally:
             try:
