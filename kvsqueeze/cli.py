@@ -706,7 +706,7 @@ def main(argv: list[str] | None = None) -> int:
         i = argv.index("--")
         argv, extra = argv[:i], argv[i + 1:]
     args, unknown = build_parser().parse_known_args(argv)
-    if args.command in ("bench", "campaign") and unknown:
+    if args.command in ("bench", "campaign", "soak") and unknown:
         build_parser().error(f"unrecognized arguments: {' '.join(unknown)} (SGLang flags go after --)")
     if args.command == "serve":
         extra = unknown + extra  # unknown flags pass through to the engine
@@ -732,6 +732,10 @@ def main(argv: list[str] | None = None) -> int:
             from kvsqueeze.harness import commands
 
             return commands.cmd_campaign(args, extra)
+        if args.command == "soak":
+            from kvsqueeze.harness import commands
+
+            return commands.cmd_soak(args, extra)
         if args.command == "report":
             return cmd_report(args)
         if args.command == "check-server":

@@ -481,3 +481,47 @@ def test_a_server_lost_mid_point_leaves_the_point_incomplete_and_the_campaign_go
     assert 0 < answered <= 12 and len(rows) == first["rows"] > answered  # its rows are kept
     assert json.loads((out / "campaign.json").read_text())["status"] == "incomplete"
     assert "Incomplete points" in (out / "report.md").read_text()
+
+
+# ---- the soak ------------------------------------------------------------------------------------------
+def _soak_rows(ttfts: list[float], gap: float = 1.0) -> list[dict]:
+    return [dict(phase="measured", ok=1, sent_s=i * gap, scheduled_s=i * gap, ttft_s=t, tpot_s=0.1, e2e_s=t + 1,
+                 itl_s="[0.1]", output_tokens=2, lag_s=0.0, turn=0) for i, t in enumerate(ttfts)]
+
+
+def test_the_soak_flags_latency_drift_and_memory_growth_and_only_them():
+    from kvsqueeze.harness.soak import analyse
+
+    rng = random.Random(0)
+    flat = [1.0 + rng.random() * 0.2 for _ in range(300)]
+    rising = [1.0 + i / 300 + rng.random() * 0.2 for i in range(300)]  # doubles over the soak
+    t0 = 1000.0
+    steady_mem = [(t0 + k * 10, 500e6 + rng.random() * 1e6) for k in range(30)]
+    leaking = [(t0 + k * 10, 500e6 + k * 5e6) for k in range(30)]  # +30% over the soak
+    a = analyse(_soak_rows(flat), steady_mem, [], 300, 10, None, 1.0, 0.0, t0)
+    assert not a["ttft_s_drift"]["flagged"] and not a["memory"]["flagged"] and not a["idle_kv_flagged"]
+    assert a["ttft_s_drift"]["lo"] < 1 < a["ttft_s_drift"]["hi"]
+    b = analyse(_soak_rows(rising), leaking, [], 300, 10, None, 1.0, 12.0, t0)
+    assert b["ttft_s_drift"]["flagged"] and b["ttft_s_drift"]["ratio"] == pytest.approx(
+        (1 + 250 / 300 + 0.1) / (1 + 50 / 300 + 0.1), rel=0.05)  # medians of the last and first thirds
+    assert b["memory"]["flagged"] and b["memory"]["slope_mib_per_hour"] == pytest.approx(5e6 / 2**20 * 360, rel=1e-6)
+    assert b["idle_kv_flagged"] and [w["requests"] for w in b["windows"]] == [30] * 10
+
+
+@pytest.mark.timing
+def test_a_short_soak_on_the_stub_writes_its_report(tmp_path):
+    from kvsqueeze.harness.soak import SoakSpec, run_soak
+
+    with StubServer(StubConfig(ttft=0.02, gap=0.005, tokens=3)) as s:
+        spec = SoakSpec(method=campaign_methods("none")[0], workload=parse_workload("random:input=32,output=3"),
+                        out_dir=tmp_path / "soak", rate=10.0, minutes=0.15, windows=3, url=s.url,
+                        server_pid=os.getpid(), memory_every=1.0, slo=SLO({"ttft": 1.0}))
+        out = run_soak(spec, log=lambda m: None)
+        sent = len(s.log)
+    r = json.loads((out / "soak.json").read_text())
+    assert r["overall"]["requests"] == sent == r["overall"]["completed"] and sent > 50
+    assert sum(w["requests"] for w in r["windows"]) == sent and r["memory"]["samples"] >= 5
+    assert r["idle_kv_tokens"] == 0.0  # the stub reports 0 used tokens once idle
+    assert "Verdict" in (out / "report.md").read_text() and (out / "plots" / "soak.png").stat().st_size > 0
+    with pytest.raises(KvsqueezeError, match="either --rate or --capacity-from"):
+        SoakSpec(method=spec.method, workload=spec.workload, out_dir=tmp_path / "x")

@@ -28,15 +28,15 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from kvsqueeze.backends.sglang.server import cpu_defaults, flag_value, has_flag
+from kvsqueeze.backends.sglang.server import has_flag
 from kvsqueeze.backends.sglang.serving import ServerSpec
 from kvsqueeze.errors import KvsqueezeError, bad_value
 from kvsqueeze.harness import capacity, measure
 from kvsqueeze.harness.arrivals import LoadShape, schedule
-from kvsqueeze.harness.axes import DTYPE_BYTES
 from kvsqueeze.harness.client import ENDPOINTS
 from kvsqueeze.harness.scrape import MetricsScraper, post, scrape
-from kvsqueeze.harness.servers import kvtc_calibration, model_dims, slug, start_server
+from kvsqueeze.harness.servers import (kv_bytes_per_token, kvtc_calibration, model_dims, server_dtype, slug,
+                                       start_server)
 from kvsqueeze.harness.slo import SLO
 from kvsqueeze.harness.traffic import PointPlan
 from kvsqueeze.harness.workloads import Workload, WorkloadContext
@@ -288,9 +288,8 @@ class Campaign:
         limit = int(getattr(cfg, "max_position_embeddings", 0) or 0) or 2048
         self.context = min(limit, spec.budget_tokens or limit)
         self.dims = model_dims(self.model_path)
-        dtype = flag_value(spec.server_args, "--dtype") or cpu_defaults().get("--dtype") or "auto"
-        self.bytes_per_token = (2 * self.dims["layers"] * self.dims["kv_heads"] * self.dims["head_dim"]
-                                * DTYPE_BYTES.get(dtype, 2))
+        dtype = server_dtype(spec.server_args)
+        self.bytes_per_token = kv_bytes_per_token(self.dims, dtype)
         # every workload's first point is built now: a data set too short, a file with a bad line
         # or lengths past the context fail here, before any server starts
         for w in spec.workloads:

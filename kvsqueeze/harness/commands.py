@@ -1,5 +1,5 @@
-"""The command line of load campaigns: ``kvsqueeze campaign`` (and its checks of every argument
-before anything starts). ``kvsqueeze.cli`` registers it."""
+"""The command line of load campaigns: ``kvsqueeze campaign`` and ``kvsqueeze soak`` (and their checks
+of every argument before anything starts). ``kvsqueeze.cli`` registers them."""
 
 from __future__ import annotations
 
@@ -66,6 +66,29 @@ def add_parsers(sub) -> None:
     c.add_argument("--out", default=None, help="campaign folder (default results/campaign-<time>)")
     c.add_argument("--resume", default=None, metavar="FOLDER",
                    help="continue the campaign in FOLDER: its complete points are kept")
+    c.add_argument("--scrape-interval", type=float, default=2.0,
+                   help="seconds between /metrics polls during a point (default 2; 0: before and after only)")
+
+    k = sub.add_parser("soak", help="hold one server at a steady share of its capacity for a long time: "
+                                    "latency drift, memory growth, KV held once idle (arguments after -- go "
+                                    "to SGLang)")
+    k.add_argument("--method", default="none", help="the server's method spelling (default none)")
+    k.add_argument("--workload", default="sharegpt", metavar="NAME[:KEY=VALUE,...]", help="as in campaign")
+    k.add_argument("--rate", type=float, default=None, help="requests (conversations) per second, Poisson")
+    k.add_argument("--capacity-from", default=None, metavar="CAMPAIGN",
+                   help="a campaign folder holding this method's capacity on this workload")
+    k.add_argument("--fraction", type=float, default=0.7, help="share of that capacity to hold (default 0.7)")
+    k.add_argument("--minutes", type=float, default=20.0)
+    k.add_argument("--windows", type=int, default=10, help="windows the soak is cut into (default 10)")
+    k.add_argument("--slo", default=None, help="as in campaign: attainment per window")
+    k.add_argument("--url", default=None, help="a running server instead of starting one")
+    k.add_argument("--server-pid", type=int, default=None, help="with --url: its process, for its memory")
+    k.add_argument("--endpoint", default="generate")
+    k.add_argument("--model", default=None)
+    k.add_argument("--budget", type=int, default=8192)
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--calibration", default=None)
+    k.add_argument("--out", default=None, help="folder (default results/soak-<method>-<time>)")
 
 
 def spec_from_args(args, extra: list[str]):
@@ -104,7 +127,7 @@ def spec_from_args(args, extra: list[str]):
         requests=args.requests, warmup=args.warmup, max_time_s=args.max_time, url=args.url, model=args.model,
         endpoint=args.endpoint, budget_tokens=args.budget or None, seed=args.seed, temperature=args.temperature,
         ignore_eos=not args.no_ignore_eos, calibration=args.calibration, server_args=extra,
-        flush_between=not args.no_flush, resume=bool(args.resume))
+        flush_between=not args.no_flush, resume=bool(args.resume), scrape_interval=args.scrape_interval or None)
 
 
 def cmd_campaign(args, extra: list[str]) -> int:
@@ -118,4 +141,28 @@ def cmd_campaign(args, extra: list[str]) -> int:
     out = Campaign(spec, log=lambda m: print(m, file=sys.stderr, flush=True)).run()
     print((out / "report.md").read_text())
     print(f"report: {out / 'report.md'}")
+    return 0
+
+
+def cmd_soak(args, extra: list[str]) -> int:
+    from kvsqueeze.harness.slo import parse_slo
+    from kvsqueeze.harness.soak import SoakSpec, run_soak
+    from kvsqueeze.harness.sweep import parse_methods
+    from kvsqueeze.harness.workloads import parse_workload
+
+    methods = parse_methods(args.method)
+    if len(methods) != 1:
+        raise bad_value("method", args.method, "one server's method spelling")
+    if args.endpoint not in ("generate", "completions", "chat"):
+        raise bad_value("endpoint", args.endpoint, "one of generate, completions, chat")
+    out = Path(args.out or Path("results") / time.strftime(f"soak-{methods[0].label.replace(':', '')}-%Y%m%d-%H%M%S"))
+    spec = SoakSpec(method=methods[0], workload=parse_workload(args.workload), out_dir=out, rate=args.rate,
+                    capacity_from=args.capacity_from, fraction=args.fraction, minutes=args.minutes,
+                    windows=args.windows, slo=parse_slo(args.slo) if args.slo else None, url=args.url,
+                    server_pid=args.server_pid, model=args.model, endpoint=args.endpoint,
+                    budget_tokens=args.budget or None, seed=args.seed, server_args=extra,
+                    calibration=args.calibration)
+    folder = run_soak(spec, log=lambda m: print(m, file=sys.stderr, flush=True))
+    print((folder / "report.md").read_text())
+    print(f"report: {folder / 'report.md'}")
     return 0

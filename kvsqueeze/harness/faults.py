@@ -209,19 +209,7 @@ class Campaign:
     # ---- checks after a case ---------------------------------------------------------------------
     def idle_kv(self, wait: float | None = None) -> float | None:
         """KV tokens held once nothing runs and the prefix cache is flushed (polled up to ``wait``)."""
-        deadline = time.monotonic() + (self.idle_wait if wait is None else wait)
-        held = None
-        while time.monotonic() < deadline:
-            self.t.request("POST", "/flush_cache?timeout=60", b"", timeout=120)
-            m = self.t.metrics()
-            if m is None:
-                return None
-            running = m.get("sglang:num_running_reqs", 0) + m.get("sglang:num_queue_reqs", 0)
-            held = max(m.get(g, 0.0) for g in IDLE_GAUGES)
-            if running == 0 and held == 0:
-                return 0.0
-            time.sleep(1.0)
-        return held
+        return idle_kv(self.t, self.idle_wait if wait is None else wait)
 
     def finish(self, res: CaseResult, t0: float) -> CaseResult:
         res.alive = self.t.alive(self.busy_wait)
@@ -371,6 +359,24 @@ class Campaign:
         if "slow" in kinds:
             out.append(self.run_slow_readers())
         return out
+
+
+def idle_kv(t: Target, wait: float = 30.0) -> float | None:
+    """KV tokens a server holds once nothing runs and its prefix cache is flushed (polled up to
+    ``wait`` seconds; 0 as soon as it holds none); None if it does not answer ``/metrics``."""
+    deadline = time.monotonic() + wait
+    held = None
+    while time.monotonic() < deadline:
+        t.request("POST", "/flush_cache?timeout=60", b"", timeout=120)
+        m = t.metrics()
+        if m is None:
+            return None
+        running = m.get("sglang:num_running_reqs", 0) + m.get("sglang:num_queue_reqs", 0)
+        held = max(m.get(g, 0.0) for g in IDLE_GAUGES)
+        if running == 0 and held == 0:
+            return 0.0
+        time.sleep(1.0)
+    return held
 
 
 def table(results: list[CaseResult], server: str = "") -> str:

@@ -24,6 +24,21 @@ def model_dims(model_path: Path) -> dict:
             "bytes_per_value": 2}
 
 
+def server_dtype(server_args: list[str]) -> str:
+    """The dtype servers run at: ``--dtype`` among their arguments, else the CPU default."""
+    from kvsqueeze.backends.sglang.server import cpu_defaults, flag_value
+
+    return flag_value(server_args, "--dtype") or cpu_defaults().get("--dtype") or "auto"
+
+
+def kv_bytes_per_token(dims: dict, dtype: str) -> int:
+    """Bytes of one token's K and V over every layer and KV head, at ``dtype`` (a dense cache's cost;
+    DMS's held tokens are counted in these dense-token equivalents)."""
+    from kvsqueeze.harness.axes import DTYPE_BYTES
+
+    return 2 * dims["layers"] * dims["kv_heads"] * dims["head_dim"] * DTYPE_BYTES.get(dtype, 2)
+
+
 def kvtc_calibration(model_path: Path, given: str | None, log=print) -> str:
     """The calibration the ``kvtc`` servers run with: the one given, the model's full one, or its
     quick one, made once and cached (so that ``kvsqueeze bench`` on a fresh install stays within its

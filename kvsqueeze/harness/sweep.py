@@ -22,14 +22,15 @@ from dataclasses import asdict, dataclass, field
 from itertools import product
 from pathlib import Path
 
-from kvsqueeze.backends.sglang.server import cpu_defaults, flag_value, has_flag
+from kvsqueeze.backends.sglang.server import has_flag
 from kvsqueeze.backends.sglang.serving import ServerSpec, parse_servers
 from kvsqueeze.errors import KvsqueezeError, bad_value
 from kvsqueeze.harness import axes
 from kvsqueeze.harness.client import ENDPOINTS
 from kvsqueeze.harness.plan import MODES, Plan, config_label
 from kvsqueeze.harness.scrape import LAST_GAUGES, MetricsScraper, post
-from kvsqueeze.harness.servers import kvtc_calibration, model_dims, slug, start_server
+from kvsqueeze.harness.servers import (kv_bytes_per_token, kvtc_calibration, model_dims, server_dtype, slug,
+                                       start_server)
 from kvsqueeze.harness.tasks import DEFAULT_TASKS, make_questions, parse_tasks
 
 GRID_KEYS = {"W": int, "L": int, "mode": str, "endpoint": str}
@@ -442,7 +443,7 @@ def run_bench(spec: BenchSpec, log=print) -> Path:
     if any("kvtc" in m.names for m in spec.methods) and not spec.url:
         calibration = kvtc_calibration(model_path, spec.calibration, log)
     out.mkdir(parents=True, exist_ok=True)
-    dtype = flag_value(spec.server_args, "--dtype") or cpu_defaults().get("--dtype") or "auto"
+    dtype = server_dtype(spec.server_args)
     if spec.resume:
         log(f"resuming {out}: {len(done)} configuration(s) finished, the others run again")
         kept = {c["config"] for c in done}
@@ -460,8 +461,7 @@ def run_bench(spec: BenchSpec, log=print) -> Path:
                 "users": spec.users, "temperature": spec.temperature, "max_time_s": spec.max_time,
                 "url": spec.url, "calibration": calibration, "flush_between": spec.flush_between,
                 "budget_tokens": spec.budget_tokens, "pilot_questions": spec.pilot,
-                "server_dtype": dtype, "kv_bytes_per_token": 2 * dims["layers"] * dims["kv_heads"]
-                * dims["head_dim"] * axes.DTYPE_BYTES.get(dtype, 2),
+                "server_dtype": dtype, "kv_bytes_per_token": kv_bytes_per_token(dims, dtype),
                 "weight_bytes": axes.weight_count(model_path) * axes.DTYPE_BYTES.get(dtype, 2),
                 "started": time.strftime("%Y-%m-%d %H:%M:%S"), "status": "running",
                 "command": " ".join(sys.argv), "identity": spec.identity(), **prompts}
