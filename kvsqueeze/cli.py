@@ -432,6 +432,8 @@ def cmd_bench(args, extra: list[str]) -> int:
         raise bad_value("out", args.out, "no --out with --resume (the run continues in its own directory)")
     if args.pilot < 1:
         raise bad_value("pilot", args.pilot, "a number of pilot questions >= 1")
+    if args.fill_max < 0:
+        raise bad_value("fill-max", args.fill_max, "a number of questions >= 0 (0: the batch is not filled)")
     redo = [m.strip() for m in (args.redo or "").split(",") if m.strip()]
     if redo and not args.resume:
         raise bad_value("redo", args.redo, "methods of a run continued with --resume")
@@ -444,7 +446,7 @@ def cmd_bench(args, extra: list[str]) -> int:
                            temperature=args.temperature, max_time=args.max_time, seed=args.seed,
                            calibration=args.calibration, flush_between=not args.no_flush,
                            server_args=extra, budget_tokens=args.budget or None, pilot=args.pilot,
-                           resume=bool(args.resume), redo=redo)
+                           resume=bool(args.resume), redo=redo, fill_max=args.fill_max)
     n = len(methods) * len(spec.configs())
     print(f"kvsqueeze bench: {len(methods)} method(s) x {len(spec.configs())} configuration(s) = {n} "
           f"runs of {len(tasks) * args.questions} questions, at most {args.max_time:.0f} s per phase; "
@@ -680,6 +682,9 @@ def _add_bench_parsers(sub) -> None:
     b.add_argument("--redo", default=None, metavar="METHODS",
                    help="with --resume: these methods' configurations run again, finished or not "
                    "(to re-measure a method whose server changed; the others are kept)")
+    b.add_argument("--fill-max", type=int, default=64,
+                   help="when fewer questions are left than the budget holds, one more wave of this many at "
+                        "most (answered ones again, for throughput only) fills the batch (0: not filled)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--calibration", default=None, help="KVTC calibration for kvtc methods")
     b.add_argument("--no-flush", action="store_true",

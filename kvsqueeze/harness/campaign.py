@@ -74,7 +74,7 @@ class CampaignSpec:
     server_args: list[str] = field(default_factory=list)
     flush_between: bool = True
     resume: bool = False
-    scrape_interval: float = 0.5
+    scrape_interval: float | None = 2.0
 
     def __post_init__(self):
         if not self.methods:

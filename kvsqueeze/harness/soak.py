@@ -189,7 +189,7 @@ class SoakSpec:
         label = self.method.label
         mine = [c for c in cap if c["method"] == label and c["workload"] == self.workload.spec]
         if not mine or not mine[0]["capacity"]:
-            have = ", ".join(f"{c['method']} on {c['workload']}" for c in cap if c["capacity"]) or "none"
+            have = ", ".join(f"{c['method']} on {c['workload']}" for c in cap if c["capacity"]) or "no capacity for any method"
             raise bad_value("capacity-from", self.capacity_from, f"a campaign with a capacity for {label} on "
                             f"{self.workload.spec} (it has: {have})")
         c = float(mine[0]["capacity"])

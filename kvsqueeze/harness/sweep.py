@@ -37,6 +37,7 @@ GRID_KEYS = {"W": int, "L": int, "mode": str, "endpoint": str}
 DEFAULT_GRID = {"W": [1, 4], "L": [8, 32], "mode": ["n"], "endpoint": ["generate"]}
 DEFAULT_BUDGET = 8192  # KV tokens of every server the sweep starts (--max-total-tokens)
 PILOT_QUESTIONS = 2
+FILL_MAX = 64  # questions a filling wave sends at once at most (the default budget holds up to 55 DMS 8x questions)
 
 
 def parse_grid(items: list[str] | None) -> dict[str, list]:
@@ -180,7 +181,8 @@ def _rows_by_question(path: Path) -> dict[str, list[dict]]:
 
 
 def run_two_phase(plan: Plan, workdir: Path, max_time: float, dims: dict, pilot: int = PILOT_QUESTIONS,
-                  log=print, server_alive=lambda: True, prompt_tokens: dict | None = None) -> ConfigResult:
+                  log=print, server_alive=lambda: True, prompt_tokens: dict | None = None,
+                  fill_max: int = 0) -> ConfigResult:
     """The pilot on the first ``pilot`` questions at ``plan.users``, then the rest at the maximum batch
     (:mod:`kvsqueeze.harness.axes`); ``max_time`` applies to each phase.
 
@@ -244,8 +246,8 @@ def run_two_phase(plan: Plan, workdir: Path, max_time: float, dims: dict, pilot:
     mb["attempts"] = [{"users": users, "phase": "batch", "retractions": retracted}]
     if retracted and users > 1 and server_alive():
         _back_off(plan, rest, users, mb, workdir, max_time, log, server_alive)
-    elif retracted == 0 and mb.get("capped_by_questions") and server_alive():
-        _fill(plan, rest, mb, workdir, max_time, log, server_alive)
+    elif retracted == 0 and mb.get("capped_by_questions") and min(fit, fill_max) > users and server_alive():
+        _fill(plan, rest, min(fit, fill_max), mb, workdir, max_time, log, server_alive)
     if retracted and not mb["verified"]:
         res2.reasons.append(f"the server retracted {retracted:.0f} requests at {users} questions at once: the "
                             "maximum batch is smaller than predicted" + (
@@ -282,12 +284,12 @@ def wave(questions: list, n: int) -> list:
     return out
 
 
-def _fill(plan: Plan, rest: list, mb: dict, workdir: Path, max_time: float, log, server_alive) -> None:
-    """The batch phase ran every question left, fewer than the budget holds: one wave of as many
-    questions as the budget holds (``fill-N``: questions already answered, again; for throughput only,
-    never counted for accuracy, reads or peaks) measures the throughput at the maximum batch. If it
-    retracts, smaller waves verify the largest batch that runs without (as after a batch phase)."""
-    fit = int(mb["predicted"])
+def _fill(plan: Plan, rest: list, fit: int, mb: dict, workdir: Path, max_time: float, log, server_alive) -> None:
+    """The batch phase ran every question left, fewer than the budget holds: one wave of ``fit``
+    questions at once (as many as the budget holds, up to ``--fill-max``; ``fill-N``: questions already
+    answered, again, for throughput only, never counted for accuracy, reads or peaks) measures the
+    throughput at the maximum batch. If it retracts, smaller waves verify the largest batch that runs
+    without (as after a batch phase)."""
     probe = Plan(**{**asdict(plan), "questions": wave(rest, fit), "users": fit, "phase": f"fill-{fit}"})
     log(f"  {plan.config}: filling the batch: {fit} questions at once (answered ones again, for throughput)")
     got = run_config(probe, workdir, max_time, log, server_alive)
@@ -295,7 +297,8 @@ def _fill(plan: Plan, rest: list, mb: dict, workdir: Path, max_time: float, log,
     complete = got.rows == fit * plan.W and not got.failed_rows
     mb["attempts"].append({"users": fit, "phase": probe.phase, "retractions": retracted, "complete": complete})
     if retracted == 0 and complete:
-        mb.update(used=fit, verified=True, throughput_phase=probe.phase, capped_by_questions=False, filled=True)
+        mb.update(used=fit, verified=True, throughput_phase=probe.phase, filled=True,
+                  capped_by_questions=fit < int(mb["predicted"]))
     elif retracted and server_alive():
         _back_off(plan, rest, fit, mb, workdir, max_time, log, server_alive)
 
@@ -350,6 +353,7 @@ class BenchSpec:
     pilot: int = PILOT_QUESTIONS
     resume: bool = False
     redo: list[str] = field(default_factory=list)  # with resume: methods whose configurations run again
+    fill_max: int = FILL_MAX  # a batch capped by the questions left is filled up to this many (0: not filled)
 
     def configs(self) -> list[tuple[int, int, str, str]]:
         g = self.grid
@@ -538,7 +542,7 @@ def _run_all(spec: BenchSpec, out: Path, meta: dict, questions, model_path: Path
                             run=run_name, method=m.label, config=label, users=spec.users)
                 alive = (lambda s=server: s is None or (s.proc is not None and s.proc.poll() is None))
                 res = run_two_phase(plan, out / "configs" / slug(label), spec.max_time, dims, spec.pilot,
-                                    log, alive, lengths)
+                                    log, alive, lengths, spec.fill_max)
                 spent_cost += _cost(W, L, len(questions))
                 if server is not None and server.proc is not None and server.proc.poll() is not None:
                     log(f"  the server exited (code {server.proc.returncode}); restarting it for "
