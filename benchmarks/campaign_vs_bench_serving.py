@@ -9,16 +9,17 @@ workload pick the same ones for the same seed and context: a test checks it), ea
 the same arrival times: SGLang's client draws its gaps with ``numpy.random.exponential`` after
 ``numpy.random.seed(seed)``, and the kvsqueeze point is given that schedule (``numpy``'s legacy
 generator, same seed; its own default draws with Python's ``random``). The device prefix cache is
-flushed before each run; neither client polls ``/metrics`` (``--scrape-interval 0``). Order per rate:
-kvsqueeze, SGLang's, kvsqueeze again (the two bracket the machine's drift); the rates run one after
-the other.
+flushed before each run; neither client polls ``/metrics``. Order per rate: kvsqueeze, SGLang's,
+kvsqueeze, SGLang's, ... (``--repeats`` each, interleaved, so the machine's drift falls on both);
+each figure is compared as the median of each client's runs, with the runs' range beside it (on this
+2-core machine one client's runs differ by a fifth from one to the next).
 
 Compared (both clients' own definitions, which agree: docs/metrics.md): TTFT, TPOT and ITL medians,
 request throughput and output throughput (completed requests and output tokens over the duration from
 the first send to the last end). SGLang's client also sends one warm-up request before its run (its
 first prompt, at most 32 tokens), which leaves that prompt in the prefix cache; kvsqueeze's point does not.
 
-    python benchmarks/campaign_vs_bench_serving.py [--rates 0.1,0.25] [--requests 24] [--tokens 64]
+    python benchmarks/campaign_vs_bench_serving.py [--rates 0.1,0.25] [--requests 24] [--tokens 64] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -39,10 +40,10 @@ sys.path.insert(0, str(ROOT))
 from benchmarks._results import write  # noqa: E402
 from kvsqueeze.backends.sglang.serving import parse_server  # noqa: E402
 from kvsqueeze.harness import measure  # noqa: E402
-from kvsqueeze.harness.campaign import _read_rows, run_point  # noqa: E402
+from kvsqueeze.harness.campaign import run_point  # noqa: E402
 from kvsqueeze.harness.scrape import post  # noqa: E402
 from kvsqueeze.harness.servers import start_server  # noqa: E402
-from kvsqueeze.harness.traffic import PointPlan  # noqa: E402
+from kvsqueeze.harness.traffic import PointPlan, read_rows  # noqa: E402
 from kvsqueeze.harness.workloads import WorkloadContext, parse_workload  # noqa: E402
 from kvsqueeze.harness.workloads.sharegpt import write_complete  # noqa: E402
 from kvsqueeze.model import resolve_model  # noqa: E402
@@ -67,7 +68,7 @@ def ours(url, convs, rate, seed, model, work: Path) -> dict:
                      tokenizer=str(model), seed=seed, run="cmp", method="none", point=f"rate={rate:g}",
                      workload="sharegpt")
     rec = run_point(plan, work, log=lambda m: None, scrape_interval=None)
-    f = measure.point_figures(_read_rows(work))
+    f = measure.point_figures(read_rows(work))
     return {"status": rec["status"], "completed": f["completed"],
             **{key: f[fig] * scale for _, key, fig, scale in FIGURES}, "lag_p99_ms": 1000 * f["lag_p99_s"]}
 
@@ -96,6 +97,7 @@ def main(argv=None) -> int:
     p.add_argument("--context", type=int, default=1024, help="prompt + output tokens at most (both samplers)")
     p.add_argument("--budget", type=int, default=8192)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3, help="runs of each client per rate, interleaved")
     p.add_argument("--out", default="results/campaign/vs-bench-serving")
     a = p.parse_args(argv)
     rates = [float(r) for r in a.rates.split(",")]
@@ -111,12 +113,15 @@ def main(argv=None) -> int:
     results = []
     try:
         for rate in rates:
-            print(f"rate {rate:g}: kvsqueeze, SGLang's bench_serving, kvsqueeze", flush=True)
-            first = ours(server.url, convs, rate, a.seed, model, work / f"ours-{rate:g}-1")
-            ref = theirs(server.url, data, a.requests, rate, a.seed, a.tokens, a.context, model, work / f"theirs-{rate:g}")
-            second = ours(server.url, convs, rate, a.seed, model, work / f"ours-{rate:g}-2")
-            results.append({"rate": rate, "kvsqueeze_1": first, "bench_serving": ref, "kvsqueeze_2": second})
-            print(json.dumps(results[-1]), flush=True)
+            print(f"rate {rate:g}: kvsqueeze and SGLang's bench_serving, {a.repeats} runs each, interleaved", flush=True)
+            runs = {"kvsqueeze": [], "bench_serving": []}
+            for k in range(a.repeats):
+                runs["kvsqueeze"].append(ours(server.url, convs, rate, a.seed, model, work / f"ours-{rate:g}-{k}"))
+                runs["bench_serving"].append(theirs(server.url, data, a.requests, rate, a.seed, a.tokens, a.context,
+                                                    model, work / f"theirs-{rate:g}-{k}"))
+                print(json.dumps({"rate": rate, "run": k, "kvsqueeze": runs["kvsqueeze"][-1],
+                                  "bench_serving": runs["bench_serving"][-1]}), flush=True)
+            results.append({"rate": rate, **runs})
     finally:
         server.stop()
     command = "python benchmarks/campaign_vs_bench_serving.py " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -124,25 +129,28 @@ def main(argv=None) -> int:
              f"Command: `{command.strip()}`", "",
              f"One vanilla CPU SGLang server (SmolLM2-135M-Instruct, KV budget {a.budget} tokens); ShareGPT V3, the "
              f"same {a.requests} prompts in both clients (seed {a.seed}, prompt + output <= {a.context} tokens), "
-             f"{a.tokens} output tokens each (ignore_eos), temperature 0, the same Poisson arrival times; order per "
-             "rate: kvsqueeze, SGLang's client, kvsqueeze again; no /metrics polling. SGLang's client: "
+             f"{a.tokens} output tokens each (ignore_eos), temperature 0, the same Poisson arrival times; per rate "
+             f"{a.repeats} runs of each client, interleaved (kvsqueeze, SGLang's, kvsqueeze, ...); no /metrics "
+             "polling. SGLang's client: "
              "`python -m kvsqueeze.backends.sglang.bench_serving --backend sglang --dataset-name sharegpt "
              f"--dataset-path <complete records> --num-prompts {a.requests} --sharegpt-output-len {a.tokens} "
              f"--sharegpt-context-len {a.context} --request-rate RATE --seed {a.seed}`.", ""]
     for r in results:
         lines += [f"## {r['rate']:g} requests/s", "",
-                  "| figure | kvsqueeze (1st) | bench_serving | kvsqueeze (2nd) | kvsqueeze mean vs bench_serving |",
-                  "|---|---|---|---|---|"]
+                  "| figure | kvsqueeze median [runs' range] | bench_serving median [runs' range] | kvsqueeze vs "
+                  "bench_serving |", "|---|---|---|---|"]
         for name, key, _, _ in FIGURES:
-            m = (r["kvsqueeze_1"][key] + r["kvsqueeze_2"][key]) / 2
-            ref = r["bench_serving"][key]
-            lines.append(f"| {name} | {r['kvsqueeze_1'][key]:.2f} | {ref:.2f} | {r['kvsqueeze_2'][key]:.2f} | "
-                         f"{100 * (m - ref) / ref:+.1f}% |")
-        lines += ["", f"Completed: {r['kvsqueeze_1']['completed']} / {r['bench_serving']['completed']} / "
-                      f"{r['kvsqueeze_2']['completed']}; kvsqueeze send lag p99 {r['kvsqueeze_1']['lag_p99_ms']:.1f} / "
-                      f"{r['kvsqueeze_2']['lag_p99_ms']:.1f} ms.", ""]
+            ours_v = [x[key] for x in r["kvsqueeze"]]
+            ref_v = [x[key] for x in r["bench_serving"]]
+            m, ref = float(np.median(ours_v)), float(np.median(ref_v))
+            lines.append(f"| {name} | {m:.2f} [{min(ours_v):.2f}, {max(ours_v):.2f}] | {ref:.2f} [{min(ref_v):.2f}, "
+                         f"{max(ref_v):.2f}] | {100 * (m - ref) / ref:+.1f}% |")
+        lines += ["", "Completed per run: kvsqueeze " + ", ".join(str(x["completed"]) for x in r["kvsqueeze"])
+                  + "; bench_serving " + ", ".join(str(x["completed"]) for x in r["bench_serving"])
+                  + "; kvsqueeze send lag p99 " + ", ".join(f"{x['lag_p99_ms']:.1f}" for x in r["kvsqueeze"]) + " ms.",
+                  ""]
     write(a.out, {"command": command.strip(), "results": results, "requests": a.requests, "tokens": a.tokens,
-                  "context": a.context, "budget": a.budget, "seed": a.seed}, lines)
+                  "context": a.context, "budget": a.budget, "seed": a.seed, "repeats": a.repeats}, lines)
     print("\n".join(lines))
     return 0
 

@@ -480,13 +480,18 @@ def cmd_report(args) -> int:
     from kvsqueeze.harness import campaign_report, report
 
     runs = [Path(r) for r in args.runs]
-    if len(runs) == 1 and campaign_report.is_campaign(runs[0]):
-        if args.out:
-            raise bad_value("out", args.out, "no --out for a campaign (its report is rebuilt in its folder)")
-        path = campaign_report.build(runs[0])
+    kinds = {campaign_report.is_campaign(r) for r in runs}
+    if kinds == {True}:
+        if len(runs) == 1 and args.out:
+            raise bad_value("out", args.out, "no --out for one campaign (its report is rebuilt in its folder)")
+        if len(runs) > 1 and not args.out:
+            raise bad_value("out", None, "a directory for the comparison of several campaigns (--out DIR)")
+        path = campaign_report.build(runs[0]) if len(runs) == 1 else campaign_report.build_many(runs, Path(args.out))
         print(path.read_text())
         print(f"report: {path}")
         return 0
+    if len(kinds) > 1:
+        raise bad_value("runs", " ".join(map(str, runs)), "bench runs or campaigns, not both")
     out = Path(args.out) if args.out else (runs[0] if len(runs) == 1 else None)
     if out is None:
         raise bad_value("out", None, "a directory for the comparison of several runs (--out DIR)")

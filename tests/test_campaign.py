@@ -22,7 +22,7 @@ from kvsqueeze.errors import KvsqueezeError
 from kvsqueeze.harness import arrivals, campaign, capacity, measure
 from kvsqueeze.harness.slo import SLO, attainment, parse_slo
 from kvsqueeze.harness.stub import StubConfig, StubServer
-from kvsqueeze.harness.traffic import PointPlan
+from kvsqueeze.harness.traffic import PointPlan, read_rows
 from kvsqueeze.harness.workloads import Conversation, Turn, WorkloadContext, parse_workload
 from kvsqueeze.harness.workloads import sharegpt
 
@@ -128,7 +128,7 @@ def test_distributed_workers_split_the_schedule_and_send_each_request_once(tmp_p
         prompts = sorted(r.prompt for r in s.log)
         arrived = sorted(r.arrival for r in s.log)
     assert prompts == sorted(f"request {i} turn 0" for i in range(n))  # each once, none missing
-    per_worker = campaign._read_rows(tmp_path)  # requests-w0.csv and requests-w1.csv
+    per_worker = read_rows(tmp_path)  # requests-w0.csv and requests-w1.csv
     workers = {r["worker"] for r in per_worker}
     assert workers == {"0", "1"} and len(per_worker) == n and rec["status"] == "complete"
     assert {r["conversation"] for r in per_worker if r["worker"] == "0"} == {f"c{i}" for i in range(0, n, 2)}
@@ -220,21 +220,21 @@ def test_capacity_search_brackets_a_known_threshold():
 
 @pytest.mark.timing
 def test_the_capacity_search_finds_a_stub_servers_known_capacity(tmp_path):
-    """The stub serves 2 requests at a time for 0.2 s each: 10 requests/s at most. Evenly spaced
+    """The stub serves 4 requests at a time for 0.1 s each: 40 requests/s at most. Evenly spaced
     arrivals below that never wait; above it the queue grows. The SLO bounds TTFT near the stub's own
-    (0.1 s): the search must land within its tolerance of 10."""
-    cfg = StubConfig(ttft=0.1, gap=0.02, tokens=6, slots=2)
-    assert cfg.capacity_rps == pytest.approx(10.0)
-    slo = SLO({"ttft": 0.2}, 0.9)
+    (0.05 s): the search must land within its tolerance of 40."""
+    cfg = StubConfig(ttft=0.05, gap=0.01, tokens=6, slots=4)
+    assert cfg.capacity_rps == pytest.approx(40.0)
+    slo = SLO({"ttft": 0.1}, 0.9)
     with StubServer(cfg) as s:
         spec = campaign.CampaignSpec(methods=campaign_methods("none"), workloads=[parse_workload("questions")],
                                      shape=arrivals.LoadShape("constant"), out_dir=tmp_path / "c", slo=slo,
-                                     search=True, search_start=3.0, tolerance=0.1, duration_s=4.0, warmup="0",
+                                     search=True, search_start=12.0, tolerance=0.1, duration_s=2.0, warmup="0",
                                      url=s.url, flush_between=False, scrape_interval=None)
         out = campaign.Campaign(spec, log=lambda m: None).run()
     search = json.loads((out / "campaign.json").read_text())["searches"]
     (res,) = search.values()
-    assert 9.0 <= res["capacity"] <= 10.5 and res["lowest_failing"] <= 11.5, res
+    assert 36.0 <= res["capacity"] <= 42.0 and res["lowest_failing"] <= 46.0, res
     cap = list(json.loads((out / "summary.json").read_text())["capacity"])
     assert cap[0]["capacity"] == res["capacity"]
     assert (out / "plots" / "latency_vs_load.png").stat().st_size > 0
@@ -412,7 +412,7 @@ def test_a_later_turn_carries_the_earlier_turns_and_their_replies(tmp_path, toke
                      replies=replies, think_s=0.05, tokenizer=str(resolve_model(None)))
         rec = campaign.run_point(plan, tmp_path / "pt", log=lambda m: None, scrape_interval=None)
         log = list(s.log)
-    rows = campaign._read_rows(tmp_path / "pt")
+    rows = read_rows(tmp_path / "pt")
     assert rec["status"] == "complete" and len(rows) == 9 and all(r["ok"] == "1" for r in rows)
     for c in convs:
         mine = [r for r in log if c.turns[0].user in r.prompt]
@@ -476,7 +476,7 @@ def test_a_server_lost_mid_point_leaves_the_point_incomplete_and_the_campaign_go
     assert [p["status"] for p in points] == ["incomplete", "incomplete"]  # both ran; the second found it gone
     first = points[0]
     assert any("lost their connection" in r for r in first["reasons"]), first["reasons"]
-    rows = campaign._read_rows(out / "points" / campaign.slug(first["point"]))
+    rows = read_rows(out / "points" / campaign.slug(first["point"]))
     answered = sum(r["ok"] == "1" for r in rows)  # the first 12, less any still streaming when it died
     assert 0 < answered <= 12 and len(rows) == first["rows"] > answered  # its rows are kept
     assert json.loads((out / "campaign.json").read_text())["status"] == "incomplete"
@@ -514,14 +514,39 @@ def test_a_short_soak_on_the_stub_writes_its_report(tmp_path):
 
     with StubServer(StubConfig(ttft=0.02, gap=0.005, tokens=3)) as s:
         spec = SoakSpec(method=campaign_methods("none")[0], workload=parse_workload("random:input=32,output=3"),
-                        out_dir=tmp_path / "soak", rate=10.0, minutes=0.15, windows=3, url=s.url,
+                        out_dir=tmp_path / "soak", rate=10.0, minutes=0.1, windows=3, url=s.url,
                         server_pid=os.getpid(), memory_every=1.0, slo=SLO({"ttft": 1.0}))
         out = run_soak(spec, log=lambda m: None)
         sent = len(s.log)
     r = json.loads((out / "soak.json").read_text())
-    assert r["overall"]["requests"] == sent == r["overall"]["completed"] and sent > 50
+    assert r["overall"]["requests"] == sent == r["overall"]["completed"] and sent > 35
     assert sum(w["requests"] for w in r["windows"]) == sent and r["memory"]["samples"] >= 5
     assert r["idle_kv_tokens"] == 0.0  # the stub reports 0 used tokens once idle
     assert "Verdict" in (out / "report.md").read_text() and (out / "plots" / "soak.png").stat().st_size > 0
     with pytest.raises(KvsqueezeError, match="either --rate or --capacity-from"):
         SoakSpec(method=spec.method, workload=spec.workload, out_dir=tmp_path / "x")
+
+
+def test_campaign_reports_rebuild_and_compare(tmp_path, capsys):
+    """A finished campaign's report rebuilds from its folder alone, and two compare in one report."""
+    from kvsqueeze.cli import main
+
+    folders = []
+    with StubServer(StubConfig(ttft=0.01, gap=0.002, tokens=2)) as s:
+        for name in ("a", "b"):
+            spec = campaign.CampaignSpec(methods=campaign_methods("none"), workloads=[parse_workload("questions")],
+                                         shape=arrivals.LoadShape("constant"), out_dir=tmp_path / name,
+                                         values=[5.0, 10.0], slo=SLO({"ttft": 1.0}), duration_s=1.0, warmup="0",
+                                         url=s.url, flush_between=False, scrape_interval=None)
+            folders.append(campaign.Campaign(spec, log=lambda m: None).run())
+    before = (folders[0] / "summary.csv").read_text()
+    (folders[0] / "report.md").unlink()
+    assert main(["report", str(folders[0])]) == 0
+    assert (folders[0] / "report.md").is_file() and (folders[0] / "summary.csv").read_text() == before
+    assert main(["report", str(folders[0]), str(folders[1]), "--out", str(tmp_path / "cmp")]) == 0
+    cap = json.loads((tmp_path / "cmp" / "summary.json").read_text())["capacity"]
+    assert sorted(c["method"] for c in cap) == ["none@a", "none@b"] and all(c["capacity"] == 10 for c in cap)
+    assert "1 (baseline)" in (tmp_path / "cmp" / "report.md").read_text()
+    capsys.readouterr()
+    assert main(["report", str(folders[0]), str(folders[1])]) == 2  # several need --out
+    assert "--out DIR" in capsys.readouterr().err

@@ -38,7 +38,7 @@ from kvsqueeze.harness.scrape import MetricsScraper, post, scrape
 from kvsqueeze.harness.servers import (kv_bytes_per_token, kvtc_calibration, model_dims, server_dtype, slug,
                                        start_server)
 from kvsqueeze.harness.slo import SLO
-from kvsqueeze.harness.traffic import PointPlan
+from kvsqueeze.harness.traffic import PointPlan, read_rows
 from kvsqueeze.harness.workloads import Workload, WorkloadContext
 
 DEFAULT_BUDGET = 8192
@@ -155,16 +155,6 @@ def point_label(method: str, workload: Workload, shape: LoadShape, value: float)
 # ---------------------------------------------------------------------------------------------
 # One point
 # ---------------------------------------------------------------------------------------------
-def _read_rows(workdir: Path) -> list[dict]:
-    import csv
-
-    rows = []
-    for p in sorted(workdir.glob("requests*.csv")):
-        with open(p, newline="") as f:
-            rows += list(csv.DictReader(f))
-    return rows
-
-
 def run_point(plan: PointPlan, workdir: Path, log=print, server_alive=lambda: True,
               scrape_interval: float | None = 0.5, slo: SLO | None = None, bytes_per_token: float = 0.0,
               workers: int = 1) -> dict:
@@ -226,7 +216,7 @@ def run_point(plan: PointPlan, workdir: Path, log=print, server_alive=lambda: Tr
     record["wall_s"] = round(time.monotonic() - t0, 1)
     server = scraper.stop()
     (workdir / "series.json").write_text(json.dumps(scraper.series))
-    rows = _read_rows(workdir)
+    rows = read_rows(workdir)
     record["rows"] = len(rows)
     timed_out = sum("time limit" in (r.get("error") or "") for r in rows)
     missing = record["planned_requests"] - len(rows)

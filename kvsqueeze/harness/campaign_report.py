@@ -21,6 +21,7 @@ from kvsqueeze.errors import bad_value
 from kvsqueeze.harness import measure
 from kvsqueeze.harness.capacity import bracket
 from kvsqueeze.harness.slo import SLO
+from kvsqueeze.harness.traffic import read_rows
 
 BASELINE = "none"
 PLOTS = ("latency_vs_load.png", "goodput_vs_load.png", "kv_held_over_time.png", "ttft_returning.png")
@@ -37,14 +38,6 @@ def load(folder: Path) -> tuple[dict, list[dict]]:
     meta = json.loads((folder / "campaign.json").read_text())
     pts = folder / "points.json"
     return meta, (json.loads(pts.read_text()) if pts.is_file() else [])
-
-
-def _rows(point_dir: Path) -> list[dict]:
-    rows = []
-    for p in sorted(point_dir.glob("requests*.csv")):
-        with open(p, newline="") as f:
-            rows += list(csv.DictReader(f))
-    return rows
 
 
 def _series(point_dir: Path) -> list:
@@ -64,8 +57,10 @@ def summarize(folder: Path) -> tuple[dict, list[dict], list[dict]]:
         d = folder / "points" / slug(p["point"])
         row = {k: p.get(k) for k in ("point", "method", "workload", "load", "value", "status")}
         row["reasons"] = "; ".join(p.get("reasons") or [])
+        row["campaign"] = meta.get("campaign", folder.name)
+        row["dir"] = str(d)
         if d.is_dir():
-            rows = _rows(d)
+            rows = read_rows(d)
             fig = measure.point_figures(rows, slo)
             fig.update(measure.kv_figures(_series(d), meta.get("kv_bytes_per_token", 0), fig["requests"]))
             fig.update(measure.server_figures(p.get("server") or {}))
@@ -92,13 +87,16 @@ def capacity_rows(meta: dict, rows: list[dict], slo: SLO | None) -> list[dict]:
                     "kv_held_peak_mib": (at.get("kv_held_peak_bytes") or float("nan")) / 2**20,
                     "ttft_p50_s": at.get("ttft_s_p50"), "tpot_p50_s": at.get("tpot_s_p50")})
     for r in cap:
-        base = next((b for b in cap if b["workload"] == r["workload"] and b["method"] == BASELINE), None)
+        name = BASELINE + r["method"][r["method"].index("@"):] if "@" in r["method"] else BASELINE
+        base = next((b for b in cap if b["workload"] == r["workload"] and b["method"] == name), None)
         r["ratio"], r["ratio_lo"], r["ratio_hi"] = _ratio(r, base)
     return cap
 
 
 def _ratio(r: dict, base: dict | None) -> tuple[float, float, float]:
     nan = float("nan")
+    if base is r:
+        return 1.0, nan, nan  # the baseline itself
     if not base or not r["capacity"] or not base["capacity"]:
         return nan, nan, nan
     ratio = r["capacity"] / base["capacity"]
@@ -137,9 +135,10 @@ def write_report(folder: Path, meta: dict, rows: list[dict], cap: list[dict]) ->
                   "| goodput req/s | TTFT p50 s | TPOT p50 s | peak KV MiB | points |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in cap:
+            ratio = ("1 (baseline)" if r["method"].split("@")[0] == BASELINE else
+                     f"{_fmt(r['ratio'])} [{_fmt(r['ratio_lo'])}, {_fmt(r['ratio_hi'])}]")
             lines.append(f"| {r['workload']} | {r['method']} | {_fmt(r['capacity'], 'g')} | "
-                         f"{_fmt(r['lowest_failing'], 'g')} | {_fmt(r['ratio'])} [{_fmt(r['ratio_lo'])}, "
-                         f"{_fmt(r['ratio_hi'])}] | {_fmt(r['attainment_at_capacity'])} [{_fmt(r['attainment_lo'])}, "
+                         f"{_fmt(r['lowest_failing'], 'g')} | {ratio} | {_fmt(r['attainment_at_capacity'])} [{_fmt(r['attainment_lo'])}, "
                          f"{_fmt(r['attainment_hi'])}] | {_fmt(r['goodput_at_capacity'])} | {_fmt(r['ttft_p50_s'])} | "
                          f"{_fmt(r['tpot_p50_s'], '.3f')} | {_fmt(r['kv_held_peak_mib'], '.1f')} | {r['points']} |")
         lines.append("")
@@ -188,8 +187,6 @@ def plot(folder: Path, meta: dict, rows: list[dict], cap: list[dict]) -> list[Pa
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from kvsqueeze.harness.servers import slug
 
     folder = Path(folder)
     out_dir = folder / "plots"
@@ -245,8 +242,9 @@ def plot(folder: Path, meta: dict, rows: list[dict], cap: list[dict]) -> list[Pa
                     axes[i][0].plot(xs, [r.get("goodput_rps") for r in pts], "s--", color=colors[m], alpha=0.7,
                                     label=f"{m} goodput")
                     att = [r.get("attainment") for r in pts]
-                    lo = [a - r.get("attainment_lo", a) for a, r in zip(att, pts)]
-                    hi = [r.get("attainment_hi", a) - a for a, r in zip(att, pts)]
+                    # Wilson's bounds at 0 or 1 can sit a rounding error inside the estimate
+                    lo = [max(0.0, a - r.get("attainment_lo", a)) for a, r in zip(att, pts)]
+                    hi = [max(0.0, r.get("attainment_hi", a) - a) for a, r in zip(att, pts)]
                     axes[i][1].errorbar(xs, att, yerr=[lo, hi], fmt="o-", color=colors[m], capsize=3, label=m)
             if not closed:
                 top = max((float(r["value"]) for r in rows if r.get("workload") == w), default=1)
@@ -286,7 +284,7 @@ def plot(folder: Path, meta: dict, rows: list[dict], cap: list[dict]) -> list[Pa
                 r = chosen.get((w, m))
                 if not r:
                     continue
-                s = _series(folder / "points" / slug(r["point"]))
+                s = _series(Path(r["dir"]))
                 pts = [(t, measure.held_tokens(v)) for t, v in s]
                 pts = [(t, h) for t, h in pts if h is not None]
                 if pts:
@@ -312,7 +310,7 @@ def plot(folder: Path, meta: dict, rows: list[dict], cap: list[dict]) -> list[Pa
                     r = chosen.get((w, m))
                     if not r:
                         continue
-                    rs = [x for x in measure.measured(_rows(folder / "points" / slug(r["point"])))
+                    rs = [x for x in measure.measured(read_rows(Path(r["dir"])))
                           if int(x.get("ok") or 0) and x.get("ttft_s")]
                     for first, style in ((False, "-"), (True, ":")):
                         v = sorted(float(x["ttft_s"]) for x in rs if (int(x["turn"]) == 0) == first)
@@ -332,11 +330,38 @@ def plot(folder: Path, meta: dict, rows: list[dict], cap: list[dict]) -> list[Pa
     return made
 
 
-def build(folder: Path) -> Path:
-    folder = Path(folder)
-    meta, rows, cap = summarize(folder)
+def _write_all(folder: Path, meta: dict, rows: list[dict], cap: list[dict]) -> Path:
     _write_csv(folder / "summary.csv", rows)
     _write_csv(folder / "capacity.csv", cap)
     (folder / "summary.json").write_text(json.dumps({"points": rows, "capacity": cap}, indent=1, default=str))
     plot(folder, meta, rows, cap)
     return write_report(folder, meta, rows, cap)
+
+
+def build(folder: Path) -> Path:
+    folder = Path(folder)
+    meta, rows, cap = summarize(folder)
+    return _write_all(folder, meta, rows, cap)
+
+
+def build_many(folders: list[Path], out: Path) -> Path:
+    """Several campaigns in one report (``kvsqueeze report C1 C2 --out DIR``): each method is named
+    ``method@campaign``, so one table and one set of plots compares them; the SLO and load of the first
+    campaign head the report (campaigns under different SLOs are refused)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    metas, rows = [], []
+    for f in folders:
+        meta, r, _ = summarize(Path(f))
+        metas.append(meta)
+        for x in r:
+            x["method"] = f"{x['method']}@{meta.get('campaign', Path(f).name)}"
+        rows += r
+    slos = {json.dumps(m.get("slo"), sort_keys=True) for m in metas}
+    if len(slos) > 1:
+        raise bad_value("runs", ", ".join(str(f) for f in folders), "campaigns under one SLO (their SLOs differ)")
+    meta = dict(metas[0], campaign=f"comparison of {', '.join(m.get('campaign', '?') for m in metas)}",
+                status=", ".join(m.get("status", "?") for m in metas), wall_s=sum(m.get("wall_s", 0) for m in metas),
+                command=" ; ".join(m.get("command", "") for m in metas))
+    slo = SLO.from_dict(meta["slo"]) if meta.get("slo") else None
+    return _write_all(out, meta, rows, capacity_rows(meta, rows, slo))

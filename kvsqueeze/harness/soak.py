@@ -207,7 +207,7 @@ def run_soak(spec: SoakSpec, log=print) -> Path:
     from kvsqueeze.harness.campaign import run_point
     from kvsqueeze.harness.servers import (kv_bytes_per_token, kvtc_calibration, model_dims, server_dtype,
                                            start_server)
-    from kvsqueeze.harness.traffic import PointPlan
+    from kvsqueeze.harness.traffic import PointPlan, read_rows
     from kvsqueeze.harness.workloads import WorkloadContext
     from kvsqueeze.model import resolve_model
 
@@ -250,7 +250,7 @@ def run_soak(spec: SoakSpec, log=print) -> Path:
         rec = run_point(plan, out / "point", log, alive, 2.0, spec.slo, bytes_per_token)
         samples = memory.stop()
         idle = faults.idle_kv(faults.Target(url), wait=60)
-        rows = _rows(out / "point")
+        rows = read_rows(out / "point")
         series = json.loads((out / "point" / "series.json").read_text())
         result = analyse(rows, samples, series, duration, spec.windows, spec.slo, bytes_per_token, idle, t0)
     finally:
@@ -263,12 +263,6 @@ def run_soak(spec: SoakSpec, log=print) -> Path:
     (out / "soak.json").write_text(json.dumps(result, indent=1))
     write_report(out, result)
     return out
-
-
-def _rows(point_dir: Path) -> list[dict]:
-    from kvsqueeze.harness.campaign import _read_rows
-
-    return _read_rows(point_dir)
 
 
 def _f(v, spec=".2f") -> str:

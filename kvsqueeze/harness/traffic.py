@@ -107,6 +107,17 @@ class Formatter:
         return build_body(p.endpoint, text, 1, turn.max_tokens, p.temperature, ignore_eos=p.ignore_eos), text
 
 
+def read_rows(point_dir: Path) -> list[dict]:
+    """Every row a point wrote (``requests.csv``, and ``requests-w<k>.csv`` of Locust workers)."""
+    import csv
+
+    rows = []
+    for p in sorted(Path(point_dir).glob("requests*.csv")):
+        with open(p, newline="") as f:
+            rows += list(csv.DictReader(f))
+    return rows
+
+
 def row_for(plan: PointPlan, conv: Conversation, k: int, worker: int, scheduled: float, start_perf: float,
             res: RequestResult | None, error: str = "") -> dict:
     """One request's row. ``scheduled`` and ``res.sent_perf`` are perf_counter times; offsets in the
