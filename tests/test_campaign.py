@@ -190,9 +190,10 @@ def test_point_figures_against_a_written_out_case():
 
 def test_kv_held_integral_is_the_trapezoid_of_the_scrapes():
     series = [(100.0, {"sglang:num_used_tokens": 0}), (101.0, {"sglang:num_used_tokens": 10}),
-              (103.0, {"sglang:num_used_tokens": 10, "kvsqueeze_dms_held_tokens": 4})]
+              (103.0, {"sglang:num_used_tokens": 10, "kvsqueeze_dms_held_tokens": 7, "kvsqueeze_dms_cached_tokens": 3})]
     f = measure.kv_figures(series, bytes_per_token=2.0, requests=5)
-    # 0->10 over 1 s (area 5 tokens*s), then 10 -> 4 (DMS's own gauge wins where present) over 2 s (14)
+    # 0->10 over 1 s (area 5 tokens*s), then 10 -> 4 over 2 s (14): where DMS's gauges are, its held
+    # tokens less the slots only its prefix cache keeps (7 - 3) are what the running requests hold
     assert f["kv_byte_s_per_request"] == pytest.approx((5 + 14) * 2 / 5)
     assert f["kv_held_peak_bytes"] == 20 and f["kv_held_mean_bytes"] == pytest.approx(19 * 2 / 3)
 
@@ -442,7 +443,8 @@ def test_bad_campaign_arguments_fail_before_anything_starts(tmp_path, capsys):
                           (["--search"], "search='on'"), (["--concurrency", "2"], "concurrency='2'"),
                           (["--rates", "1", "--workload", f"jsonl:path={bad}"], "bad.jsonl:2: prompt=3"),
                           (["--rates", "1", "--workload", "sharegpt", "--requests", "20000"], "requests=20000"),
-                          (["--load", "gamma", "--burstiness", "0", "--rates", "1"], "burstiness=0.0")):
+                          (["--load", "gamma", "--burstiness", "0", "--rates", "1"], "burstiness=0.0"),
+                          (["--rates", "1", "--redo", "none"], "redo='none': expected methods of a campaign continued")):
             rc = main(["campaign", "--url", s.url, "--methods", "none", "--out", str(tmp_path / "c"), *argv])
             err = capsys.readouterr().err
             assert rc == 2 and msg in err, (argv, err[-500:])

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -74,6 +75,7 @@ class CampaignSpec:
     server_args: list[str] = field(default_factory=list)
     flush_between: bool = True
     resume: bool = False
+    redo: list[str] = field(default_factory=list)  # with resume: methods whose points run again
     scrape_interval: float | None = 2.0
 
     def __post_init__(self):
@@ -115,6 +117,11 @@ class CampaignSpec:
         if not 0 <= self.temperature <= 2:
             raise bad_value("temperature", self.temperature, "a sampling temperature in [0, 2]")
         parse_warmup(self.warmup, 1.0)
+        if self.redo and not self.resume:
+            raise bad_value("redo", ",".join(self.redo), "methods of a campaign continued with --resume")
+        unknown = [m for m in self.redo if m not in [x.label for x in self.methods]]
+        if unknown:
+            raise bad_value("redo", ",".join(unknown), f"methods of the campaign ({', '.join(m.label for m in self.methods)})")
 
     def identity(self) -> dict:
         return {"methods": [m.label for m in self.methods], "workloads": [w.spec for w in self.workloads],
@@ -310,8 +317,9 @@ class Campaign:
                                 f"{k} ({theirs.get(k)!r} there, {ours[k]!r} here)" for k in diff))
         pts = self.out / "points.json"
         done = json.loads(pts.read_text()) if pts.is_file() else []
-        self.kept = {p["point"]: p for p in done if p.get("status") == "complete"}
-        self.meta["resumed"] = self.meta.get("resumed", []) + [time.strftime("%Y-%m-%d %H:%M:%S")]
+        self.kept = {p["point"]: p for p in done if p.get("status") == "complete" and p.get("method") not in self.spec.redo}
+        self.meta["resumed"] = self.meta.get("resumed", []) + [time.strftime("%Y-%m-%d %H:%M:%S")
+                                                               + (f" (redo {','.join(self.spec.redo)})" if self.spec.redo else "")]
         self.meta["status"] = "running"
 
     def _count(self, value: float) -> int:
@@ -382,7 +390,9 @@ class Campaign:
         tmp = self.out / "campaign.json.tmp"
         tmp.write_text(json.dumps(self.meta, indent=1))
         os.replace(tmp, self.out / "campaign.json")
-        (self.out / "points.json").write_text(json.dumps(self.points, indent=1))
+        here = {p["point"] for p in self.points}  # kept points not reached yet stay on record
+        (self.out / "points.json").write_text(json.dumps(self.points + [p for k, p in self.kept.items() if k not in here],
+                                                         indent=1))
 
     def _run_method(self, m: ServerSpec) -> None:
         spec = self.spec
@@ -446,8 +456,9 @@ class Campaign:
         plan = self.plan(m, w, value, k, target)
         self.log(f"[{m.label}] {w.spec} {spec.shape.kind} {value:g} {spec.shape.unit}: "
                  f"{len(plan.conversations)} conversations, {plan.requests()} requests")
-        rec = run_point(plan, self.out / "points" / slug(label), self.log, alive, spec.scrape_interval,
-                        spec.slo, self.bytes_per_token)
+        workdir = self.out / "points" / slug(label)
+        shutil.rmtree(workdir, ignore_errors=True)  # a point not kept runs again from nothing
+        rec = run_point(plan, workdir, self.log, alive, spec.scrape_interval, spec.slo, self.bytes_per_token)
         rec["seed"] = plan.seed
         f = rec["figures"]
         self.log(f"  -> {rec['status']}: {f.get('completed')}/{f.get('requests')} completed, "

@@ -161,6 +161,20 @@ def write_report(folder: Path, meta: dict, rows: list[dict], cap: list[dict]) ->
             f"{_fmt((r.get('kv_held_peak_bytes') or float('nan')) / 2**20, '.1f')} | "
             f"{_fmt((r.get('kv_byte_s_per_request') or float('nan')) / 2**20, '.1f')} | {_fmt(r.get('retractions'), '.0f')} "
             f"| {r['status']} |")
+    def given(v):
+        return v is not None and not (isinstance(v, float) and math.isnan(v))
+
+    tiers = [r for r in rows if any(given(r.get(k)) for k in ("store_pages_written", "store_hits", "fused_pages"))]
+    if tiers:
+        lines += ["", "### Storage tier and fusion (server counters over each point)", "",
+                  "| method | workload | load | KVTC pages written | store hits | misses | restore s | encode s | "
+                  "fused pages | of pages checked |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in tiers:
+            lines.append(f"| {r['method']} | {r.get('workload')} | {r.get('load')} {_fmt(r.get('value'), 'g')} | "
+                         f"{_fmt(r.get('store_pages_written'), '.0f')} | {_fmt(r.get('store_hits'), '.0f')} | "
+                         f"{_fmt(r.get('store_misses'), '.0f')} | {_fmt(r.get('store_restore_s'), '.1f')} | "
+                         f"{_fmt(r.get('store_encode_s'), '.1f')} | {_fmt(r.get('fused_pages'), '.0f')} | "
+                         f"{_fmt(r.get('fusion_pages_checked'), '.0f')} |")
     bad = [r for r in rows if r["status"] != "complete"]
     if bad:
         lines += ["", "## Incomplete points", ""] + [f"- `{r['point']}`: {r['reasons']}" for r in bad]
@@ -285,14 +299,14 @@ def plot(folder: Path, meta: dict, rows: list[dict], cap: list[dict]) -> list[Pa
                 if not r:
                     continue
                 s = _series(Path(r["dir"]))
-                pts = [(t, measure.held_tokens(v)) for t, v in s]
+                pts = [(t, measure.running_tokens(v)) for t, v in s]
                 pts = [(t, h) for t, h in pts if h is not None]
                 if pts:
                     t0 = pts[0][0]
                     ax.plot([t - t0 for t, _ in pts], [h * meta.get("kv_bytes_per_token", 0) / 2**20 for _, h in pts],
                             color=colors[m], label=f"{m} at {float(r['value']):g}")
             ax.set_xlabel("seconds into the point")
-            ax.set_ylabel("KV held (MiB)")
+            ax.set_ylabel("KV held by running requests (MiB)")
             ax.set_title(f"{w}: KV held over time (each method at its capacity, else its highest load)", fontsize=9)
             ax.legend(fontsize=7)
             ax.grid(alpha=0.3)

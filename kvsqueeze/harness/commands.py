@@ -66,6 +66,8 @@ def add_parsers(sub) -> None:
     c.add_argument("--out", default=None, help="campaign folder (default results/campaign-<time>)")
     c.add_argument("--resume", default=None, metavar="FOLDER",
                    help="continue the campaign in FOLDER: its complete points are kept")
+    c.add_argument("--redo", default=None, metavar="METHODS",
+                   help="with --resume: these methods' points run again, complete or not (the others are kept)")
     c.add_argument("--scrape-interval", type=float, default=2.0,
                    help="seconds between /metrics polls during a point (default 2; 0: before and after only)")
 
@@ -127,7 +129,8 @@ def spec_from_args(args, extra: list[str]):
         requests=args.requests, warmup=args.warmup, max_time_s=args.max_time, url=args.url, model=args.model,
         endpoint=args.endpoint, budget_tokens=args.budget or None, seed=args.seed, temperature=args.temperature,
         ignore_eos=not args.no_ignore_eos, calibration=args.calibration, server_args=extra,
-        flush_between=not args.no_flush, resume=bool(args.resume), scrape_interval=args.scrape_interval or None)
+        flush_between=not args.no_flush, resume=bool(args.resume), scrape_interval=args.scrape_interval or None,
+        redo=[m.strip() for m in (args.redo or "").split(",") if m.strip()])
 
 
 def cmd_campaign(args, extra: list[str]) -> int:

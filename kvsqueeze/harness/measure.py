@@ -16,9 +16,10 @@ sent (and against attainment) but give no latencies.
   p99, max;
 - **prefix hits**: prompt tokens served from the prefix cache, in total and by source (device, host,
   storage: SGLang's ``cached_tokens_details``), per request;
-- **KV held**: the server's held KV (:func:`kvsqueeze.harness.scrape.held_tokens`) in bytes over the
-  point (each scrape x ``bytes_per_token``), its peak and mean, and its integral over the point
-  divided by the measured requests (byte-seconds per request: memory x time a request costs).
+- **KV held**: the KV the server's running requests hold (:func:`kvsqueeze.harness.scrape.running_tokens`:
+  DMS's per-head pool without the slots only its prefix cache keeps, SGLang's used slots otherwise) in
+  bytes over the point (each scrape x ``bytes_per_token``), its peak and mean, and its integral over
+  the point divided by the measured requests (byte-seconds per request: memory x time a request costs).
 
 Percentiles are numpy's linear interpolation (as vLLM's and SGLang's clients use).
 """
@@ -30,7 +31,7 @@ import math
 
 import numpy as np
 
-from kvsqueeze.harness.scrape import held_tokens
+from kvsqueeze.harness.scrape import running_tokens
 from kvsqueeze.harness.slo import SLO, attainment
 
 PCTS = (50, 90, 99)
@@ -116,7 +117,7 @@ def kv_figures(series: list[tuple[float, dict]], bytes_per_token: float, request
                t0: float | None = None, t1: float | None = None) -> dict:
     """Held KV over the point from the scrapes (unix time, values), in bytes: peak, time-weighted
     mean, and the integral (trapezoid) divided by ``requests``; ``t0``/``t1`` clip the window."""
-    pts = [(t, held_tokens(v)) for t, v in series]
+    pts = [(t, running_tokens(v)) for t, v in series]
     pts = [(t, h * bytes_per_token) for t, h in pts if h is not None and (t0 is None or t >= t0)
            and (t1 is None or t <= t1)]
     if len(pts) < 2:
@@ -139,7 +140,8 @@ def server_figures(server: dict) -> dict:
     return {"server_cached_device": src["device"], "server_cached_host": src["host"],
             "server_cached_storage": src["storage"],
             "store_hits": d("kvsqueeze_kvtc_hits"), "store_misses": d("kvsqueeze_kvtc_misses"),
-            "store_restore_s": d("kvsqueeze_kvtc_restore_seconds"), "store_pages_written": d("kvsqueeze_kvtc_pages_stored"),
+            "store_restore_s": d("kvsqueeze_kvtc_restore_seconds"), "store_encode_s": d("kvsqueeze_kvtc_encode_seconds"),
+            "store_pages_written": d("kvsqueeze_kvtc_pages_stored"),
             "fused_pages": d("kvsqueeze_fusion_pages_fused"), "fusion_pages_checked": d("kvsqueeze_fusion_pages_checked"),
             # SGLang exports the retraction counter from its first retraction on: none yet is 0
             "retractions": server.get("delta sglang:num_retracted_requests_total",

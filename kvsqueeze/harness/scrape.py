@@ -10,7 +10,11 @@ and a time series.
   :data:`SERIES`) per poll;
 - :func:`held_tokens`: the KV a server holds, in tokens: DMS's per-head pool in dense-token
   equivalents (``kvsqueeze_dms_held_tokens``, running requests and its prefix cache), else
-  kvsqueeze's own gauge, else SGLang's slots locked by running requests (``sglang:num_used_tokens``).
+  kvsqueeze's own gauge, else SGLang's slots in use (``sglang:num_used_tokens``);
+- :func:`running_tokens`: the KV the running requests hold: DMS's held tokens less the slots only its
+  prefix cache holds (``kvsqueeze_dms_cached_tokens``: freed when the cache evicts them), else as
+  :func:`held_tokens` (SGLang counts ``num_used_tokens`` as total - available - evictable: cached
+  pages no request locks are not in it). This compares DMS with a dense pool like for like.
   SGLang's gauges update once per scheduled batch and go stale once the server is idle.
 """
 
@@ -37,7 +41,7 @@ LAST_GAUGES = ("sglang:max_total_num_tokens", "kvsqueeze_dms_kept_fraction", "kv
                "kvsqueeze_kvtc_pages_held",
                "kvsqueeze_kvtc_bytes_before", "kvsqueeze_kvtc_bytes_after",
                "kvsqueeze_fusion_pages_saved", "kvsqueeze_fusion_groups")
-SERIES = ("kvsqueeze_dms_held_tokens", "kvsqueeze_kv_tokens_held", "sglang:num_used_tokens",
+SERIES = ("kvsqueeze_dms_held_tokens", "kvsqueeze_dms_cached_tokens", "kvsqueeze_kv_tokens_held", "sglang:num_used_tokens",
           "sglang:num_running_reqs", "sglang:num_queue_reqs", "kvsqueeze_fusion_pages_saved")
 SPLIT = {"sglang:cached_tokens_total": "cache_source"}
 HELD = ("kvsqueeze_dms_held_tokens", "kvsqueeze_kv_tokens_held", "sglang:num_used_tokens")
@@ -72,6 +76,14 @@ def held_tokens(values: dict[str, float]) -> float | None:
         if k in values:
             return values[k]
     return None
+
+
+def running_tokens(values: dict[str, float]) -> float | None:
+    """The KV the running requests hold, in (dense-)token equivalents, from one scrape (module docstring)."""
+    held = held_tokens(values)
+    if held is not None and "kvsqueeze_dms_held_tokens" in values:
+        held -= values.get("kvsqueeze_dms_cached_tokens", 0.0)
+    return held
 
 
 def scrape(url: str, timeout: float = 5.0) -> dict[str, float] | None:
